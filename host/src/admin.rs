@@ -1,0 +1,155 @@
+//! The admin API: upload modules, list what is deployed, inspect invocations.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `POST /deployments` (body: component bytes) | 201 `{"id", "services"}`; 200 if already deployed; 400 with the reason |
+//! | `GET /deployments` | `{"deployments": [...]}` |
+//! | `GET /services` | `{"services": [...]}` with each service's current deployment |
+//! | `GET /invocations/{id}` | status, target, deployment, attempts, last error, outcome, journal |
+//! | `GET /health` | 200 once the host serves |
+
+use crate::deployments::UploadError;
+use crate::ids::InvocationId;
+use crate::ingress::ApiError;
+use crate::invoker::{Invoker, LiveStatus};
+use crate::journal::{Command, CompletionValue, Entry, Outcome};
+use crate::records::{InvocationRecord, Status};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// The admin router.
+pub fn router(invoker: Arc<Invoker>, max_module_bytes: usize) -> Router {
+    Router::new()
+        .route("/deployments", get(list_deployments).post(deploy))
+        .route("/services", get(list_services))
+        .route("/invocations/{id}", get(describe_invocation))
+        .route("/health", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(max_module_bytes))
+        .with_state(invoker)
+}
+
+async fn deploy(State(invoker): State<Arc<Invoker>>, body: Bytes) -> Result<Response, ApiError> {
+    let known = invoker.registry().deployments().len();
+    match invoker
+        .registry()
+        .deploy(body.to_vec(), invoker.now_ms())
+        .await
+    {
+        Ok(record) => {
+            let created = invoker.registry().deployments().len() > known;
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok((
+                status,
+                Json(json!({ "id": record.id, "services": record.services })),
+            )
+                .into_response())
+        }
+        Err(UploadError::Invalid(e)) => Err(ApiError::new(StatusCode::BAD_REQUEST, e.to_string())),
+        Err(UploadError::Store(e)) => Err(e.into()),
+    }
+}
+
+async fn list_deployments(State(invoker): State<Arc<Invoker>>) -> Json<Value> {
+    Json(json!({ "deployments": invoker.registry().deployments() }))
+}
+
+async fn list_services(State(invoker): State<Arc<Invoker>>) -> Json<Value> {
+    let services: Vec<Value> = invoker
+        .registry()
+        .services()
+        .into_iter()
+        .map(|(s, deployment)| {
+            json!({ "name": s.name, "kind": s.kind, "handlers": s.handlers, "deployment": deployment })
+        })
+        .collect();
+    Json(json!({ "services": services }))
+}
+
+async fn describe_invocation(
+    State(invoker): State<Arc<Invoker>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id: InvocationId = id
+        .parse()
+        .map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let record = invoker.store().invocation(&id)?.ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, format!("invocation {id} not found"))
+    })?;
+    let journal = invoker.store().journal(&id)?;
+    let status = status_name(&record, invoker.live_status(&id), invoker.now_ms());
+    Ok(Json(json!({
+        "id": record.id,
+        "target": record.target.to_string(),
+        "service": record.target.service,
+        "handler": record.target.handler,
+        "key": record.target.key,
+        "status": status,
+        "deployment": record.deployment,
+        "attempts": record.attempts,
+        "last_error": record.last_error,
+        "idempotency_key": record.idempotency_key,
+        "created_at_ms": record.created_ms,
+        "start_at_ms": record.start_at_ms,
+        "completed_at_ms": record.completed_ms,
+        "outcome": record.outcome.as_ref().map(outcome_json),
+        "journal": journal.iter().enumerate().map(|(i, e)| entry_json(i, e)).collect::<Vec<_>>(),
+    })))
+}
+
+fn status_name(record: &InvocationRecord, live: Option<LiveStatus>, now_ms: u64) -> &'static str {
+    match (record.status, live) {
+        (Status::Completed, _) => match record.outcome {
+            Some(Outcome::Success(_)) => "succeeded",
+            _ => "failed",
+        },
+        (Status::Paused, _) => "paused",
+        (Status::Ready, Some(LiveStatus::Running)) => "running",
+        (Status::Ready, Some(LiveStatus::BackingOff)) => "backing-off",
+        (Status::Ready, Some(LiveStatus::Pending)) => "pending",
+        (Status::Ready, _) if record.start_at_ms.is_some_and(|at| at > now_ms) => "scheduled",
+        (Status::Ready, _) => "ready",
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn outcome_json(o: &Outcome) -> Value {
+    match o {
+        Outcome::Success(v) => json!({ "success": text(v) }),
+        Outcome::Failure { code, message } => {
+            json!({ "failure": { "code": code, "message": message } })
+        }
+    }
+}
+
+fn entry_json(index: usize, entry: &Entry) -> Value {
+    match entry {
+        Entry::Command(c) => {
+            let mut v = json!({ "index": index, "type": "command", "command": c.signature() });
+            if let Command::SetState { value, .. } = c {
+                v["value"] = json!(text(value));
+            }
+            v
+        }
+        Entry::Completion(c) => {
+            let value = match &c.value {
+                CompletionValue::State(v) => json!({ "state": v.as_deref().map(text) }),
+                CompletionValue::StateKeys(k) => json!({ "state_keys": k }),
+                CompletionValue::Outcome(o) => outcome_json(o),
+            };
+            json!({ "index": index, "type": "completion", "for_command": c.command, "value": value })
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! Group commit: one writer thread turns the writes of all concurrent
+//! invocations into few durable redb transactions.
+//!
+//! Why: an fsync costs about as much for one journal entry as for a
+//! thousand. Every write is a [`Job`] sent to the writer; the writer takes
+//! every job waiting in its queue, applies them in order inside one write
+//! transaction, commits it durably, and only then runs each job's
+//! continuation (which wakes the waiting guest or HTTP client). So nothing
+//! is acknowledged before the commit behind it, and continuations run in
+//! commit order.
+//!
+//! Lifecycle: [`Committer::start`] spawns the thread; it stops when the
+//! last `Committer` handle is dropped, after finishing the queued jobs.
+//!
+//! A failed commit is fatal: the process aborts and recovery replays from
+//! the last durable transaction. Continuing after a failed fsync could
+//! acknowledge writes that are not on disk.
+
+use crate::store::{Store, StoreResult, Tables};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+/// Runs after the transaction that applied the job is durable.
+pub type Continuation = Box<dyn FnOnce() + Send>;
+
+/// A unit of work for the writer: changes to apply, and what to do once
+/// they are durable.
+pub type Job = Box<dyn FnOnce(&mut Tables<'_>) -> StoreResult<Continuation> + Send>;
+
+/// Largest number of jobs in one transaction.
+const MAX_BATCH: usize = 4096;
+
+/// Handle to the group-commit writer.
+#[derive(Clone)]
+pub struct Committer {
+    queue: mpsc::Sender<Job>,
+}
+
+impl Committer {
+    /// Start the writer thread over `store`.
+    pub fn start(store: Arc<Store>) -> Self {
+        let (queue, jobs) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("cairn-commit".into())
+            .spawn(move || writer(&store, jobs))
+            .expect("the commit thread starts");
+        Committer { queue }
+    }
+
+    /// Queue a job; its continuation runs after its commit.
+    pub fn submit(&self, job: Job) {
+        if self.queue.send(job).is_err() {
+            tracing::error!("the commit writer is gone; aborting so that recovery takes over");
+            std::process::abort();
+        }
+    }
+
+    /// Apply `f` in the next transaction and return its result once that
+    /// transaction is durable.
+    pub async fn commit<R, F>(&self, f: F) -> R
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Tables<'_>) -> StoreResult<R> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(Box::new(move |tables| {
+            let result = f(tables)?;
+            Ok(Box::new(move || {
+                let _ = tx.send(result);
+            }) as Continuation)
+        }));
+        rx.await.expect("the commit writer answers every job")
+    }
+
+    /// Apply `f` in the next transaction without waiting. Later jobs commit
+    /// in the same or a later transaction, so waiting for any later job
+    /// also waits for this one.
+    pub fn append<F>(&self, f: F)
+    where
+        F: FnOnce(&mut Tables<'_>) -> StoreResult<()> + Send + 'static,
+    {
+        self.submit(Box::new(move |tables| {
+            f(tables)?;
+            Ok(Box::new(|| ()) as Continuation)
+        }));
+    }
+}
+
+fn writer(store: &Store, jobs: mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let size = batch.len();
+        match apply(store, batch) {
+            Ok(continuations) => {
+                tracing::trace!(jobs = size, "group commit");
+                continuations.into_iter().for_each(|c| c());
+            }
+            Err(e) => {
+                tracing::error!("commit failed: {e}; aborting so that recovery takes over");
+                std::process::abort();
+            }
+        }
+    }
+}
+
+fn apply(store: &Store, batch: Vec<Job>) -> StoreResult<Vec<Continuation>> {
+    let txn = store.begin_write()?;
+    let continuations = {
+        let mut tables = Tables::open(&txn)?;
+        batch
+            .into_iter()
+            .map(|job| job(&mut tables))
+            .collect::<StoreResult<Vec<_>>>()?
+    };
+    txn.commit()
+        .map_err(|e| crate::store::StoreError::Redb(e.into()))?;
+    Ok(continuations)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::InvocationId;
+    use crate::journal::{Command, Entry};
+
+    #[tokio::test]
+    async fn concurrent_jobs_share_transactions_and_are_durable_when_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let committer = Committer::start(store.clone());
+        let id = InvocationId::generate();
+        let writers = (0..200u32).map(|i| {
+            let committer = committer.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                committer
+                    .commit(move |t| {
+                        t.append(
+                            &id,
+                            i,
+                            &Entry::Command(Command::Run {
+                                name: i.to_string(),
+                            }),
+                        )?;
+                        Ok(i)
+                    })
+                    .await
+            })
+        });
+        let mut answers = Vec::new();
+        for w in writers {
+            answers.push(w.await.unwrap());
+        }
+        answers.sort();
+        assert_eq!(answers, (0..200).collect::<Vec<_>>());
+        assert_eq!(store.journal(&id).unwrap().len(), 200);
+    }
+
+    #[tokio::test]
+    async fn continuations_run_in_submission_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let committer = Committer::start(Arc::new(Store::open(dir.path()).unwrap()));
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let mut done_tx = Some(done_tx);
+        for i in 0..100 {
+            let order = order.clone();
+            let done = if i == 99 { done_tx.take() } else { None };
+            committer.submit(Box::new(move |_| {
+                Ok(Box::new(move || {
+                    order.lock().unwrap().push(i);
+                    if let Some(d) = done {
+                        let _ = d.send(());
+                    }
+                }) as Continuation)
+            }));
+        }
+        done_rx.await.unwrap();
+        assert_eq!(*order.lock().unwrap(), (0..100).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,196 @@
+//! The host's configuration: every runtime knob, its default and its meaning.
+//!
+//! Configuration comes from, in increasing precedence: the defaults below, a
+//! TOML file (`cairn serve --config cairn.toml`), then command-line flags and
+//! their `CAIRN_*` environment variables. Durations are written as
+//! human-readable strings (`"250ms"`, `"10s"`, `"24h"`).
+//!
+//! ```toml
+//! # Where the journal, state and modules live (one redb file).
+//! data_dir = "./cairn-data"
+//! # Restate-compatible ingress, and the admin API.
+//! ingress_addr = "127.0.0.1:8080"
+//! admin_addr = "127.0.0.1:9070"
+//! # Request bodies above this size are refused with 413.
+//! max_body_bytes = 10485760
+//! # Module uploads above this size are refused with 413.
+//! max_module_bytes = 67108864
+//! # How long an idempotency key keeps answering with the first result.
+//! idempotency_retention = "24h"
+//! # How long a finished invocation stays visible (attach, output, admin).
+//! completed_retention = "24h"
+//! # Hosts (host or host:port; port "*" for any) that guests may reach with
+//! # wasi:http from inside `run` steps. Empty: no outgoing HTTP at all.
+//! http_allow = ["api.example.com", "127.0.0.1:*"]
+//!
+//! [limits]
+//! # Linear memory per instance; a guest that grows past it traps.
+//! memory_bytes = 67108864
+//! # Guest execution time per attempt before it is interrupted.
+//! cpu_per_attempt = "10s"
+//! # Instances alive at once; further attempts wait for a slot.
+//! max_instances = 1000
+//!
+//! [retry]
+//! # Backoff of retryable failures: initial * factor^(attempt-1), capped.
+//! initial_interval = "100ms"
+//! factor = 2.0
+//! max_interval = "10s"
+//! # After this many attempts the invocation fails with the last error.
+//! max_attempts = 30
+//! ```
+
+use serde::{Deserialize, Deserializer};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole configuration of one host.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Directory of the redb database (`cairn.redb`).
+    pub data_dir: PathBuf,
+    /// Address of the HTTP ingress.
+    pub ingress_addr: SocketAddr,
+    /// Address of the admin API.
+    pub admin_addr: SocketAddr,
+    /// Largest accepted ingress request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Largest accepted module upload, in bytes.
+    pub max_module_bytes: usize,
+    /// Retention of idempotency keys.
+    #[serde(deserialize_with = "duration")]
+    pub idempotency_retention: Duration,
+    /// Retention of finished invocations.
+    #[serde(deserialize_with = "duration")]
+    pub completed_retention: Duration,
+    /// Outgoing HTTP allow-list for guests.
+    pub http_allow: Vec<String>,
+    /// Per-instance resource limits.
+    pub limits: Limits,
+    /// Default retry policy.
+    pub retry: RetryPolicy,
+}
+
+/// Resource limits of guest instances.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Linear memory cap per instance, in bytes.
+    pub memory_bytes: usize,
+    /// Guest execution time allowed per attempt.
+    #[serde(deserialize_with = "duration")]
+    pub cpu_per_attempt: Duration,
+    /// Instances alive at once (size of the pooling allocator).
+    pub max_instances: u32,
+}
+
+/// Exponential backoff for retryable failures.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Delay before the second attempt.
+    #[serde(deserialize_with = "duration")]
+    pub initial_interval: Duration,
+    /// Growth of the delay per attempt.
+    pub factor: f64,
+    /// Cap of the delay.
+    #[serde(deserialize_with = "duration")]
+    pub max_interval: Duration,
+    /// Attempts before the invocation fails for good.
+    pub max_attempts: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./cairn-data"),
+            ingress_addr: ([127, 0, 0, 1], 8080).into(),
+            admin_addr: ([127, 0, 0, 1], 9070).into(),
+            max_body_bytes: 10 * 1024 * 1024,
+            max_module_bytes: 64 * 1024 * 1024,
+            idempotency_retention: Duration::from_secs(24 * 3600),
+            completed_retention: Duration::from_secs(24 * 3600),
+            http_allow: Vec::new(),
+            limits: Limits::default(),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 64 * 1024 * 1024,
+            cpu_per_attempt: Duration::from_secs(10),
+            max_instances: 1000,
+        }
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            initial_interval: Duration::from_millis(100),
+            factor: 2.0,
+            max_interval: Duration::from_secs(10),
+            max_attempts: 30,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before attempt `next_attempt` (2 for the first retry).
+    pub fn delay_before(&self, next_attempt: u32) -> Duration {
+        let exponent = next_attempt.saturating_sub(2) as i32;
+        let millis = self.initial_interval.as_millis() as f64 * self.factor.powi(exponent);
+        Duration::from_millis(millis.min(self.max_interval.as_millis() as f64) as u64)
+    }
+}
+
+impl Config {
+    /// Read a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let p = RetryPolicy {
+            initial_interval: Duration::from_millis(100),
+            factor: 2.0,
+            max_interval: Duration::from_millis(500),
+            max_attempts: 10,
+        };
+        let delays: Vec<u64> = (2..7)
+            .map(|a| p.delay_before(a).as_millis() as u64)
+            .collect();
+        assert_eq!(delays, vec![100, 200, 400, 500, 500]);
+    }
+
+    #[test]
+    fn toml_overrides_defaults_and_rejects_unknown_keys() {
+        let c: Config = toml::from_str(
+            "http_allow = [\"127.0.0.1:*\"]\n[limits]\ncpu_per_attempt = \"250ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.cpu_per_attempt, Duration::from_millis(250));
+        assert_eq!(c.limits.max_instances, 1000);
+        assert_eq!(c.http_allow, vec!["127.0.0.1:*"]);
+        assert!(toml::from_str::<Config>("no_such_knob = 1").is_err());
+    }
+}

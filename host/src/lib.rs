@@ -1,0 +1,34 @@
+//! # Cairn: durable execution for WebAssembly handlers
+//!
+//! Cairn runs handlers compiled to WebAssembly components and makes them
+//! durable: every step a handler takes is journaled in redb, and after a
+//! crash the handler is re-instantiated and replayed from its journal, so
+//! effects happen once and nothing is lost.
+//!
+//! The modules, from the bottom up:
+//!
+//! - [`ids`], [`clock`], [`config`], [`records`]: vocabulary.
+//! - [`journal`]: journal entries and the replay rule.
+//! - [`store`]: the redb tables; [`commit`]: the group-commit writer.
+//! - [`runtime`]: wasmtime, sandboxing and limits; [`context`]: the host
+//!   side of the guest's `context` interface.
+//! - [`deployments`]: uploads and the service registry.
+//! - [`invoker`]: invocation lifecycle, per-key ordering, retries.
+//! - [`ingress`], [`admin`]: the HTTP APIs; [`server`] wires a host.
+//!
+//! `docs/design.md` describes the journal, the tables and the replay rules.
+
+pub mod admin;
+pub mod clock;
+pub mod commit;
+pub mod config;
+pub mod context;
+pub mod deployments;
+pub mod ids;
+pub mod ingress;
+pub mod invoker;
+pub mod journal;
+pub mod records;
+pub mod runtime;
+pub mod server;
+pub mod store;

@@ -1,0 +1,232 @@
+//! `cairn`: run a host, deploy modules, invoke handlers, inspect invocations.
+
+use anyhow::{bail, Context as _};
+use cairn::config::Config;
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Cairn: durable execution for WebAssembly handlers.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a host: the ingress, the admin API and the invoker.
+    Serve(Serve),
+    /// Upload a handler module (a .wasm component) to a running host.
+    Deploy {
+        /// The component file.
+        file: PathBuf,
+        #[command(flatten)]
+        admin: AdminUrl,
+    },
+    /// Invoke a handler: `Service/handler` or `Object/key/handler`.
+    Invoke {
+        /// The target, e.g. `Counter/alice/add`.
+        target: String,
+        /// The JSON input (omit for handlers without input).
+        input: Option<String>,
+        /// Enqueue and return at once instead of waiting for the result.
+        #[arg(long)]
+        send: bool,
+        /// With --send: start after this delay (e.g. 10s, PT1M).
+        #[arg(long, requires = "send")]
+        delay: Option<String>,
+        /// Run at most once for this key (the idempotency-key header).
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// The ingress URL.
+        #[arg(
+            long,
+            env = "CAIRN_INGRESS_URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        ingress: String,
+    },
+    /// Inspect invocations.
+    Invocations {
+        #[command(subcommand)]
+        command: InvocationsCommand,
+    },
+    /// List the deployed services.
+    Services {
+        #[command(flatten)]
+        admin: AdminUrl,
+    },
+}
+
+#[derive(Subcommand)]
+enum InvocationsCommand {
+    /// Show an invocation's status, attempts, last error and journal.
+    Describe {
+        /// The invocation id (`inv_...`).
+        id: String,
+        #[command(flatten)]
+        admin: AdminUrl,
+    },
+}
+
+#[derive(Args)]
+struct AdminUrl {
+    /// The admin API URL.
+    #[arg(
+        long = "admin",
+        env = "CAIRN_ADMIN_URL",
+        default_value = "http://127.0.0.1:9070"
+    )]
+    url: String,
+}
+
+#[derive(Args)]
+struct Serve {
+    /// A TOML configuration file (flags and environment override it).
+    #[arg(long, env = "CAIRN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the database lives.
+    #[arg(long, env = "CAIRN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The ingress address.
+    #[arg(long, env = "CAIRN_INGRESS")]
+    ingress: Option<SocketAddr>,
+    /// The admin API address.
+    #[arg(long, env = "CAIRN_ADMIN")]
+    admin: Option<SocketAddr>,
+    /// Deploy these modules at start (idempotent: same bytes, same deployment).
+    #[arg(long)]
+    deploy: Vec<PathBuf>,
+    /// Allow guests to reach this host (host, host:port or host:*); repeatable.
+    #[arg(long)]
+    http_allow: Vec<String>,
+}
+
+impl Serve {
+    fn config(self) -> anyhow::Result<(Config, Vec<PathBuf>)> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(d) = self.data_dir {
+            config.data_dir = d;
+        }
+        if let Some(a) = self.ingress {
+            config.ingress_addr = a;
+        }
+        if let Some(a) = self.admin {
+            config.admin_addr = a;
+        }
+        config.http_allow.extend(self.http_allow);
+        Ok((config, self.deploy))
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,wasmtime=warn,cranelift=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(serve) => {
+            let (config, deploy) = serve.config()?;
+            cairn::server::serve(config, deploy).await
+        }
+        Command::Deploy { file, admin } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let body = request(
+                reqwest::Client::new()
+                    .post(format!("{}/deployments", admin.url))
+                    .body(bytes),
+                &admin.url,
+            )
+            .await?;
+            print_json(&body)
+        }
+        Command::Invoke {
+            target,
+            input,
+            send,
+            delay,
+            idempotency_key,
+            ingress,
+        } => {
+            let target = target.trim_matches('/');
+            if target.split('/').count() < 2 {
+                bail!("the target is Service/handler or Object/key/handler, not {target:?}");
+            }
+            let mut url = format!("{ingress}/{target}");
+            if send {
+                url.push_str("/send");
+            }
+            let mut req = reqwest::Client::new()
+                .post(url)
+                .header("content-type", "application/json")
+                .body(input.unwrap_or_default());
+            if let Some(d) = delay {
+                req = req.query(&[("delay", d)]);
+            }
+            if let Some(k) = idempotency_key {
+                req = req.header("idempotency-key", k);
+            }
+            print_json(&request(req, &ingress).await?)
+        }
+        Command::Invocations {
+            command: InvocationsCommand::Describe { id, admin },
+        } => {
+            let body = request(
+                reqwest::Client::new().get(format!("{}/invocations/{id}", admin.url)),
+                &admin.url,
+            )
+            .await?;
+            print_json(&body)
+        }
+        Command::Services { admin } => print_json(
+            &request(
+                reqwest::Client::new().get(format!("{}/services", admin.url)),
+                &admin.url,
+            )
+            .await?,
+        ),
+    }
+}
+
+/// Send a request; a non-2xx answer becomes an error with the server's message.
+async fn request(req: reqwest::RequestBuilder, base: &str) -> anyhow::Result<String> {
+    let response = req
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {base}: is `cairn serve` running there?"))?;
+    let status = response.status();
+    let body = response.text().await?;
+    if !status.is_success() {
+        let message = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["message"].as_str().map(str::to_string))
+            .unwrap_or(body);
+        bail!("{status}: {message}");
+    }
+    Ok(body)
+}
+
+fn print_json(body: &str) -> anyhow::Result<()> {
+    match serde_json::from_str::<serde_json::Value>(body) {
+        Ok(v) => println!("{}", serde_json::to_string_pretty(&v)?),
+        Err(_) => println!("{body}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! The records the store keeps: invocations, their targets and deployments.
+//!
+//! These are plain data with serde derives; `store` decides how they are
+//! laid out in redb and `admin` how they are shown.
+
+use crate::ids::{DeploymentId, InvocationId};
+use crate::journal::Outcome;
+use serde::{Deserialize, Serialize};
+
+/// The kind of a service (mirrors the WIT `service-kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceKind {
+    /// Stateless.
+    Service,
+    /// Keyed state, exclusive/shared handlers.
+    VirtualObject,
+    /// Keyed by workflow id.
+    Workflow,
+}
+
+/// How a handler runs with respect to its key (mirrors `handler-kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HandlerKind {
+    /// One at a time per key.
+    Exclusive,
+    /// Concurrent, read-only.
+    Shared,
+    /// A workflow's main handler.
+    Workflow,
+}
+
+/// A handler as a deployment declares it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandlerInfo {
+    /// Handler name.
+    pub name: String,
+    /// Concurrency kind.
+    pub kind: HandlerKind,
+}
+
+/// A service as a deployment declares it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    /// Service name.
+    pub name: String,
+    /// Service kind.
+    pub kind: ServiceKind,
+    /// Its handlers.
+    pub handlers: Vec<HandlerInfo>,
+}
+
+impl ServiceInfo {
+    /// The named handler, if the service has it.
+    pub fn handler(&self, name: &str) -> Option<&HandlerInfo> {
+        self.handlers.iter().find(|h| h.name == name)
+    }
+}
+
+/// An uploaded module.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentRecord {
+    /// Content-derived id.
+    pub id: DeploymentId,
+    /// The services it implements.
+    pub services: Vec<ServiceInfo>,
+    /// Upload time, ms since the epoch.
+    pub created_ms: u64,
+    /// Size of the component, bytes.
+    pub size: u64,
+}
+
+/// What an invocation invokes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Target {
+    /// Service name.
+    pub service: String,
+    /// Handler name.
+    pub handler: String,
+    /// Object key or workflow id; `None` for services.
+    pub key: Option<String>,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.key {
+            Some(key) => write!(f, "{}/{}/{}", self.service, key, self.handler),
+            None => write!(f, "{}/{}", self.service, self.handler),
+        }
+    }
+}
+
+/// Where an invocation is in its lifecycle, as stored. (Whether it is
+/// running right now or waiting for its key is known only in memory.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Not finished: scheduled for later, queued behind its key, running,
+    /// or backing off between attempts (the host knows which in memory).
+    Ready,
+    /// Stopped by the host (journal mismatch); kept, not retried.
+    Paused,
+    /// Finished with an outcome.
+    Completed,
+}
+
+/// Everything the host keeps about one invocation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InvocationRecord {
+    /// Its id.
+    pub id: InvocationId,
+    /// What it invokes.
+    pub target: Target,
+    /// The handler's kind, resolved at creation.
+    pub handler_kind: HandlerKind,
+    /// The deployment it runs on, fixed at creation.
+    pub deployment: DeploymentId,
+    /// The request body.
+    pub input: Vec<u8>,
+    /// The request headers passed to the handler.
+    pub headers: Vec<(String, String)>,
+    /// The idempotency key it was created with, if any.
+    pub idempotency_key: Option<String>,
+    /// Arrival order across the host (orders a key's queue).
+    pub seq: u64,
+    /// Creation time, ms since the epoch.
+    pub created_ms: u64,
+    /// Delayed start time, if any.
+    pub start_at_ms: Option<u64>,
+    /// Lifecycle status.
+    pub status: Status,
+    /// Attempts started so far.
+    pub attempts: u32,
+    /// The last retryable or stopping error.
+    pub last_error: Option<String>,
+    /// The outcome, once completed.
+    pub outcome: Option<Outcome>,
+    /// Completion time, once completed.
+    pub completed_ms: Option<u64>,
+}
+
+impl InvocationRecord {
+    /// Whether its handler holds the key exclusively.
+    pub fn is_exclusive(&self) -> bool {
+        self.target.key.is_some() && self.handler_kind != HandlerKind::Shared
+    }
+}

@@ -1,0 +1,474 @@
+//! The Wasm runtime: compiling, validating and running handler components.
+//!
+//! Lifecycle of a module: [`Runtime::compile`] once at upload (the compiled
+//! artifact is stored, so a restart only [`Runtime::load`]s it);
+//! [`Runtime::prepare`] links it once into an `InstancePre`, which checks that
+//! it implements the `handler-module` world; then every invocation attempt
+//! gets a fresh, cheap instance from the pooling allocator
+//! ([`Runtime::invoke`]), which is dropped when the attempt ends.
+//!
+//! Sandboxing: guests see WASI without files, sockets, environment or
+//! arguments. Their clocks are frozen at the invocation's creation time and
+//! their random numbers are seeded from the invocation id, so a replay sees
+//! the same values. `wasi:http` requests are allowed only inside `run` steps
+//! and only to the configured allow-list. Each instance has a memory cap and
+//! a budget of guest execution time per attempt (epoch interruption).
+
+use crate::config::Limits;
+use crate::context::{DurableContext, HostTrap};
+use crate::records::{HandlerInfo, HandlerKind, ServiceInfo, ServiceKind};
+use std::sync::Arc;
+use std::time::Duration;
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+/// Bindings generated from `wit/`.
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        world: "handler-module",
+        path: "../wit",
+        imports: { default: async | trappable },
+        exports: { default: async },
+    });
+}
+
+use bindings::cairn::runtime::types as wit;
+
+/// How often the epoch advances; the unit of the CPU budget.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// A module ready to instantiate.
+pub type Module = bindings::HandlerModulePre<GuestState>;
+
+/// Why an upload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    /// The bytes are not a WebAssembly component.
+    #[error("not a valid WebAssembly component: {0:#}")]
+    NotAComponent(wasmtime::Error),
+    /// It does not implement the `cairn:runtime/handler-module` world.
+    #[error("the component does not implement the cairn:runtime handler-module world: {0:#}")]
+    WrongWorld(wasmtime::Error),
+    /// `describe` failed or returned something unusable.
+    #[error("invalid manifest: {0}")]
+    BadManifest(String),
+}
+
+/// How one attempt ended.
+#[derive(Debug)]
+pub enum AttemptEnd {
+    /// The handler returned this JSON output.
+    Success(Vec<u8>),
+    /// A terminal failure: complete the invocation with it.
+    Terminal { code: u16, message: String },
+    /// A retryable failure (error, trap, interruption): try again later.
+    Retryable(String),
+    /// The invocation must stop without retrying (journal mismatch).
+    Stopped(String),
+}
+
+/// The engine, linker and limits shared by every instance.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<GuestState>,
+    limits: Limits,
+    http_allow: Arc<AllowList>,
+}
+
+impl Runtime {
+    /// Build the engine (async, epoch interruption, pooling allocator) and
+    /// start its epoch ticker.
+    pub fn new(limits: Limits, http_allow: &[String]) -> anyhow::Result<Self> {
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(limits.max_instances)
+            .total_core_instances(limits.max_instances * 8)
+            .total_memories(limits.max_instances * 2)
+            .total_tables(limits.max_instances * 8)
+            .max_memory_size(limits.memory_bytes);
+        let mut config = Config::new();
+        config
+            .epoch_interruption(true)
+            .wasm_component_model(true)
+            .allocation_strategy(pool);
+        let engine = Engine::new(&config)?;
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("cairn-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        bindings::HandlerModule::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+        Ok(Runtime {
+            engine,
+            linker,
+            limits,
+            http_allow: Arc::new(AllowList::new(http_allow)),
+        })
+    }
+
+    /// Compile uploaded bytes; returns the component and its serialized
+    /// artifact for the store.
+    pub fn compile(&self, bytes: &[u8]) -> Result<(Component, Vec<u8>), DeployError> {
+        let component = Component::new(&self.engine, bytes).map_err(DeployError::NotAComponent)?;
+        let artifact = component.serialize().map_err(DeployError::NotAComponent)?;
+        Ok((component, artifact))
+    }
+
+    /// Load a stored artifact; `None` if it was built by another engine
+    /// version or configuration (then recompile).
+    pub fn load(&self, artifact: &[u8]) -> Option<Component> {
+        // SAFETY: artifacts are produced by `compile` of this program and
+        // stored in our own database; wasmtime checks the engine version and
+        // configuration and refuses a mismatch.
+        unsafe { Component::deserialize(&self.engine, artifact) }.ok()
+    }
+
+    /// Link a component against the host's imports.
+    pub fn prepare(&self, component: &Component) -> Result<Module, DeployError> {
+        let pre = self
+            .linker
+            .instantiate_pre(component)
+            .map_err(DeployError::WrongWorld)?;
+        bindings::HandlerModulePre::new(pre).map_err(DeployError::WrongWorld)
+    }
+
+    /// Ask a module for its manifest, and validate it.
+    pub async fn describe(&self, module: &Module) -> Result<Vec<ServiceInfo>, DeployError> {
+        let mut store = self.store(None);
+        let manifest = async {
+            let instance = module.instantiate_async(&mut store).await?;
+            instance
+                .cairn_runtime_handler()
+                .call_describe(&mut store)
+                .await
+        }
+        .await
+        .map_err(|e| DeployError::BadManifest(format!("describe failed: {e:#}")))?;
+        validate_manifest(manifest)
+    }
+
+    /// Run one attempt of an invocation in a fresh instance.
+    pub async fn invoke(&self, module: &Module, durable: DurableContext) -> AttemptEnd {
+        let (service, handler) = {
+            let target = &durable.record().target;
+            (target.service.clone(), target.handler.clone())
+        };
+        let mut store = self.store(Some(durable));
+        let result = async {
+            let instance = module.instantiate_async(&mut store).await?;
+            instance
+                .cairn_runtime_handler()
+                .call_invoke(&mut store, &service, &handler)
+                .await
+        }
+        .await;
+        match result {
+            Ok(Ok(output)) => AttemptEnd::Success(output),
+            Ok(Err(wit::HandlerError::Terminal(t))) => AttemptEnd::Terminal {
+                code: t.code,
+                message: t.message,
+            },
+            Ok(Err(wit::HandlerError::Retryable(reason))) => AttemptEnd::Retryable(reason),
+            Err(e) => match e.downcast_ref::<HostTrap>() {
+                Some(HostTrap::Mismatch(m)) => AttemptEnd::Stopped(m.to_string()),
+                Some(HostTrap::Terminal(message)) => AttemptEnd::Terminal {
+                    code: 500,
+                    message: message.clone(),
+                },
+                Some(HostTrap::CpuBudget) => AttemptEnd::Retryable(format!(
+                    "interrupted: the guest ran longer than its budget of {:?} per attempt",
+                    self.limits.cpu_per_attempt
+                )),
+                None => AttemptEnd::Retryable(format!("guest trapped: {e:#}")),
+            },
+        }
+    }
+
+    fn store(&self, durable: Option<DurableContext>) -> Store<GuestState> {
+        let (wall_ms, seed) = durable
+            .as_ref()
+            .map(|d| (d.record().created_ms, d.seed()))
+            .unwrap_or_default();
+        let mut wasi = WasiCtx::builder();
+        wasi.inherit_stdout()
+            .inherit_stderr()
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .wall_clock(FrozenClock(Duration::from_millis(wall_ms)))
+            .monotonic_clock(FrozenClock(Duration::ZERO))
+            .secure_random(seeded(seed))
+            .insecure_random(seeded(seed ^ 1))
+            .insecure_random_seed(u128::from(seed));
+        let state = GuestState {
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            http: WasiHttpCtx::new(),
+            policy: HttpPolicy {
+                allow: self.http_allow.clone(),
+                in_step: false,
+            },
+            limits: StoreLimitsBuilder::new()
+                .memory_size(self.limits.memory_bytes)
+                .trap_on_grow_failure(true)
+                .build(),
+            durable,
+            ticks: 0,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        let budget =
+            (self.limits.cpu_per_attempt.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |mut ctx| {
+            let state = ctx.data_mut();
+            state.ticks += 1;
+            if state.ticks > budget {
+                return Err(wasmtime::Error::new(HostTrap::CpuBudget));
+            }
+            Ok(wasmtime::UpdateDeadline::Yield(1))
+        });
+        store
+    }
+}
+
+fn seeded(seed: u64) -> impl rand::Rng + Send + 'static {
+    use rand::SeedableRng;
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+fn validate_manifest(manifest: wit::Manifest) -> Result<Vec<ServiceInfo>, DeployError> {
+    let bad = |m: String| Err(DeployError::BadManifest(m));
+    if manifest.services.is_empty() {
+        return bad("the module declares no services".into());
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut services = Vec::new();
+    for s in manifest.services {
+        if !valid_name(&s.name) {
+            return bad(format!("invalid service name {:?}", s.name));
+        }
+        if !seen.insert(s.name.clone()) {
+            return bad(format!("service {} is declared twice", s.name));
+        }
+        let mut handlers: Vec<HandlerInfo> = Vec::new();
+        for h in s.handlers {
+            if !valid_name(&h.name) || handlers.iter().any(|x| x.name == h.name) {
+                return bad(format!(
+                    "invalid or duplicate handler {:?} in {}",
+                    h.name, s.name
+                ));
+            }
+            handlers.push(HandlerInfo {
+                name: h.name,
+                kind: match h.kind {
+                    wit::HandlerKind::Exclusive => HandlerKind::Exclusive,
+                    wit::HandlerKind::Shared => HandlerKind::Shared,
+                    wit::HandlerKind::Workflow => HandlerKind::Workflow,
+                },
+            });
+        }
+        if handlers.is_empty() {
+            return bad(format!("service {} has no handlers", s.name));
+        }
+        services.push(ServiceInfo {
+            name: s.name,
+            kind: match s.kind {
+                wit::ServiceKind::Service => ServiceKind::Service,
+                wit::ServiceKind::VirtualObject => ServiceKind::VirtualObject,
+                wit::ServiceKind::Workflow => ServiceKind::Workflow,
+            },
+            handlers,
+        });
+    }
+    Ok(services)
+}
+
+/// Names usable as one URL path segment: letters, digits, `_`, `-`, `.`.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name != "restate"
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// The data of one instance's store.
+pub struct GuestState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    http: WasiHttpCtx,
+    policy: HttpPolicy,
+    limits: StoreLimits,
+    /// The invocation this instance runs (`None` while describing).
+    durable: Option<DurableContext>,
+    /// Epoch ticks spent in guest code this attempt.
+    ticks: u64,
+}
+
+impl GuestState {
+    /// The invocation's durable context, or a trap while describing.
+    pub(crate) fn durable(&mut self) -> wasmtime::Result<&mut DurableContext> {
+        self.durable.as_mut().ok_or_else(|| {
+            wasmtime::Error::new(HostTrap::Terminal(
+                "the context is not available in describe".into(),
+            ))
+        })
+    }
+
+    /// Open or close the window in which outgoing HTTP is allowed.
+    pub(crate) fn set_in_step(&mut self, in_step: bool) {
+        self.policy.in_step = in_step;
+    }
+}
+
+impl WasiView for GuestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for GuestState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.policy,
+        }
+    }
+}
+
+/// A clock that always reads the same time.
+struct FrozenClock(Duration);
+
+impl wasmtime_wasi::HostWallClock for FrozenClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_millis(1)
+    }
+    fn now(&self) -> Duration {
+        self.0
+    }
+}
+
+impl wasmtime_wasi::HostMonotonicClock for FrozenClock {
+    fn resolution(&self) -> u64 {
+        1_000_000
+    }
+    fn now(&self) -> u64 {
+        self.0.as_nanos() as u64
+    }
+}
+
+/// Hosts a guest may reach: `host` (any port), `host:port`, `host:*`.
+#[derive(Debug, Default)]
+pub struct AllowList(Vec<(String, Option<u16>)>);
+
+impl AllowList {
+    /// Parse allow-list entries.
+    pub fn new(entries: &[String]) -> Self {
+        AllowList(
+            entries
+                .iter()
+                .map(|e| match e.rsplit_once(':') {
+                    Some((host, port)) if port != "*" => (host.to_string(), port.parse().ok()),
+                    Some((host, _)) => (host.to_string(), None),
+                    None => (e.to_string(), None),
+                })
+                .collect(),
+        )
+    }
+
+    /// Whether `host:port` is allowed.
+    pub fn permits(&self, host: &str, port: u16) -> bool {
+        self.0
+            .iter()
+            .any(|(h, p)| h.eq_ignore_ascii_case(host) && p.is_none_or(|p| p == port))
+    }
+}
+
+/// The `wasi:http` hooks: deny outside `run` steps and off the allow-list.
+struct HttpPolicy {
+    allow: Arc<AllowList>,
+    in_step: bool,
+}
+
+impl wasmtime_wasi_http::WasiHttpHooks for HttpPolicy {
+    fn send_request(
+        &mut self,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        fut: Box<dyn std::future::Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+    ) -> Box<
+        dyn std::future::Future<
+                Output = wasmtime_wasi_http::Result<(
+                    http::Response<wasmtime_wasi_http::WasiBody>,
+                    Box<dyn std::future::Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+                )>,
+            > + Send,
+    > {
+        drop(fut);
+        let uri = request.uri();
+        let host = uri.host().unwrap_or_default().to_string();
+        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let allowed = self.in_step && self.allow.permits(&host, port);
+        if !allowed {
+            tracing::warn!(
+                %host, port, in_step = self.in_step,
+                "outgoing HTTP denied (only inside run steps, to hosts in http_allow)"
+            );
+        }
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            if !allowed {
+                return Err(wasmtime_wasi_http::Error::HttpRequestDenied);
+            }
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn std::future::Future<Output = _> + Send>,
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_allow_list_matches_hosts_and_ports() {
+        let list = AllowList::new(&[
+            "api.example.com".into(),
+            "127.0.0.1:*".into(),
+            "10.1.1.1:8443".into(),
+        ]);
+        assert!(list.permits("api.example.com", 443));
+        assert!(list.permits("127.0.0.1", 1234));
+        assert!(list.permits("10.1.1.1", 8443));
+        assert!(!list.permits("10.1.1.1", 80));
+        assert!(!list.permits("evil.example.com", 443));
+        assert!(!AllowList::default().permits("127.0.0.1", 80));
+    }
+
+    #[test]
+    fn names_must_be_url_segments() {
+        assert!(valid_name("Counter") && valid_name("add_one") && valid_name("v1.2-x"));
+        assert!(
+            !valid_name("") && !valid_name("a/b") && !valid_name("a b") && !valid_name("restate")
+        );
+    }
+}

@@ -1,0 +1,441 @@
+//! The durable store: one redb database holding invocations, journals,
+//! keyed state, per-key queues, idempotency keys and deployments.
+//!
+//! Reads go straight to redb (MVCC snapshots, concurrent with the writer).
+//! Writes happen only inside the group-commit writer (`commit`), through
+//! [`Tables`], so that every change is part of exactly one durable
+//! transaction. The table layout is described in `docs/design.md`.
+
+use crate::ids::{DeploymentId, InvocationId};
+use crate::journal::Entry;
+use crate::records::{DeploymentRecord, InvocationRecord};
+use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
+use serde::{de::DeserializeOwned, Serialize};
+use std::path::Path;
+
+/// id -> postcard(InvocationRecord)
+const INVOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("invocations");
+/// ids of invocations that are not completed (recovery starts from here)
+const ACTIVE: TableDefinition<&str, ()> = TableDefinition::new("active");
+/// (invocation id, entry index) -> postcard(Entry)
+const JOURNAL: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("journal");
+/// (service, key, name) -> value
+const STATE: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("state");
+/// (service, key, seq) -> invocation id: the queue of exclusive invocations per key
+const INBOX: TableDefinition<(&str, &str, u64), &str> = TableDefinition::new("inbox");
+/// (target, idempotency key) -> invocation id
+const IDEMPOTENCY: TableDefinition<(&str, &str), &str> = TableDefinition::new("idempotency");
+/// (expiry ms, invocation id): completed invocations to forget
+const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("expiry");
+/// deployment id -> postcard(DeploymentRecord)
+const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployments");
+/// deployment id -> component bytes
+const MODULES: TableDefinition<&str, &[u8]> = TableDefinition::new("modules");
+/// deployment id -> compiled artifact (engine-specific)
+const ARTIFACTS: TableDefinition<&str, &[u8]> = TableDefinition::new("artifacts");
+/// counters
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// redb failed (I/O, corruption, a full disk).
+    #[error("storage: {0}")]
+    Redb(#[from] redb::Error),
+    /// A stored record does not decode.
+    #[error("corrupt record in {table}: {reason}")]
+    Corrupt {
+        /// The table holding it.
+        table: &'static str,
+        /// The decoder's complaint.
+        reason: String,
+    },
+}
+
+impl StoreError {
+    fn redb(e: impl Into<redb::Error>) -> Self {
+        StoreError::Redb(e.into())
+    }
+}
+
+/// Result of store operations.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("records always encode")
+}
+
+fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> StoreResult<T> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        table,
+        reason: e.to_string(),
+    })
+}
+
+/// The database, for reads; writes go through [`crate::commit::Committer`].
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Open (or create) `data_dir/cairn.redb` and its tables.
+    pub fn open(data_dir: &Path) -> StoreResult<Self> {
+        std::fs::create_dir_all(data_dir).map_err(StoreError::redb)?;
+        let db = Database::create(data_dir.join("cairn.redb")).map_err(StoreError::redb)?;
+        let txn = db.begin_write().map_err(StoreError::redb)?;
+        drop(Tables::open(&txn)?);
+        txn.commit().map_err(StoreError::redb)?;
+        Ok(Store { db })
+    }
+
+    pub(crate) fn begin_write(&self) -> StoreResult<WriteTransaction> {
+        self.db.begin_write().map_err(StoreError::redb)
+    }
+
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>,
+    ) -> StoreResult<T> {
+        let txn = self.db.begin_read().map_err(StoreError::redb)?;
+        f(&txn).map_err(StoreError::Redb)
+    }
+
+    /// One invocation.
+    pub fn invocation(&self, id: &InvocationId) -> StoreResult<Option<InvocationRecord>> {
+        let bytes = self.read(|t| {
+            Ok(t.open_table(INVOCATIONS)?
+                .get(id.as_str())?
+                .map(|v| v.value().to_vec()))
+        })?;
+        bytes.map(|b| decode("invocations", &b)).transpose()
+    }
+
+    /// An invocation's journal, in order.
+    pub fn journal(&self, id: &InvocationId) -> StoreResult<Vec<Entry>> {
+        let raw = self.read(|t| {
+            let table = t.open_table(JOURNAL)?;
+            let range = table.range((id.as_str(), 0)..=(id.as_str(), u32::MAX))?;
+            range
+                .map(|row| Ok(row?.1.value().to_vec()))
+                .collect::<Result<Vec<_>, redb::Error>>()
+        })?;
+        raw.iter()
+            .map(|b| {
+                Entry::decode(b).map_err(|e| StoreError::Corrupt {
+                    table: "journal",
+                    reason: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// One state value.
+    pub fn state(&self, service: &str, key: &str, name: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.read(|t| {
+            Ok(t.open_table(STATE)?
+                .get((service, key, name))?
+                .map(|v| v.value().to_vec()))
+        })
+    }
+
+    /// The names of a key's state values, sorted.
+    pub fn state_names(&self, service: &str, key: &str) -> StoreResult<Vec<String>> {
+        self.read(|t| state_names_in(&t.open_table(STATE)?, service, key))
+    }
+
+    /// Every invocation that has not completed, in arrival order.
+    pub fn unfinished(&self) -> StoreResult<Vec<InvocationRecord>> {
+        let ids = self.read(|t| {
+            t.open_table(ACTIVE)?
+                .iter()?
+                .map(|row| Ok(row?.0.value().to_string()))
+                .collect::<Result<Vec<_>, redb::Error>>()
+        })?;
+        let mut records = Vec::with_capacity(ids.len());
+        for id in ids {
+            let id: InvocationId = id.parse().map_err(|reason| StoreError::Corrupt {
+                table: "active",
+                reason,
+            })?;
+            records.extend(self.invocation(&id)?);
+        }
+        records.sort_by_key(|r| r.seq);
+        Ok(records)
+    }
+
+    /// The invocation an idempotency key maps to.
+    pub fn idempotent(&self, target: &str, key: &str) -> StoreResult<Option<InvocationId>> {
+        let id = self.read(|t| {
+            Ok(t.open_table(IDEMPOTENCY)?
+                .get((target, key))?
+                .map(|v| v.value().to_string()))
+        })?;
+        Ok(id.and_then(|id| id.parse().ok()))
+    }
+
+    /// Every deployment, oldest first.
+    pub fn deployments(&self) -> StoreResult<Vec<DeploymentRecord>> {
+        let raw = self.read(|t| {
+            t.open_table(DEPLOYMENTS)?
+                .iter()?
+                .map(|row| Ok(row?.1.value().to_vec()))
+                .collect::<Result<Vec<_>, redb::Error>>()
+        })?;
+        let mut records = raw
+            .iter()
+            .map(|b| decode::<DeploymentRecord>("deployments", b))
+            .collect::<StoreResult<Vec<_>>>()?;
+        records.sort_by_key(|d| d.created_ms);
+        Ok(records)
+    }
+
+    /// A deployment's component bytes.
+    pub fn module(&self, id: &DeploymentId) -> StoreResult<Option<Vec<u8>>> {
+        self.read(|t| {
+            Ok(t.open_table(MODULES)?
+                .get(id.as_str())?
+                .map(|v| v.value().to_vec()))
+        })
+    }
+
+    /// A deployment's compiled artifact.
+    pub fn artifact(&self, id: &DeploymentId) -> StoreResult<Option<Vec<u8>>> {
+        self.read(|t| {
+            Ok(t.open_table(ARTIFACTS)?
+                .get(id.as_str())?
+                .map(|v| v.value().to_vec()))
+        })
+    }
+
+    /// Completed invocations whose retention ended at or before `now_ms`.
+    /// Returns `(expiry, id)` pairs, oldest first, at most `limit`.
+    pub fn expired(&self, now_ms: u64, limit: usize) -> StoreResult<Vec<(u64, InvocationId)>> {
+        let rows = self.read(|t| {
+            t.open_table(EXPIRY)?
+                .range((0, "")..(now_ms + 1, ""))?
+                .take(limit)
+                .map(|row| {
+                    let (key, _) = row?;
+                    let (at, id) = key.value();
+                    Ok((at, id.to_string()))
+                })
+                .collect::<Result<Vec<_>, redb::Error>>()
+        })?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(at, id)| Some((at, id.parse().ok()?)))
+            .collect())
+    }
+}
+
+fn state_names_in(
+    table: &impl ReadableTable<(&'static str, &'static str, &'static str), &'static [u8]>,
+    service: &str,
+    key: &str,
+) -> Result<Vec<String>, redb::Error> {
+    // Names sort after "" and before any string starting with a char > '\u{10FFFF}'.
+    table
+        .range((service, key, "")..=(service, key, "\u{10FFFF}\u{10FFFF}"))?
+        .map(|row| Ok(row?.0.value().2.to_string()))
+        .collect()
+}
+
+/// The tables of one write transaction; every durable change goes through
+/// these methods, inside the group-commit writer.
+pub struct Tables<'txn> {
+    invocations: Table<'txn, &'static str, &'static [u8]>,
+    active: Table<'txn, &'static str, ()>,
+    journal: Table<'txn, (&'static str, u32), &'static [u8]>,
+    state: Table<'txn, (&'static str, &'static str, &'static str), &'static [u8]>,
+    inbox: Table<'txn, (&'static str, &'static str, u64), &'static str>,
+    idempotency: Table<'txn, (&'static str, &'static str), &'static str>,
+    expiry: Table<'txn, (u64, &'static str), ()>,
+    deployments: Table<'txn, &'static str, &'static [u8]>,
+    modules: Table<'txn, &'static str, &'static [u8]>,
+    artifacts: Table<'txn, &'static str, &'static [u8]>,
+    meta: Table<'txn, &'static str, u64>,
+}
+
+impl<'txn> Tables<'txn> {
+    /// Open every table in `txn`.
+    pub fn open(txn: &'txn WriteTransaction) -> StoreResult<Self> {
+        let open = |e| StoreError::redb(e);
+        Ok(Tables {
+            invocations: txn.open_table(INVOCATIONS).map_err(open)?,
+            active: txn.open_table(ACTIVE).map_err(open)?,
+            journal: txn.open_table(JOURNAL).map_err(open)?,
+            state: txn.open_table(STATE).map_err(open)?,
+            inbox: txn.open_table(INBOX).map_err(open)?,
+            idempotency: txn.open_table(IDEMPOTENCY).map_err(open)?,
+            expiry: txn.open_table(EXPIRY).map_err(open)?,
+            deployments: txn.open_table(DEPLOYMENTS).map_err(open)?,
+            modules: txn.open_table(MODULES).map_err(open)?,
+            artifacts: txn.open_table(ARTIFACTS).map_err(open)?,
+            meta: txn.open_table(META).map_err(open)?,
+        })
+    }
+
+    /// The next arrival sequence number.
+    pub fn next_seq(&mut self) -> StoreResult<u64> {
+        let seq = self
+            .meta
+            .get("seq")
+            .map_err(StoreError::redb)?
+            .map_or(0, |v| v.value())
+            + 1;
+        self.meta.insert("seq", seq).map_err(StoreError::redb)?;
+        Ok(seq)
+    }
+
+    /// One invocation, as of this transaction.
+    pub fn invocation(&self, id: &InvocationId) -> StoreResult<Option<InvocationRecord>> {
+        let bytes = self
+            .invocations
+            .get(id.as_str())
+            .map_err(StoreError::redb)?;
+        bytes.map(|b| decode("invocations", b.value())).transpose()
+    }
+
+    /// Insert or replace an invocation record; keeps the active set and the
+    /// per-key inbox in step with its status.
+    pub fn put_invocation(&mut self, record: &InvocationRecord) -> StoreResult<()> {
+        use crate::records::Status;
+        let id = record.id.as_str();
+        self.invocations
+            .insert(id, encode(record).as_slice())
+            .map_err(StoreError::redb)?;
+        let finished = record.status == Status::Completed;
+        if finished {
+            self.active.remove(id).map_err(StoreError::redb)?;
+        } else {
+            self.active.insert(id, ()).map_err(StoreError::redb)?;
+        }
+        if let (true, Some(key)) = (record.is_exclusive(), &record.target.key) {
+            let slot = (record.target.service.as_str(), key.as_str(), record.seq);
+            if finished {
+                self.inbox.remove(slot).map_err(StoreError::redb)?;
+            } else {
+                self.inbox.insert(slot, id).map_err(StoreError::redb)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Append a journal entry.
+    pub fn append(&mut self, id: &InvocationId, index: u32, entry: &Entry) -> StoreResult<()> {
+        self.journal
+            .insert((id.as_str(), index), entry.encode().as_slice())
+            .map_err(StoreError::redb)?;
+        Ok(())
+    }
+
+    /// Set a state value.
+    pub fn set_state(
+        &mut self,
+        service: &str,
+        key: &str,
+        name: &str,
+        value: &[u8],
+    ) -> StoreResult<()> {
+        self.state
+            .insert((service, key, name), value)
+            .map_err(StoreError::redb)?;
+        Ok(())
+    }
+
+    /// Remove a state value.
+    pub fn clear_state(&mut self, service: &str, key: &str, name: &str) -> StoreResult<()> {
+        self.state
+            .remove((service, key, name))
+            .map_err(StoreError::redb)?;
+        Ok(())
+    }
+
+    /// Remove every state value of a key.
+    pub fn clear_all_state(&mut self, service: &str, key: &str) -> StoreResult<()> {
+        let names = state_names_in(&self.state, service, key).map_err(StoreError::Redb)?;
+        for name in names {
+            self.clear_state(service, key, &name)?;
+        }
+        Ok(())
+    }
+
+    /// The invocation an idempotency key maps to.
+    pub fn idempotent(&self, target: &str, key: &str) -> StoreResult<Option<InvocationId>> {
+        let id = self
+            .idempotency
+            .get((target, key))
+            .map_err(StoreError::redb)?;
+        Ok(id.and_then(|v| v.value().parse().ok()))
+    }
+
+    /// Map an idempotency key to an invocation.
+    pub fn put_idempotent(
+        &mut self,
+        target: &str,
+        key: &str,
+        id: &InvocationId,
+    ) -> StoreResult<()> {
+        self.idempotency
+            .insert((target, key), id.as_str())
+            .map_err(StoreError::redb)?;
+        Ok(())
+    }
+
+    /// Forget a completed invocation at `at_ms`.
+    pub fn expire_at(&mut self, at_ms: u64, id: &InvocationId) -> StoreResult<()> {
+        self.expiry
+            .insert((at_ms, id.as_str()), ())
+            .map_err(StoreError::redb)?;
+        Ok(())
+    }
+
+    /// Delete a completed invocation whose retention ended at `expiry_ms`:
+    /// its record, journal and idempotency key.
+    pub fn forget(&mut self, expiry_ms: u64, id: &InvocationId) -> StoreResult<()> {
+        self.expiry
+            .remove((expiry_ms, id.as_str()))
+            .map_err(StoreError::redb)?;
+        let Some(record) = self.invocation(id)? else {
+            return Ok(());
+        };
+        if let Some(key) = &record.idempotency_key {
+            self.idempotency
+                .remove((record.target.to_string().as_str(), key.as_str()))
+                .map_err(StoreError::redb)?;
+        }
+        self.journal
+            .retain_in((id.as_str(), 0)..=(id.as_str(), u32::MAX), |_, _| false)
+            .map_err(StoreError::redb)?;
+        self.invocations
+            .remove(id.as_str())
+            .map_err(StoreError::redb)?;
+        Ok(())
+    }
+
+    /// Store a deployment with its module and compiled artifact.
+    pub fn put_deployment(
+        &mut self,
+        record: &DeploymentRecord,
+        module: &[u8],
+        artifact: &[u8],
+    ) -> StoreResult<()> {
+        let id = record.id.as_str();
+        self.deployments
+            .insert(id, encode(record).as_slice())
+            .map_err(StoreError::redb)?;
+        self.modules.insert(id, module).map_err(StoreError::redb)?;
+        self.artifacts
+            .insert(id, artifact)
+            .map_err(StoreError::redb)?;
+        Ok(())
+    }
+
+    /// Replace a deployment's compiled artifact (after an engine upgrade).
+    pub fn put_artifact(&mut self, id: &DeploymentId, artifact: &[u8]) -> StoreResult<()> {
+        self.artifacts
+            .insert(id.as_str(), artifact)
+            .map_err(StoreError::redb)?;
+        Ok(())
+    }
+}
