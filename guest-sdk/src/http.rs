@@ -47,7 +47,7 @@ pub fn request(
     let fields = Fields::new();
     for (name, value) in headers {
         fields
-            .append(&name.to_string(), &value.as_bytes().to_vec())
+            .append(name, value.as_bytes())
             .map_err(|e| HandlerError::terminal(format!("bad header {name}: {e:?}")))?;
     }
     let req = OutgoingRequest::new(fields);

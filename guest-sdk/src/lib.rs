@@ -114,12 +114,15 @@ pub mod __private {
     use super::*;
     use serde::{de::DeserializeOwned, Serialize};
 
+    /// A service's entry point: run a handler, `None` if there is no such handler.
+    pub type Invoke = fn(&str, &Context) -> Option<Result<Vec<u8>, HandlerError>>;
+
     /// A service's descriptor and entry point, as the export macro lists them.
     pub struct ServiceEntry {
         pub name: &'static str,
         pub kind: ServiceKind,
         pub handlers: &'static [(&'static str, HandlerKind)],
-        pub invoke: fn(&str, &Context) -> Option<Result<Vec<u8>, HandlerError>>,
+        pub invoke: Invoke,
     }
 
     impl ServiceEntry {

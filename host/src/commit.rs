@@ -17,6 +17,7 @@
 //! acknowledge writes that are not on disk.
 
 use crate::store::{Store, StoreResult, Tables};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -34,17 +35,37 @@ const MAX_BATCH: usize = 4096;
 #[derive(Clone)]
 pub struct Committer {
     queue: mpsc::Sender<Job>,
+    stats: Arc<Stats>,
+}
+
+/// Counters of the writer, for the admin API and the benchmark.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Durable transactions committed.
+    pub transactions: AtomicU64,
+    /// Jobs applied in them.
+    pub jobs: AtomicU64,
 }
 
 impl Committer {
     /// Start the writer thread over `store`.
     pub fn start(store: Arc<Store>) -> Self {
         let (queue, jobs) = mpsc::channel::<Job>();
+        let stats = Arc::new(Stats::default());
+        let counters = stats.clone();
         std::thread::Builder::new()
             .name("cairn-commit".into())
-            .spawn(move || writer(&store, jobs))
+            .spawn(move || writer(&store, jobs, &counters))
             .expect("the commit thread starts");
-        Committer { queue }
+        Committer { queue, stats }
+    }
+
+    /// `(transactions, jobs)` committed so far.
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.stats.transactions.load(Ordering::Relaxed),
+            self.stats.jobs.load(Ordering::Relaxed),
+        )
     }
 
     /// Queue a job; its continuation runs after its commit.
@@ -86,7 +107,7 @@ impl Committer {
     }
 }
 
-fn writer(store: &Store, jobs: mpsc::Receiver<Job>) {
+fn writer(store: &Store, jobs: mpsc::Receiver<Job>, stats: &Stats) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -99,6 +120,8 @@ fn writer(store: &Store, jobs: mpsc::Receiver<Job>) {
         match apply(store, batch) {
             Ok(continuations) => {
                 tracing::trace!(jobs = size, "group commit");
+                stats.transactions.fetch_add(1, Ordering::Relaxed);
+                stats.jobs.fetch_add(size as u64, Ordering::Relaxed);
                 continuations.into_iter().for_each(|c| c());
             }
             Err(e) => {
@@ -130,7 +153,7 @@ mod tests {
     use crate::journal::{Command, Entry};
 
     #[tokio::test]
-    async fn concurrent_jobs_share_transactions_and_are_durable_when_answered() {
+    async fn concurrent_jobs_are_durable_when_answered() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let committer = Committer::start(store.clone());
@@ -160,6 +183,35 @@ mod tests {
         answers.sort();
         assert_eq!(answers, (0..200).collect::<Vec<_>>());
         assert_eq!(store.journal(&id).unwrap().len(), 200);
+    }
+
+    #[tokio::test]
+    async fn jobs_queued_during_a_commit_share_the_next_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let committer = Committer::start(Arc::new(Store::open(dir.path()).unwrap()));
+        // The first job holds the writer until 99 more are queued.
+        let (go, wait) = mpsc::channel::<()>();
+        committer.submit(Box::new(move |_| {
+            wait.recv().unwrap();
+            Ok(Box::new(|| ()) as Continuation)
+        }));
+        let (done, answers) = mpsc::channel::<()>();
+        for _ in 1..100 {
+            let done = done.clone();
+            committer.submit(Box::new(move |_| {
+                Ok(Box::new(move || done.send(()).unwrap()) as Continuation)
+            }));
+        }
+        go.send(()).unwrap();
+        for _ in 1..100 {
+            answers.recv().unwrap();
+        }
+        let (transactions, jobs) = committer.stats();
+        assert_eq!(jobs, 100);
+        assert!(
+            transactions <= 2,
+            "100 jobs took {transactions} transactions"
+        );
     }
 
     #[tokio::test]

@@ -164,7 +164,8 @@ impl Invoker {
     }
 
     /// Create an invocation (or find the one its idempotency key names).
-    /// Returns once the invocation is durable.
+    /// Returns once the invocation is durable; its first attempt may start
+    /// before that (see the comment inside).
     pub async fn submit(
         self: &Arc<Self>,
         request: NewInvocation,
@@ -189,10 +190,11 @@ impl Invoker {
                 id: record.id.clone(),
                 existing: false,
             };
-            Ok(Box::new(move || {
-                me.schedule(Arc::new(record));
-                let _ = tx.send(submitted);
-            }) as Continuation)
+            // Routed now, in sequence order, without waiting for the commit:
+            // everything the attempt writes queues behind this transaction,
+            // and nothing it produces is acknowledged before a later commit.
+            me.schedule(Arc::new(record));
+            Ok(answer(tx, submitted))
         }));
         Ok(rx.await.expect("the commit writer answers every job"))
     }

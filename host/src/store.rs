@@ -439,3 +439,122 @@ impl<'txn> Tables<'txn> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{Command, Entry};
+    use crate::records::{HandlerKind, Status, Target};
+
+    fn with_tables<R>(store: &Store, f: impl FnOnce(&mut Tables<'_>) -> StoreResult<R>) -> R {
+        let txn = store.begin_write().unwrap();
+        let r = f(&mut Tables::open(&txn).unwrap()).unwrap();
+        txn.commit().unwrap();
+        r
+    }
+
+    fn record(key: &str, kind: HandlerKind) -> InvocationRecord {
+        InvocationRecord {
+            id: InvocationId::generate(),
+            target: Target {
+                service: "Counter".into(),
+                handler: "add".into(),
+                key: Some(key.into()),
+            },
+            handler_kind: kind,
+            deployment: DeploymentId::for_module(b"m"),
+            input: b"1".to_vec(),
+            headers: vec![],
+            idempotency_key: Some("k".into()),
+            seq: 0,
+            created_ms: 1,
+            start_at_ms: None,
+            status: Status::Ready,
+            attempts: 0,
+            last_error: None,
+            outcome: None,
+            completed_ms: None,
+        }
+    }
+
+    #[test]
+    fn invocations_move_from_active_to_completed_and_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut a = record("x", HandlerKind::Exclusive);
+        let mut b = record("x", HandlerKind::Shared);
+        with_tables(&store, |t| {
+            a.seq = t.next_seq()?;
+            b.seq = t.next_seq()?;
+            t.put_invocation(&b)?;
+            t.put_invocation(&a)?;
+            t.put_idempotent("Counter/x/add", "k", &a.id)?;
+            t.append(&a.id, 0, &Entry::Command(Command::GetStateKeys))
+        });
+        assert_eq!((a.seq, b.seq), (1, 2));
+        let unfinished: Vec<_> = store
+            .unfinished()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(
+            unfinished,
+            vec![a.id.clone(), b.id.clone()],
+            "arrival order"
+        );
+        assert_eq!(
+            store.idempotent("Counter/x/add", "k").unwrap(),
+            Some(a.id.clone())
+        );
+
+        a.status = Status::Completed;
+        a.completed_ms = Some(10);
+        with_tables(&store, |t| {
+            t.put_invocation(&a)?;
+            t.expire_at(100, &a.id)
+        });
+        assert_eq!(store.unfinished().unwrap().len(), 1);
+        assert!(store.expired(99, 10).unwrap().is_empty());
+        assert_eq!(store.expired(100, 10).unwrap(), vec![(100, a.id.clone())]);
+        with_tables(&store, |t| t.forget(100, &a.id));
+        assert_eq!(store.invocation(&a.id).unwrap(), None);
+        assert!(store.journal(&a.id).unwrap().is_empty());
+        assert_eq!(store.idempotent("Counter/x/add", "k").unwrap(), None);
+        assert!(store.expired(u64::MAX - 1, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn state_is_per_service_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        with_tables(&store, |t| {
+            t.set_state("S", "a", "x", b"1")?;
+            t.set_state("S", "a", "y", b"2")?;
+            t.set_state("S", "ab", "z", b"3")?;
+            t.set_state("T", "a", "x", b"4")
+        });
+        assert_eq!(store.state_names("S", "a").unwrap(), vec!["x", "y"]);
+        assert_eq!(store.state("T", "a", "x").unwrap(), Some(b"4".to_vec()));
+        with_tables(&store, |t| t.clear_all_state("S", "a"));
+        assert!(store.state_names("S", "a").unwrap().is_empty());
+        assert_eq!(store.state_names("S", "ab").unwrap(), vec!["z"]);
+        assert_eq!(
+            store.state("T", "a", "x").unwrap(),
+            Some(b"4".to_vec()),
+            "other services keep theirs"
+        );
+    }
+
+    #[test]
+    fn data_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = record("x", HandlerKind::Exclusive);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            with_tables(&store, |t| t.put_invocation(&r));
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.invocation(&r.id).unwrap(), Some(r));
+    }
+}

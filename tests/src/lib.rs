@@ -1,1 +1,344 @@
+//! Test harness: run the real `cairn` binary with the example modules, talk
+//! to it over HTTP, kill it with SIGKILL and restart it on the same data.
+//!
+//! The binary and the example components must be built first; the README's
+//! test command (`scripts/test.sh`) does that. When they are missing the
+//! harness panics with the command that builds them, so no test is skipped
+//! silently.
 
+use anyhow::{bail, Context as _};
+use serde_json::Value;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub mod server;
+
+/// The cargo target directory the tests (or the load generator) were built
+/// in: `CARGO_TARGET_DIR`, else the nearest ancestor of this executable that
+/// holds the built examples.
+pub fn target_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("the executable has a path");
+    exe.ancestors()
+        .find(|dir| dir.join("examples-wasm").is_dir())
+        .unwrap_or_else(|| {
+            panic!(
+                "no examples-wasm beside {}: run scripts/build-examples.sh",
+                exe.display()
+            )
+        })
+        .to_path_buf()
+}
+
+fn must_exist(path: PathBuf, what: &str) -> PathBuf {
+    assert!(
+        path.exists(),
+        "{what} not found at {}: build it first with scripts/test.sh (or cargo build -p cairn && scripts/build-examples.sh)",
+        path.display()
+    );
+    path
+}
+
+/// The `cairn` binary of the profile the tests run in (or `CAIRN_BIN`).
+pub fn cairn_bin() -> PathBuf {
+    if let Ok(bin) = std::env::var("CAIRN_BIN") {
+        return must_exist(PathBuf::from(bin), "CAIRN_BIN");
+    }
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    must_exist(target_dir().join(profile).join("cairn"), "the cairn binary")
+}
+
+/// An example component, e.g. `example("basics")`.
+pub fn example(name: &str) -> PathBuf {
+    must_exist(
+        target_dir()
+            .join("examples-wasm")
+            .join(format!("{name}.wasm")),
+        &format!("the example module {name}.wasm"),
+    )
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// How to start a host.
+#[derive(Clone)]
+pub struct HostOptions {
+    /// Extra TOML appended to the generated config file.
+    pub config: String,
+    /// Modules deployed at start.
+    pub deploy: Vec<PathBuf>,
+}
+
+impl Default for HostOptions {
+    fn default() -> Self {
+        HostOptions {
+            config: String::new(),
+            deploy: vec![example("basics")],
+        }
+    }
+}
+
+/// A running `cairn serve`, on its own data directory.
+pub struct Host {
+    child: Option<Child>,
+    data: tempfile::TempDir,
+    options: HostOptions,
+    ingress_port: u16,
+    admin_port: u16,
+    /// HTTP client for tests.
+    pub http: reqwest::Client,
+}
+
+impl Host {
+    /// Start a host with the basics example deployed.
+    pub async fn start() -> Host {
+        Host::start_with(HostOptions::default()).await
+    }
+
+    /// Start a host with these options.
+    pub async fn start_with(options: HostOptions) -> Host {
+        let mut host = Host {
+            child: None,
+            data: tempfile::tempdir().expect("a temp dir"),
+            options,
+            ingress_port: free_port(),
+            admin_port: free_port(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .unwrap(),
+        };
+        host.spawn().await;
+        host
+    }
+
+    async fn spawn(&mut self) {
+        let config = self.data.path().join("cairn.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\ningress_addr = \"127.0.0.1:{}\"\nadmin_addr = \"127.0.0.1:{}\"\n{}",
+                self.data.path().join("db"),
+                self.ingress_port,
+                self.admin_port,
+                self.options.config
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(cairn_bin());
+        cmd.arg("serve").arg("--config").arg(&config);
+        for module in &self.options.deploy {
+            cmd.arg("--deploy").arg(module);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        cmd.stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log));
+        if std::env::var("RUST_LOG").is_err() {
+            cmd.env("RUST_LOG", "info,wasmtime=warn,cranelift=warn");
+        }
+        self.child = Some(cmd.spawn().expect("cairn starts"));
+        self.wait_ready().await;
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.data.path().join("host.log")
+    }
+
+    /// The host's log so far (for assertion messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("cairn exited with {status} during start:\n{}", self.log());
+            }
+            let url = format!("{}/health", self.admin());
+            let ingress_up = std::net::TcpStream::connect(("127.0.0.1", self.ingress_port)).is_ok();
+            if ingress_up
+                && self
+                    .http
+                    .get(&url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("cairn did not become ready in 120 s:\n{}", self.log());
+    }
+
+    /// The ingress base URL.
+    pub fn ingress(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ingress_port)
+    }
+
+    /// The admin base URL.
+    pub fn admin(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
+    /// The host's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the host runs").id()
+    }
+
+    /// Kill the host with SIGKILL: no shutdown code runs.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL is delivered");
+            child.wait().expect("the host is reaped");
+        }
+    }
+
+    /// Start the host again on the same data and ports.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    /// Peak resident memory of the host process, in KiB (VmHWM).
+    pub fn peak_rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmHWM:")
+    }
+
+    /// POST JSON to the ingress; returns (status, headers, body).
+    pub async fn post(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> Response {
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.ingress()))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        Response::from(req.send().await.expect("the ingress answers")).await
+    }
+
+    /// GET from the ingress.
+    pub async fn get(&self, path: &str) -> Response {
+        let req = self.http.get(format!("{}{path}", self.ingress()));
+        Response::from(req.send().await.expect("the ingress answers")).await
+    }
+
+    /// GET an admin path as JSON.
+    pub async fn admin_get(&self, path: &str) -> Value {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.admin()))
+            .send()
+            .await
+            .unwrap();
+        Response::from(r).await.json()
+    }
+
+    /// Poll an invocation's admin view until `done` holds (bounded).
+    pub async fn wait_invocation(
+        &self,
+        id: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.admin_get(&format!("/invocations/{id}")).await;
+            if done(&v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "invocation {id} did not get there in {timeout:?}: {v:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A buffered HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Headers.
+    pub headers: reqwest::header::HeaderMap,
+    /// Body text.
+    pub body: String,
+}
+
+impl Response {
+    async fn from(r: reqwest::Response) -> Self {
+        Response {
+            status: r.status().as_u16(),
+            headers: r.headers().clone(),
+            body: r.text().await.unwrap_or_default(),
+        }
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A `/proc/PID/status` field in KiB.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Run a command and fail with its output if it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Read a file fully (panics with the path).
+pub fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}

@@ -5,7 +5,11 @@
 //!   terminal error.
 //! - `Counter`: a virtual object with an exclusive `add` and a shared `get`.
 //! - `Greeter`: typed input and output, a header, state listing.
-//! - `Looper`: a handler that never returns, to show the host's CPU limit.
+//! - `Rogue`: misbehaving handlers (an endless loop, a memory hog) that
+//!   show the host's limits.
+//!
+//! Built with `--features v2`, the module answers `Steps/version` with "v2":
+//! the tests use the two builds as two versions of one service.
 
 use cairn_sdk::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -41,6 +45,12 @@ impl Steps {
                 })
             })
             .collect()
+    }
+
+    /// Wait in a step for `url` to answer, then say which build this is.
+    pub fn version(ctx: &Context, url: String) -> HandlerResult<String> {
+        ctx.run("wait", || cairn_sdk::http::get(&url).map(|r| r.status))?;
+        Ok(VERSION.to_string())
     }
 
     /// Always fails with a terminal error (HTTP 500 to the caller).
@@ -112,18 +122,27 @@ impl Greeter {
     }
 }
 
-/// A handler that spins forever: the host interrupts it.
-pub struct Looper;
+/// Handlers that misbehave; the host stops them and keeps serving others.
+pub struct Rogue;
 
 #[cairn_sdk::service]
-impl Looper {
-    /// Never returns.
+impl Rogue {
+    /// Never returns: interrupted by the CPU budget.
     pub fn spin(_ctx: &Context) -> HandlerResult<()> {
         let mut x: u64 = 0;
         loop {
             x = std::hint::black_box(x.wrapping_add(1));
         }
     }
+
+    /// Allocates `mib` MiB: trapped by the memory cap when too large.
+    pub fn hog(_ctx: &Context, mib: usize) -> HandlerResult<usize> {
+        let block = std::hint::black_box(vec![1u8; mib * 1024 * 1024]);
+        Ok(block.len() / (1024 * 1024))
+    }
 }
 
-cairn_sdk::export!(Steps, Counter, Greeter, Looper);
+/// Which build of this module is running.
+const VERSION: &str = if cfg!(feature = "v2") { "v2" } else { "v1" };
+
+cairn_sdk::export!(Steps, Counter, Greeter, Rogue);

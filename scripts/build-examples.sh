@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Build the example handler modules to WebAssembly components.
+# Installs the wasm32-wasip2 target if missing. Output: $TARGET/examples-wasm/*.wasm
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TARGET="${CARGO_TARGET_DIR:-$PWD/target}"
+rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target add wasm32-wasip2
+out="$TARGET/examples-wasm"
+mkdir -p "$out"
+build() { # package, output name, extra cargo args
+  cargo build --quiet --target wasm32-wasip2 --profile wasm -p "$1" "${@:3}"
+  cp "$TARGET/wasm32-wasip2/wasm/$1.wasm" "$out/$2.wasm"
+}
+build basics basics
+build basics basics-v2 --features v2
+ls -1 "$out"/*.wasm

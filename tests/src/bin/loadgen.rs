@@ -1,0 +1,172 @@
+//! `cairn-loadgen`: the benchmark. Starts a host (or targets a running one)
+//! and drives its ingress with a fixed concurrency, then prints
+//! invocations/s, p50/p99/max latency and the host's peak memory.
+//!
+//! Run it with `scripts/bench.sh` (release build, examples built first).
+
+use cairn_tests::{proc_status_kib, Host};
+use clap::Parser;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Drive a Cairn host with load and print what it sustains.
+#[derive(Parser)]
+struct Args {
+    /// Concurrent requests in flight.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Measured seconds per scenario (after a 1 s warm-up).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Scenarios to run: steps3, counter-keys, counter-hot.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "steps3,counter-keys,counter-hot"
+    )]
+    scenarios: Vec<String>,
+    /// Use a running host's ingress instead of starting one (memory is then not reported).
+    #[arg(long)]
+    ingress: Option<String>,
+}
+
+struct Scenario {
+    name: &'static str,
+    path: fn(u64) -> String,
+    body: &'static str,
+}
+
+const SCENARIOS: [Scenario; 3] = [
+    Scenario {
+        name: "steps3",
+        path: |_| "/Steps/steps3".into(),
+        body: "",
+    },
+    Scenario {
+        name: "counter-keys",
+        path: |i| format!("/Counter/k{}/add", i % 1000),
+        body: "1",
+    },
+    Scenario {
+        name: "counter-hot",
+        path: |_| "/Counter/hot/add".into(),
+        body: "1",
+    },
+];
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let host = match &args.ingress {
+        Some(_) => None,
+        None => Some(Host::start().await),
+    };
+    let ingress = args
+        .ingress
+        .clone()
+        .unwrap_or_else(|| host.as_ref().unwrap().ingress());
+    println!(
+        "cairn-loadgen: concurrency {}, {} s per scenario, durable commits on, host and load generator share this machine ({} cores)",
+        args.concurrency,
+        args.seconds,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "{:<14} {:>10} {:>10} {:>9} {:>9} {:>9} {:>7}",
+        "scenario", "requests", "inv/s", "p50 ms", "p99 ms", "max ms", "errors"
+    );
+    for name in &args.scenarios {
+        let scenario = SCENARIOS
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| anyhow::anyhow!("unknown scenario {name}"))?;
+        run(&args, &ingress, scenario, Duration::from_secs(1)).await;
+        let r = run(&args, &ingress, scenario, Duration::from_secs(args.seconds)).await;
+        println!(
+            "{:<14} {:>10} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>7}",
+            scenario.name, r.count, r.rate, r.p50, r.p99, r.max, r.errors
+        );
+    }
+    if let Some(host) = &host {
+        println!(
+            "host peak memory (VmHWM): {:.1} MiB; current (VmRSS): {:.1} MiB",
+            host.peak_rss_kib() as f64 / 1024.0,
+            proc_status_kib(host.pid(), "VmRSS:") as f64 / 1024.0
+        );
+    }
+    Ok(())
+}
+
+struct Report {
+    count: usize,
+    rate: f64,
+    p50: f64,
+    p99: f64,
+    max: f64,
+    errors: u64,
+}
+
+async fn run(args: &Args, ingress: &str, scenario: &'static Scenario, length: Duration) -> Report {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency)
+        .build()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let counter = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..args.concurrency)
+        .map(|_| {
+            let (client, stop, counter, errors) = (
+                client.clone(),
+                stop.clone(),
+                counter.clone(),
+                errors.clone(),
+            );
+            let ingress = ingress.to_string();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let i = counter.fetch_add(1, Ordering::Relaxed);
+                    let t = Instant::now();
+                    let ok = client
+                        .post(format!("{ingress}{}", (scenario.path)(i)))
+                        .header("content-type", "application/json")
+                        .body(scenario.body)
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success());
+                    if ok {
+                        latencies.push(t.elapsed().as_micros() as u32);
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                latencies
+            })
+        })
+        .collect();
+    tokio::time::sleep(length).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    Report {
+        count: all.len(),
+        rate: all.len() as f64 / elapsed,
+        p50: pct(0.50),
+        p99: pct(0.99),
+        max: all.last().copied().unwrap_or(0) as f64 / 1000.0,
+        errors: errors.load(Ordering::Relaxed),
+    }
+}

@@ -1,0 +1,103 @@
+//! A test HTTP server that handlers call from their `run` steps: it counts
+//! requests, hands out unique tokens, and can hold requests until released.
+
+use axum::extract::{Query, State};
+use axum::routing::get;
+use axum::Router;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// What the server saw.
+#[derive(Default)]
+struct Seen {
+    /// (inv, step) -> tokens handed out, in order.
+    tokens: HashMap<(String, String), Vec<String>>,
+    next: u64,
+    holds: usize,
+}
+
+/// The server's shared state.
+#[derive(Clone)]
+pub struct TestServer {
+    /// Base URL, e.g. `http://127.0.0.1:1234`.
+    pub url: String,
+    seen: Arc<Mutex<Seen>>,
+    delay: Duration,
+    release: watch::Sender<bool>,
+}
+
+impl TestServer {
+    /// Start a server whose `/token` answers after `delay`.
+    pub async fn start(delay: Duration) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let server = TestServer {
+            url: format!("http://{addr}"),
+            seen: Arc::default(),
+            delay,
+            release: watch::channel(false).0,
+        };
+        let app = Router::new()
+            .route("/token", get(token))
+            .route("/hold", get(hold))
+            .with_state(server.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        server
+    }
+
+    /// Tokens handed out for (invocation, step), in order.
+    pub fn tokens(&self, inv: &str, step: u32) -> Vec<String> {
+        let seen = self.seen.lock().unwrap();
+        seen.tokens
+            .get(&(inv.to_string(), step.to_string()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Total requests to `/token`.
+    pub fn requests(&self) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .tokens
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    /// Requests that reached `/hold` so far.
+    pub fn holds(&self) -> usize {
+        self.seen.lock().unwrap().holds
+    }
+
+    /// Let every held and future `/hold` request answer.
+    pub fn release(&self) {
+        self.release.send_replace(true);
+    }
+}
+
+async fn token(State(s): State<TestServer>, Query(q): Query<HashMap<String, String>>) -> String {
+    let token = {
+        let mut seen = s.seen.lock().unwrap();
+        seen.next += 1;
+        let token = format!("t{}", seen.next);
+        let key = (
+            q.get("inv").cloned().unwrap_or_default(),
+            q.get("step").cloned().unwrap_or_default(),
+        );
+        seen.tokens.entry(key).or_default().push(token.clone());
+        token
+    };
+    tokio::time::sleep(s.delay).await;
+    token
+}
+
+async fn hold(State(s): State<TestServer>) -> &'static str {
+    s.seen.lock().unwrap().holds += 1;
+    let mut rx = s.release.subscribe();
+    let _ = rx.wait_for(|released| *released).await;
+    "released"
+}
