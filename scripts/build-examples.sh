@@ -13,4 +13,6 @@ build() { # package, output name, extra cargo args
 }
 build basics basics
 build basics basics-v2 --features v2
+build coordination coordination
+build coordination coordination-v2 --features v2
 ls -1 "$out"/*.wasm

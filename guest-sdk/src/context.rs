@@ -7,6 +7,86 @@
 use crate::bindings::cairn::runtime::{context as host, types as wit};
 use crate::{HandlerError, TerminalError};
 use serde::{de::DeserializeOwned, Serialize};
+use std::marker::PhantomData;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// What to call or send to: a service handler, or a handler of an object
+/// key or workflow id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    service: String,
+    handler: String,
+    key: Option<String>,
+}
+
+impl Target {
+    /// `Service/handler`.
+    pub fn service(service: &str, handler: &str) -> Self {
+        Target {
+            service: service.into(),
+            handler: handler.into(),
+            key: None,
+        }
+    }
+
+    /// `Object/key/handler`.
+    pub fn object(object: &str, key: &str, handler: &str) -> Self {
+        Target {
+            service: object.into(),
+            handler: handler.into(),
+            key: Some(key.into()),
+        }
+    }
+
+    /// `Workflow/id/handler`.
+    pub fn workflow(workflow: &str, id: &str, handler: &str) -> Self {
+        Self::object(workflow, id, handler)
+    }
+
+    fn to_wit(&self) -> host::CallTarget {
+        host::CallTarget {
+            service: self.service.clone(),
+            handler: self.handler.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+/// A durable operation in flight (a sleep, a call, an awakeable, a
+/// promise). [`Pending::wait`] blocks until it completes; the host may
+/// suspend the invocation meanwhile. Several can be raced with
+/// [`Context::select`].
+#[must_use = "a pending operation does nothing until it is waited for"]
+pub struct Pending<T> {
+    handle: u32,
+    _result: PhantomData<T>,
+}
+
+impl<T: DeserializeOwned> Pending<T> {
+    fn new(handle: u32) -> Self {
+        Pending {
+            handle,
+            _result: PhantomData,
+        }
+    }
+
+    /// Wait for the result: the value, or the terminal error it failed with.
+    pub fn wait(self) -> Result<T, HandlerError> {
+        decode_outcome("pending operation", host::await_(self.handle))
+    }
+}
+
+/// Anything [`Context::select`] can race.
+pub trait Selectable {
+    /// The host handle.
+    fn handle(&self) -> u32;
+}
+
+impl<T> Selectable for Pending<T> {
+    fn handle(&self) -> u32 {
+        self.handle
+    }
+}
 
 /// The context of one invocation, handed to every handler.
 pub struct Context {
@@ -108,6 +188,101 @@ impl Context {
             },
         }
     }
+}
+
+impl Context {
+    /// The current time, journaled: a replay sees the same instant.
+    pub fn now(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(host::now())
+    }
+
+    /// A random number. Seeded per invocation, so a replay draws the same
+    /// numbers in the same order.
+    pub fn random_u64(&self) -> u64 {
+        wasi::random::random::get_random_u64()
+    }
+
+    /// A durable timer: survives restarts; the invocation holds no instance
+    /// while it sleeps for long.
+    pub fn sleep(&self, duration: Duration) -> Pending<()> {
+        Pending::new(host::sleep(duration.as_millis() as u64))
+    }
+
+    /// Call a handler; `wait()` on the result gives its output or its
+    /// terminal error. Journaled before it is dispatched; the result comes
+    /// back exactly once.
+    pub fn call<I: Serialize, O: DeserializeOwned>(&self, target: Target, input: &I) -> Pending<O> {
+        let payload = serde_json::to_vec(input).expect("call inputs serialize to JSON");
+        Pending::new(host::call(&target.to_wit(), &payload))
+    }
+
+    /// Invoke a handler one-way, optionally after a delay; returns the new
+    /// invocation's id.
+    pub fn send<I: Serialize>(&self, target: Target, input: &I, delay: Option<Duration>) -> String {
+        let payload = serde_json::to_vec(input).expect("send inputs serialize to JSON");
+        host::send(
+            &target.to_wit(),
+            &payload,
+            delay.map_or(0, |d| d.as_millis() as u64),
+        )
+    }
+
+    /// An awakeable: give the id to an outside system, which completes it
+    /// with `POST /restate/awakeables/{id}/resolve` (or `/reject`).
+    pub fn awakeable<T: DeserializeOwned>(&self) -> (String, Pending<T>) {
+        let (id, handle) = host::awakeable();
+        (id, Pending::new(handle))
+    }
+
+    /// Resolve an awakeable with a value.
+    pub fn resolve_awakeable<T: Serialize>(&self, id: &str, value: &T) {
+        let bytes = serde_json::to_vec(value).expect("awakeable values serialize to JSON");
+        host::complete_awakeable(id, &wit::Outcome::Success(bytes));
+    }
+
+    /// Reject an awakeable with a terminal error.
+    pub fn reject_awakeable(&self, id: &str, message: &str) {
+        let failure = TerminalError::new(message).into_wit();
+        host::complete_awakeable(id, &wit::Outcome::Failure(failure));
+    }
+
+    /// A workflow's durable promise: completes when any handler of this
+    /// workflow id resolves or rejects it.
+    pub fn promise<T: DeserializeOwned>(&self, name: &str) -> Pending<T> {
+        Pending::new(host::promise_get(name))
+    }
+
+    /// A promise's result if it is already completed.
+    pub fn peek_promise<T: DeserializeOwned>(&self, name: &str) -> Option<Result<T, HandlerError>> {
+        host::promise_peek(name).map(|o| decode_outcome(name, o))
+    }
+
+    /// Resolve a promise; a terminal error if it was already completed.
+    pub fn resolve_promise<T: Serialize>(&self, name: &str, value: &T) -> Result<(), HandlerError> {
+        let bytes = serde_json::to_vec(value).expect("promise values serialize to JSON");
+        host::promise_complete(name, &wit::Outcome::Success(bytes))
+            .map_err(|e| TerminalError::from_wit(e).into())
+    }
+
+    /// Reject a promise with a terminal error.
+    pub fn reject_promise(&self, name: &str, message: &str) -> Result<(), HandlerError> {
+        let failure = TerminalError::new(message).into_wit();
+        host::promise_complete(name, &wit::Outcome::Failure(failure))
+            .map_err(|e| TerminalError::from_wit(e).into())
+    }
+
+    /// Wait for the first of several pending operations; returns its
+    /// position. The choice is journaled, so a replay makes the same one.
+    /// A timeout is a [`Context::sleep`] in the race.
+    pub fn select(&self, pending: &[&dyn Selectable]) -> usize {
+        let handles: Vec<u32> = pending.iter().map(|p| p.handle()).collect();
+        host::await_any(&handles) as usize
+    }
+}
+
+/// Wait for every pending operation, in order (join all).
+pub fn join_all<T: DeserializeOwned>(pending: Vec<Pending<T>>) -> Vec<Result<T, HandlerError>> {
+    pending.into_iter().map(Pending::wait).collect()
 }
 
 fn decode_outcome<T: DeserializeOwned>(

@@ -6,6 +6,9 @@
 //! | `GET /deployments` | `{"deployments": [...]}` |
 //! | `GET /services` | `{"services": [...]}` with each service's current deployment |
 //! | `GET /invocations/{id}` | status, target, deployment, attempts, last error, outcome, journal |
+//! | `POST /invocations/{id}/cancel` | cooperative: pending operations fail with "cancelled" (409), compensation can run |
+//! | `POST /invocations/{id}/kill` | completes it at once with "killed" (409), no compensation |
+//! | `POST /invocations/{id}/pause`, `.../resume[?deployment=dp_...]` | stop it (keeping its journal and key) / run it again, optionally on another deployment |
 //! | `GET /health` | 200 once the host serves |
 
 use crate::deployments::UploadError;
@@ -15,12 +18,13 @@ use crate::invoker::{Invoker, LiveStatus};
 use crate::journal::{Command, CompletionValue, Entry, Outcome};
 use crate::records::{InvocationRecord, Status};
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// The admin router.
@@ -29,6 +33,7 @@ pub fn router(invoker: Arc<Invoker>, max_module_bytes: usize) -> Router {
         .route("/deployments", get(list_deployments).post(deploy))
         .route("/services", get(list_services))
         .route("/invocations/{id}", get(describe_invocation))
+        .route("/invocations/{id}/{action}", post(control_invocation))
         .route("/health", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(max_module_bytes))
         .with_state(invoker)
@@ -101,9 +106,38 @@ async fn describe_invocation(
         "created_at_ms": record.created_ms,
         "start_at_ms": record.start_at_ms,
         "completed_at_ms": record.completed_ms,
+        "caller": record.caller.as_ref().map(|c| c.id.to_string()),
+        "cancelled": record.cancelled,
         "outcome": record.outcome.as_ref().map(outcome_json),
-        "journal": journal.iter().enumerate().map(|(i, e)| entry_json(i, e)).collect::<Vec<_>>(),
+        "journal": journal.iter().map(|(i, e)| entry_json(*i, e)).collect::<Vec<_>>(),
     })))
+}
+
+async fn control_invocation(
+    State(invoker): State<Arc<Invoker>>,
+    Path((id, action)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let bad = |e: String| ApiError::new(StatusCode::BAD_REQUEST, e);
+    let id: InvocationId = id.parse().map_err(bad)?;
+    let deployment = query
+        .get("deployment")
+        .map(|d| d.parse())
+        .transpose()
+        .map_err(bad)?;
+    match action.as_str() {
+        "cancel" => invoker.cancel(&id).await?,
+        "kill" => invoker.kill(&id).await?,
+        "pause" => invoker.pause_now(&id).await?,
+        "resume" => invoker.resume(&id, deployment).await?,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no action {action}: use cancel, kill, pause or resume"),
+            ))
+        }
+    }
+    Ok(Json(json!({ "id": id, "action": action })))
 }
 
 fn status_name(record: &InvocationRecord, live: Option<LiveStatus>, now_ms: u64) -> &'static str {
@@ -116,6 +150,7 @@ fn status_name(record: &InvocationRecord, live: Option<LiveStatus>, now_ms: u64)
         (Status::Ready, Some(LiveStatus::Running)) => "running",
         (Status::Ready, Some(LiveStatus::BackingOff)) => "backing-off",
         (Status::Ready, Some(LiveStatus::Pending)) => "pending",
+        (Status::Ready, Some(LiveStatus::Suspended)) => "suspended",
         (Status::Ready, _) if record.start_at_ms.is_some_and(|at| at > now_ms) => "scheduled",
         (Status::Ready, _) => "ready",
     }
@@ -134,7 +169,7 @@ fn outcome_json(o: &Outcome) -> Value {
     }
 }
 
-fn entry_json(index: usize, entry: &Entry) -> Value {
+fn entry_json(index: u32, entry: &Entry) -> Value {
     match entry {
         Entry::Command(c) => {
             let mut v = json!({ "index": index, "type": "command", "command": c.signature() });
@@ -148,6 +183,9 @@ fn entry_json(index: usize, entry: &Entry) -> Value {
                 CompletionValue::State(v) => json!({ "state": v.as_deref().map(text) }),
                 CompletionValue::StateKeys(k) => json!({ "state_keys": k }),
                 CompletionValue::Outcome(o) => outcome_json(o),
+                CompletionValue::MaybeOutcome(o) => json!({ "peek": o.as_ref().map(outcome_json) }),
+                CompletionValue::Id(id) => json!({ "id": id }),
+                CompletionValue::Time(ms) => json!({ "time_ms": ms }),
             };
             json!({ "index": index, "type": "completion", "for_command": c.command, "value": value })
         }

@@ -166,7 +166,6 @@ mod tests {
                     .commit(move |t| {
                         t.append(
                             &id,
-                            i,
                             &Entry::Command(Command::Run {
                                 name: i.to_string(),
                             }),

@@ -19,6 +19,8 @@
 //! idempotency_retention = "24h"
 //! # How long a finished invocation stays visible (attach, output, admin).
 //! completed_retention = "24h"
+//! # Waits longer than this suspend the invocation (its instance is dropped).
+//! suspend_after = "1m"
 //! # Hosts (host or host:port; port "*" for any) that guests may reach with
 //! # wasi:http from inside `run` steps. Empty: no outgoing HTTP at all.
 //! http_allow = ["api.example.com", "127.0.0.1:*"]
@@ -36,7 +38,7 @@
 //! initial_interval = "100ms"
 //! factor = 2.0
 //! max_interval = "10s"
-//! # After this many attempts the invocation fails with the last error.
+//! # After this many attempts the invocation is paused (resume it via the admin API).
 //! max_attempts = 30
 //! ```
 
@@ -62,9 +64,14 @@ pub struct Config {
     /// Retention of idempotency keys.
     #[serde(deserialize_with = "duration")]
     pub idempotency_retention: Duration,
-    /// Retention of finished invocations.
+    /// Retention of finished invocations (and of a workflow's state and
+    /// promises after its run completes).
     #[serde(deserialize_with = "duration")]
     pub completed_retention: Duration,
+    /// An invocation waiting longer than this is suspended: its instance is
+    /// dropped and it is replayed when what it waits for completes.
+    #[serde(deserialize_with = "duration")]
+    pub suspend_after: Duration,
     /// Outgoing HTTP allow-list for guests.
     pub http_allow: Vec<String>,
     /// Per-instance resource limits.
@@ -98,7 +105,7 @@ pub struct RetryPolicy {
     /// Cap of the delay.
     #[serde(deserialize_with = "duration")]
     pub max_interval: Duration,
-    /// Attempts before the invocation fails for good.
+    /// Attempts before the invocation is paused (resumable).
     pub max_attempts: u32,
 }
 
@@ -112,6 +119,7 @@ impl Default for Config {
             max_module_bytes: 64 * 1024 * 1024,
             idempotency_retention: Duration::from_secs(24 * 3600),
             completed_retention: Duration::from_secs(24 * 3600),
+            suspend_after: Duration::from_secs(60),
             http_allow: Vec::new(),
             limits: Limits::default(),
             retry: RetryPolicy::default(),

@@ -1,25 +1,36 @@
 //! The host side of `cairn:runtime/context`: what a guest's calls do.
 //!
 //! Every journaled call takes the same path, [`DurableContext::durable`]:
-//! the command is matched against the journal (replay returns the journaled
-//! completion and executes nothing); a live command is executed, and the
-//! command, its completion and its effect on state are written together by
-//! the group-commit writer. Calls whose result escapes the invocation (a
-//! `run` step's result) wait for that commit before returning; the others
-//! are pipelined, which is safe because every later acknowledgement waits
-//! for a later commit. The replay rules are therefore data (the
-//! [`Command`] and its completion), not per-function code.
+//! the command is matched against the journal (a replay returns the
+//! journaled completion and executes nothing); a live command is executed
+//! by [`DurableContext::execute`], and the command, its completion and its
+//! effects (on state, timers, other invocations) are written together by the
+//! group-commit writer. Calls whose result escapes the invocation (a `run`
+//! step's result, a promise completion) wait for that commit before
+//! returning; the others are pipelined, which is safe because every later
+//! acknowledgement waits for a later commit.
+//!
+//! Pending operations (sleep, call, awakeable, promise) return a handle (the
+//! command index). Their completions arrive later through the invocation's
+//! [`Mailbox`]; `await` and `await-any` pick the completion that came first
+//! in journal order, so a replay picks the same one. A wait longer than
+//! `suspend_after` suspends the invocation: the guest is unwound, its
+//! instance dropped, and it is replayed when a completion arrives.
 
-use crate::commit::Committer;
+use crate::ids::{awakeable_id, InvocationId};
+use crate::invoker::{Invoker, NewInvocation};
 use crate::journal::{
-    Command, Completion, CompletionValue, Entry, Issued, Journal, JournalMismatch, Outcome,
+    CallTarget, Command, Completion, CompletionValue, Entry, Issued, Journal, JournalMismatch,
+    Outcome,
 };
-use crate::records::{HandlerKind, InvocationRecord};
+use crate::records::{Caller, HandlerKind, InvocationRecord, Target};
 use crate::runtime::bindings::cairn::runtime::{context, types as wit};
 use crate::runtime::GuestState;
-use crate::store::{Store, StoreResult, Tables};
+use crate::store::{StoreResult, Tables};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 use wasmtime::format_err;
 
 /// Why the host stopped a guest.
@@ -34,28 +45,50 @@ pub enum HostTrap {
     /// The guest used up its CPU budget.
     #[error("the guest ran out of its CPU budget")]
     CpuBudget,
+    /// The guest waited longer than `suspend_after`: drop the instance.
+    #[error("suspended while waiting")]
+    Suspend,
 }
 
 fn terminal(message: impl Into<String>) -> wasmtime::Error {
     wasmtime::Error::new(HostTrap::Terminal(message.into()))
 }
 
+/// Completions delivered to a live attempt, after their commit, in commit
+/// (so journal) order.
+#[derive(Default)]
+pub struct Mailbox {
+    arrived: Mutex<Vec<(u32, Completion)>>,
+    notify: Notify,
+}
+
+impl Mailbox {
+    /// Deliver a completion journaled at `entry`.
+    pub fn deliver(&self, entry: u32, completion: Completion) {
+        self.arrived.lock().unwrap().push((entry, completion));
+        self.notify.notify_one();
+    }
+
+    /// Whether anything arrived that the attempt has not taken.
+    pub fn has_mail(&self) -> bool {
+        !self.arrived.lock().unwrap().is_empty()
+    }
+
+    fn take(&self) -> Vec<(u32, Completion)> {
+        std::mem::take(&mut self.arrived.lock().unwrap())
+    }
+}
+
 /// Everything an attempt needs to answer the guest durably.
 pub struct DurableContext {
     record: Arc<InvocationRecord>,
     journal: Journal,
-    store: Arc<Store>,
-    committer: Committer,
+    invoker: Arc<Invoker>,
+    mailbox: Arc<Mailbox>,
     /// This attempt's own state writes, not necessarily committed yet.
     overlay: StateOverlay,
     /// The live `run` step between `run-enter` and `run-exit`, if any.
-    step: Option<OpenStep>,
-}
-
-struct OpenStep {
-    command: u32,
-    entry: u32,
-    name: String,
+    step: Option<(u32, String)>,
 }
 
 impl DurableContext {
@@ -63,14 +96,14 @@ impl DurableContext {
     pub fn new(
         record: Arc<InvocationRecord>,
         journal: Journal,
-        store: Arc<Store>,
-        committer: Committer,
+        invoker: Arc<Invoker>,
+        mailbox: Arc<Mailbox>,
     ) -> Self {
         DurableContext {
             record,
             journal,
-            store,
-            committer,
+            invoker,
+            mailbox,
             overlay: StateOverlay::default(),
             step: None,
         }
@@ -94,7 +127,7 @@ impl DurableContext {
         match &t.key {
             Some(key) => Ok((t.service.clone(), key.clone())),
             None => Err(terminal(format!(
-                "service {} is stateless: it has no state",
+                "service {} is stateless: it has no state or promises",
                 t.service
             ))),
         }
@@ -111,49 +144,225 @@ impl DurableContext {
     }
 
     /// The one path of every journaled call; see the module docs.
-    async fn durable(
-        &mut self,
-        command: Command,
-        live: impl FnOnce(&mut Self) -> StoreResult<Option<CompletionValue>>,
-    ) -> wasmtime::Result<Option<CompletionValue>> {
-        if let Some(step) = &self.step {
+    async fn durable(&mut self, command: Command) -> wasmtime::Result<Option<CompletionValue>> {
+        if let Some((_, name)) = &self.step {
             return Err(terminal(format!(
-                "{} was called inside run step {:?}; steps may not use the context",
-                command.signature(),
-                step.name
+                "{} was called inside run step {name:?}; steps may not use the context",
+                command.signature()
             )));
         }
-        let (index, entry) = match self.journal.issue(&command)? {
-            Issued::Replayed(completion) => return Ok(completion),
-            Issued::Live { command, entry } => (command, entry),
-        };
-        let completion = live(self)?;
-        let completion_entry = completion.as_ref().map(|_| self.journal.reserve());
-        self.overlay.apply(&command);
+        match self.journal.issue(&command)? {
+            Issued::Replayed(completion) => Ok(completion),
+            Issued::Live(index) => self.execute(index, command).await,
+        }
+    }
+
+    /// Execute a live command; returns its immediate completion, if any.
+    async fn execute(
+        &mut self,
+        index: u32,
+        command: Command,
+    ) -> wasmtime::Result<Option<CompletionValue>> {
         let id = self.record.id.clone();
         let (service, key) = (
             self.record.target.service.clone(),
-            self.record.target.key.clone(),
+            self.record.target.key.clone().unwrap_or_default(),
         );
-        let answer = completion.clone();
-        self.committer.append(move |t| {
-            if let Some(key) = &key {
+        let completion = match &command {
+            Command::GetState { name } => Some(CompletionValue::State(self.read_state(name)?)),
+            Command::GetStateKeys => Some(CompletionValue::StateKeys(self.read_state_names()?)),
+            Command::PeekPromise { name } => Some(CompletionValue::MaybeOutcome(
+                self.invoker.store().promise(&service, &key, name)?,
+            )),
+            Command::Now => Some(CompletionValue::Time(self.invoker.now_ms())),
+            Command::Send {
+                target,
+                input,
+                delay_ms,
+            } => match self.child(target, input, Some(Duration::from_millis(*delay_ms)), None) {
+                Ok(child) => {
+                    let sent = CompletionValue::Id(child.id.to_string());
+                    self.append_with(command, Some(sent.clone()), index, move |t, inv| {
+                        inv.create(t, child).map(|_| None)
+                    });
+                    return Ok(Some(sent));
+                }
+                Err(message) => Some(CompletionValue::Outcome(Outcome::Failure {
+                    code: 404,
+                    message,
+                })),
+            },
+            Command::Call {
+                target,
+                input,
+                callee,
+            } => {
+                let caller = Caller {
+                    id: id.clone(),
+                    command: index,
+                };
+                match self.child(target, input, None, Some(caller)) {
+                    Ok(mut child) => {
+                        child.id = callee
+                            .parse()
+                            .map_err(|e: String| format_err!("corrupt call command: {e}"))?;
+                        self.append_with(command, None, index, move |t, inv| {
+                            match inv.create(t, child)? {
+                                None => Ok(None),
+                                Some(existing) => {
+                                    let message =
+                                        format!("the workflow was already started by {existing}");
+                                    inv.complete_in(
+                                        t,
+                                        &id,
+                                        index,
+                                        CompletionValue::Outcome(Outcome::Failure {
+                                            code: 409,
+                                            message,
+                                        }),
+                                    )
+                                }
+                            }
+                        });
+                        return Ok(None);
+                    }
+                    Err(message) => Some(CompletionValue::Outcome(Outcome::Failure {
+                        code: 404,
+                        message,
+                    })),
+                }
+            }
+            Command::Sleep { wake_at_ms } => {
+                let at = *wake_at_ms;
+                self.append_with(command, None, index, move |t, inv| {
+                    t.put_timer(at, &id, index)?;
+                    Ok(inv.arm_timer_after_commit(at, id, index))
+                });
+                return Ok(None);
+            }
+            Command::Awakeable => {
+                self.append_with(command, None, index, move |t, _| {
+                    t.put_awakeable(&id, index)?;
+                    Ok(None)
+                });
+                return Ok(None);
+            }
+            Command::CompleteAwakeable {
+                id: target,
+                outcome,
+            } => {
+                let (target, outcome) = (target.clone(), outcome.clone());
+                self.append_with(command, None, index, move |t, inv| {
+                    inv.complete_awakeable_in(t, &target, outcome)
+                });
+                return Ok(None);
+            }
+            Command::GetPromise { name } => {
+                let name = name.clone();
+                self.append_with(command, None, index, move |t, inv| {
+                    match t.promise(&service, &key, &name)? {
+                        Some(outcome) => {
+                            inv.complete_in(t, &id, index, CompletionValue::Outcome(outcome))
+                        }
+                        None => t
+                            .put_promise_waiter(&service, &key, &name, &id, index)
+                            .map(|_| None),
+                    }
+                });
+                return Ok(None);
+            }
+            Command::CompletePromise { name, outcome } => {
+                let (name, outcome) = (name.clone(), outcome.clone());
+                let invoker = self.invoker.clone();
+                let value = self
+                    .invoker
+                    .committer()
+                    .commit(move |t| {
+                        t.append(&id, &Entry::Command(command))?;
+                        let (value, then) =
+                            invoker.complete_promise_in(t, &service, &key, &name, outcome)?;
+                        t.append(
+                            &id,
+                            &Entry::Completion(Completion {
+                                command: index,
+                                value: value.clone(),
+                            }),
+                        )?;
+                        Ok((value, then))
+                    })
+                    .await;
+                let (value, then) = value;
+                then();
+                return Ok(Some(value));
+            }
+            Command::SetState { .. } | Command::ClearState { .. } | Command::ClearAllState => None,
+            Command::Run { .. } => unreachable!("run steps are journaled by run-exit"),
+        };
+        self.overlay.apply(&command);
+        let effect_key = self.record.target.key.clone();
+        self.append_with(command.clone(), completion.clone(), index, move |t, _| {
+            if let Some(key) = &effect_key {
                 apply_effect(t, &service, key, &command)?;
             }
-            t.append(&id, entry, &Entry::Command(command))?;
-            if let (Some(at), Some(value)) = (completion_entry, answer) {
+            Ok(None)
+        });
+        Ok(completion)
+    }
+
+    /// Queue (pipelined) the command, its completion if any, and `effect`;
+    /// the continuation `effect` returns runs after the commit.
+    fn append_with(
+        &self,
+        command: Command,
+        completion: Option<CompletionValue>,
+        index: u32,
+        effect: impl FnOnce(
+                &mut Tables<'_>,
+                &Arc<Invoker>,
+            ) -> StoreResult<Option<crate::commit::Continuation>>
+            + Send
+            + 'static,
+    ) {
+        let id = self.record.id.clone();
+        let invoker = self.invoker.clone();
+        self.invoker.committer().submit(Box::new(move |t| {
+            t.append(&id, &Entry::Command(command))?;
+            if let Some(value) = completion {
                 t.append(
                     &id,
-                    at,
                     &Entry::Completion(Completion {
                         command: index,
                         value,
                     }),
                 )?;
             }
-            Ok(())
-        });
-        Ok(completion)
+            let then = effect(t, &invoker)?;
+            Ok(then.unwrap_or_else(|| Box::new(|| ())))
+        }));
+    }
+
+    /// A new invocation record for a call or send from this invocation.
+    fn child(
+        &self,
+        target: &CallTarget,
+        input: &[u8],
+        delay: Option<Duration>,
+        caller: Option<Caller>,
+    ) -> Result<InvocationRecord, String> {
+        self.invoker
+            .new_record(NewInvocation {
+                target: Target {
+                    service: target.service.clone(),
+                    handler: target.handler.clone(),
+                    key: target.key.clone(),
+                },
+                input: input.to_vec(),
+                headers: Vec::new(),
+                idempotency_key: None,
+                delay: delay.filter(|d| !d.is_zero()),
+                caller,
+            })
+            .map_err(|e| e.to_string())
     }
 
     fn read_state(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {
@@ -163,7 +372,7 @@ impl DurableContext {
         );
         match self.overlay.get(name) {
             Some(value) => Ok(value),
-            None => self.store.state(service, key, name),
+            None => self.invoker.store().state(service, key, name),
         }
     }
 
@@ -175,9 +384,44 @@ impl DurableContext {
         let stored = if self.overlay.cleared {
             Vec::new()
         } else {
-            self.store.state_names(service, key)?
+            self.invoker.store().state_names(service, key)?
         };
         Ok(self.overlay.names(stored))
+    }
+
+    /// Wait until one of `handles` completes; its position in `handles`.
+    async fn wait_any(&mut self, handles: &[u32]) -> wasmtime::Result<usize> {
+        if let Some(h) = handles.iter().find(|h| !self.journal.is_awaitable(**h)) {
+            return Err(terminal(format!(
+                "handle {h} is not a pending operation of this invocation"
+            )));
+        }
+        let deadline = Instant::now() + self.invoker.suspend_after();
+        loop {
+            for (entry, completion) in self.mailbox.take() {
+                self.journal.arrive(entry, completion);
+            }
+            if let Some(pos) = self.journal.first_completed(handles) {
+                return Ok(pos);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(left, self.mailbox.notify.notified())
+                .await
+                .is_err()
+                && !self.mailbox.has_mail()
+            {
+                return Err(wasmtime::Error::new(HostTrap::Suspend));
+            }
+        }
+    }
+
+    fn outcome_of(&self, handle: u32) -> wasmtime::Result<wit::Outcome> {
+        match self.journal.completion(handle).map(|a| &a.value) {
+            Some(CompletionValue::Outcome(o)) => Ok(to_wit(o.clone())),
+            other => Err(format_err!(
+                "corrupt journal: handle {handle} completed with {other:?}"
+            )),
+        }
     }
 }
 
@@ -192,7 +436,7 @@ fn apply_effect(
         Command::SetState { name, value } => t.set_state(service, key, name, value),
         Command::ClearState { name } => t.clear_state(service, key, name),
         Command::ClearAllState => t.clear_all_state(service, key),
-        Command::GetState { .. } | Command::GetStateKeys | Command::Run { .. } => Ok(()),
+        _ => Ok(()),
     }
 }
 
@@ -217,7 +461,7 @@ impl StateOverlay {
                 self.cleared = true;
                 self.values.clear();
             }
-            Command::GetState { .. } | Command::GetStateKeys | Command::Run { .. } => {}
+            _ => {}
         }
     }
 
@@ -243,15 +487,6 @@ impl StateOverlay {
     }
 }
 
-fn expect_state(c: Option<CompletionValue>) -> wasmtime::Result<Option<Vec<u8>>> {
-    match c {
-        Some(CompletionValue::State(v)) => Ok(v),
-        other => Err(format_err!(
-            "corrupt journal: expected a state value, found {other:?}"
-        )),
-    }
-}
-
 fn to_wit(outcome: Outcome) -> wit::Outcome {
     match outcome {
         Outcome::Success(bytes) => wit::Outcome::Success(bytes),
@@ -259,6 +494,28 @@ fn to_wit(outcome: Outcome) -> wit::Outcome {
             wit::Outcome::Failure(wit::TerminalError { code, message })
         }
     }
+}
+
+fn from_wit(outcome: wit::Outcome) -> Outcome {
+    match outcome {
+        wit::Outcome::Success(bytes) => Outcome::Success(bytes),
+        wit::Outcome::Failure(t) => Outcome::Failure {
+            code: t.code,
+            message: t.message,
+        },
+    }
+}
+
+fn call_target(t: context::CallTarget) -> CallTarget {
+    CallTarget {
+        service: t.service,
+        handler: t.handler,
+        key: t.key,
+    }
+}
+
+fn unexpected(what: &str, c: Option<CompletionValue>) -> wasmtime::Error {
+    format_err!("corrupt journal: expected {what}, found {c:?}")
 }
 
 impl wit::Host for GuestState {}
@@ -286,73 +543,51 @@ impl context::Host for GuestState {
     async fn state_get(&mut self, name: String) -> wasmtime::Result<Option<Vec<u8>>> {
         let d = self.durable()?;
         d.key()?;
-        let read = name.clone();
-        let c = d
-            .durable(Command::GetState { name }, move |d| {
-                Ok(Some(CompletionValue::State(d.read_state(&read)?)))
-            })
-            .await?;
-        expect_state(c)
+        match d.durable(Command::GetState { name }).await? {
+            Some(CompletionValue::State(v)) => Ok(v),
+            other => Err(unexpected("a state value", other)),
+        }
     }
 
     async fn state_set(&mut self, name: String, value: Vec<u8>) -> wasmtime::Result<()> {
         let d = self.durable()?;
         d.writable_key()?;
-        d.durable(Command::SetState { name, value }, |_| Ok(None))
-            .await?;
-        Ok(())
+        d.durable(Command::SetState { name, value }).await.map(drop)
     }
 
     async fn state_clear(&mut self, name: String) -> wasmtime::Result<()> {
         let d = self.durable()?;
         d.writable_key()?;
-        d.durable(Command::ClearState { name }, |_| Ok(None))
-            .await?;
-        Ok(())
+        d.durable(Command::ClearState { name }).await.map(drop)
     }
 
     async fn state_clear_all(&mut self) -> wasmtime::Result<()> {
         let d = self.durable()?;
         d.writable_key()?;
-        d.durable(Command::ClearAllState, |_| Ok(None)).await?;
-        Ok(())
+        d.durable(Command::ClearAllState).await.map(drop)
     }
 
     async fn state_keys(&mut self) -> wasmtime::Result<Vec<String>> {
         let d = self.durable()?;
         d.key()?;
-        match d
-            .durable(Command::GetStateKeys, |d| {
-                Ok(Some(CompletionValue::StateKeys(d.read_state_names()?)))
-            })
-            .await?
-        {
+        match d.durable(Command::GetStateKeys).await? {
             Some(CompletionValue::StateKeys(names)) => Ok(names),
-            other => Err(format_err!(
-                "corrupt journal: expected state names, found {other:?}"
-            )),
+            other => Err(unexpected("state names", other)),
         }
     }
 
     async fn run_enter(&mut self, name: String) -> wasmtime::Result<Option<wit::Outcome>> {
         let d = self.durable()?;
-        if let Some(open) = &d.step {
+        if let Some((_, open)) = &d.step {
             return Err(terminal(format!(
-                "run step {name:?} started inside run step {:?}",
-                open.name
+                "run step {name:?} started inside run step {open:?}"
             )));
         }
         match d.journal.issue(&Command::Run { name: name.clone() })? {
             Issued::Replayed(Some(CompletionValue::Outcome(outcome))) => Ok(Some(to_wit(outcome))),
-            Issued::Replayed(other) => Err(format_err!(
-                "corrupt journal: step {name:?} has completion {other:?}"
-            )),
-            Issued::Live { command, entry } => {
-                d.step = Some(OpenStep {
-                    command,
-                    entry,
-                    name,
-                });
+            Issued::Replayed(other) => Err(unexpected("a step result", other)),
+            Issued::Live(command) => {
+                d.step = Some((command, name));
                 self.set_in_step(true);
                 Ok(None)
             }
@@ -362,50 +597,147 @@ impl context::Host for GuestState {
     async fn run_exit(&mut self, step_outcome: wit::Outcome) -> wasmtime::Result<()> {
         self.set_in_step(false);
         let d = self.durable()?;
-        let step = d
+        let (command, name) = d
             .step
             .take()
             .ok_or_else(|| terminal("run-exit without a matching run-enter"))?;
-        let outcome = match step_outcome {
-            wit::Outcome::Success(bytes) => Outcome::Success(bytes),
-            wit::Outcome::Failure(t) => Outcome::Failure {
-                code: t.code,
-                message: t.message,
-            },
-        };
-        let completion_entry = d.journal.reserve();
+        let value = CompletionValue::Outcome(from_wit(step_outcome));
         let id = d.record.id.clone();
-        d.committer
+        d.invoker
+            .committer()
             .commit(move |t| {
-                t.append(
-                    &id,
-                    step.entry,
-                    &Entry::Command(Command::Run { name: step.name }),
-                )?;
-                let value = CompletionValue::Outcome(outcome);
-                t.append(
-                    &id,
-                    completion_entry,
-                    &Entry::Completion(Completion {
-                        command: step.command,
-                        value,
-                    }),
-                )
+                t.append(&id, &Entry::Command(Command::Run { name }))?;
+                t.append(&id, &Entry::Completion(Completion { command, value }))
             })
             .await;
         Ok(())
     }
 
+    async fn now(&mut self) -> wasmtime::Result<u64> {
+        match self.durable()?.durable(Command::Now).await? {
+            Some(CompletionValue::Time(ms)) => Ok(ms),
+            other => Err(unexpected("a time", other)),
+        }
+    }
+
+    async fn sleep(&mut self, millis: u64) -> wasmtime::Result<u32> {
+        let d = self.durable()?;
+        let wake_at_ms = d.invoker.now_ms().saturating_add(millis);
+        d.durable(Command::Sleep { wake_at_ms }).await?;
+        Ok(d.journal.issued() - 1)
+    }
+
+    async fn call(
+        &mut self,
+        target: context::CallTarget,
+        payload: Vec<u8>,
+    ) -> wasmtime::Result<u32> {
+        let d = self.durable()?;
+        let callee = InvocationId::generate().to_string();
+        d.durable(Command::Call {
+            target: call_target(target),
+            input: payload,
+            callee,
+        })
+        .await?;
+        Ok(d.journal.issued() - 1)
+    }
+
+    async fn send(
+        &mut self,
+        target: context::CallTarget,
+        payload: Vec<u8>,
+        delay_millis: u64,
+    ) -> wasmtime::Result<String> {
+        let d = self.durable()?;
+        let command = Command::Send {
+            target: call_target(target),
+            input: payload,
+            delay_ms: delay_millis,
+        };
+        match d.durable(command).await? {
+            Some(CompletionValue::Id(id)) => Ok(id),
+            Some(CompletionValue::Outcome(Outcome::Failure { message, .. })) => {
+                Err(terminal(message))
+            }
+            other => Err(unexpected("an invocation id", other)),
+        }
+    }
+
+    async fn awakeable(&mut self) -> wasmtime::Result<(String, u32)> {
+        let d = self.durable()?;
+        d.durable(Command::Awakeable).await?;
+        let handle = d.journal.issued() - 1;
+        Ok((awakeable_id(&d.record.id, handle), handle))
+    }
+
+    async fn complete_awakeable(
+        &mut self,
+        id: String,
+        completion: wit::Outcome,
+    ) -> wasmtime::Result<()> {
+        let d = self.durable()?;
+        d.durable(Command::CompleteAwakeable {
+            id,
+            outcome: from_wit(completion),
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn promise_get(&mut self, name: String) -> wasmtime::Result<u32> {
+        let d = self.durable()?;
+        d.key()?;
+        d.durable(Command::GetPromise { name }).await?;
+        Ok(d.journal.issued() - 1)
+    }
+
+    async fn promise_peek(&mut self, name: String) -> wasmtime::Result<Option<wit::Outcome>> {
+        let d = self.durable()?;
+        d.key()?;
+        match d.durable(Command::PeekPromise { name }).await? {
+            Some(CompletionValue::MaybeOutcome(o)) => Ok(o.map(to_wit)),
+            other => Err(unexpected("a promise peek", other)),
+        }
+    }
+
+    async fn promise_complete(
+        &mut self,
+        name: String,
+        completion: wit::Outcome,
+    ) -> wasmtime::Result<Result<(), wit::TerminalError>> {
+        let d = self.durable()?;
+        d.key()?;
+        match d
+            .durable(Command::CompletePromise {
+                name,
+                outcome: from_wit(completion),
+            })
+            .await?
+        {
+            Some(CompletionValue::Outcome(Outcome::Success(_))) => Ok(Ok(())),
+            Some(CompletionValue::Outcome(Outcome::Failure { code, message })) => {
+                Ok(Err(wit::TerminalError { code, message }))
+            }
+            other => Err(unexpected("a promise completion", other)),
+        }
+    }
+
     async fn await_(&mut self, pending: u32) -> wasmtime::Result<wit::Outcome> {
-        Err(terminal(format!(
-            "unknown handle {pending}: this host version issues no pending operations"
-        )))
+        let d = self.durable()?;
+        if d.step.is_some() {
+            return Err(terminal("await inside a run step"));
+        }
+        d.wait_any(&[pending]).await?;
+        d.outcome_of(pending)
     }
 
     async fn await_any(&mut self, pending: Vec<u32>) -> wasmtime::Result<u32> {
-        Err(terminal(format!(
-            "unknown handles {pending:?}: this host version issues no pending operations"
-        )))
+        let d = self.durable()?;
+        if pending.is_empty() || d.step.is_some() {
+            return Err(terminal("await-any needs handles, outside run steps"));
+        }
+        Ok(d.wait_any(&pending).await? as u32)
     }
 }
 

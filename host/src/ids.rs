@@ -75,6 +75,24 @@ impl DeploymentId {
     }
 }
 
+/// The id of an awakeable: the invocation and the index of its
+/// `awakeable` command, so resolving needs no lookup table.
+pub fn awakeable_id(invocation: &InvocationId, command: u32) -> String {
+    format!("awk_{}{command:08x}", &invocation.as_str()[4..])
+}
+
+/// Parse an awakeable id back into its invocation and command index.
+pub fn parse_awakeable_id(id: &str) -> Option<(InvocationId, u32)> {
+    let body = id.strip_prefix("awk_")?;
+    let split = body.len().checked_sub(8)?;
+    if !body.is_char_boundary(split) {
+        return None;
+    }
+    let (invocation, command) = body.split_at(split);
+    let command = u32::from_str_radix(command, 16).ok()?;
+    Some((format!("inv_{invocation}").parse().ok()?, command))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,6 +104,15 @@ mod tests {
         assert!("dp_abc".parse::<InvocationId>().is_err());
         assert!("inv_".parse::<InvocationId>().is_err());
         assert!("inv_a/b".parse::<InvocationId>().is_err());
+    }
+
+    #[test]
+    fn awakeable_ids_name_their_invocation_and_command() {
+        let inv = InvocationId::generate();
+        let id = awakeable_id(&inv, 7);
+        assert_eq!(parse_awakeable_id(&id), Some((inv, 7)));
+        assert_eq!(parse_awakeable_id("awk_zz"), None);
+        assert_eq!(parse_awakeable_id("inv_0123456789"), None);
     }
 
     #[test]

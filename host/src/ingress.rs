@@ -7,20 +7,22 @@
 //! | `.../send` (`?delay=10s` or `PT10S`) | enqueue: 202 `{"invocationId", "status": "Accepted"}` |
 //! | `GET /restate/invocation/{id}/attach`, `/restate/attach/{id}` | wait for and return the result |
 //! | `GET /restate/invocation/{id}/output`, `/restate/output/{id}` | the result, or 470 not ready |
+//! | `POST /restate/awakeables/{id}/resolve` (JSON), `.../reject` (text); also `/restate/a/{id}/...` | 202; 404 unknown; 409 already completed |
+//! | `GET /restate/workflow/{Name}/{id}/attach`, `.../output` | the workflow run's result |
 //!
 //! An `idempotency-key` header makes a request run once per target and key:
 //! a repeat returns the first invocation's result (or `"PreviouslyAccepted"`
 //! for `/send`). Nothing is answered before the invocation is durable.
 
 use crate::ids::InvocationId;
-use crate::invoker::{Invoker, NewInvocation, SubmitError};
+use crate::invoker::{ControlError, Invoker, NewInvocation, SubmitError};
 use crate::journal::Outcome;
 use crate::records::{ServiceKind, Target};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use std::collections::HashMap;
@@ -36,6 +38,9 @@ pub fn router(invoker: Arc<Invoker>, max_body_bytes: usize) -> Router {
         .route("/restate/invocation/{id}/{op}", get(invocation_op))
         .route("/restate/attach/{id}", get(attach))
         .route("/restate/output/{id}", get(output))
+        .route("/restate/awakeables/{id}/{op}", post(complete_awakeable))
+        .route("/restate/a/{id}/{op}", post(complete_awakeable))
+        .route("/restate/workflow/{name}/{id}/{op}", get(workflow_op))
         .fallback(call)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(invoker)
@@ -64,6 +69,16 @@ impl From<SubmitError> for ApiError {
             }
             SubmitError::WrongKeying(_) => StatusCode::BAD_REQUEST,
             SubmitError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        let status = match e {
+            ControlError::NotFound(_) => StatusCode::NOT_FOUND,
+            ControlError::Conflict(_) => StatusCode::CONFLICT,
         };
         ApiError(status, e.to_string())
     }
@@ -172,6 +187,7 @@ async fn call(
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
             delay,
+            caller: None,
         })
         .await?;
     if call.send {
@@ -241,6 +257,62 @@ async fn output(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     output_response(&invoker, &parse_id(&id)?)
+}
+
+async fn complete_awakeable(
+    State(invoker): State<Arc<Invoker>>,
+    Path((id, op)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let outcome = match op.as_str() {
+        "resolve" => Outcome::Success(json_body(&body)?),
+        "reject" => Outcome::Failure {
+            code: 500,
+            message: String::from_utf8_lossy(&body).into_owned(),
+        },
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no operation {op}"),
+            ))
+        }
+    };
+    invoker.complete_awakeable(&id, outcome).await?;
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+async fn workflow_op(
+    State(invoker): State<Arc<Invoker>>,
+    Path((name, id, op)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    let run = invoker.workflow_run(&name, &id)?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("workflow {name}/{id} not found"),
+        )
+    })?;
+    match op.as_str() {
+        "attach" => attach_response(&invoker, &run).await,
+        "output" => output_response(&invoker, &run),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no operation {op}"),
+        )),
+    }
+}
+
+/// A JSON request body (an empty body reads as `null`), or 400.
+fn json_body(body: &[u8]) -> Result<Vec<u8>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(b"null".to_vec());
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
+    Ok(body.to_vec())
 }
 
 async fn attach_response(invoker: &Invoker, id: &InvocationId) -> Result<Response, ApiError> {

@@ -1,39 +1,48 @@
 //! The invoker: creates invocations, orders them per key, runs their
-//! attempts, retries them, completes them and tells whoever waits.
+//! attempts, suspends and resumes them, delivers completions between them,
+//! retries, pauses, cancels, kills and completes them.
 //!
 //! Lifecycle of an invocation:
 //!
 //! ```text
-//! submit ──commit──▶ (delayed? wait) ──▶ key queue (exclusive only) ──▶ attempt
-//!                                                                       │
-//!            ┌── retryable error: backoff, replay ◀────────────────────┤
-//!            │                                                          │
-//!            └─────────────────────────────▶ completed (outcome stored) ┘
-//!                                              │ commit, then wake attach/HTTP waiters
+//! submit/call/send ──▶ (delayed? wait) ──▶ key queue (exclusive only) ──▶ attempt ◀─────────┐
+//!                                                                          │               │
+//!        retryable error: backoff, replay ◀──────────────────────────────┤               │
+//!        attempts exhausted, journal mismatch, operator: paused ◀───────────┤  resume ──────┤
+//!        waited longer than suspend_after: suspended ◀────────────────────┤  completion ──┘
+//!        output or terminal error: completed ◀─────────────────────────────┘
+//!          └─ commit, then wake attach/HTTP waiters and deliver to the caller
 //! ```
 //!
 //! Exclusive handlers of one key run one at a time in arrival (sequence)
-//! order; the queue is durable (`inbox` table) and rebuilt at start by
-//! [`Invoker::recover`]. Shared handlers and services run at once. Every
-//! attempt gets a fresh instance and replays the journal written so far.
+//! order, and a suspended or paused invocation keeps its key. The queue is
+//! durable (`inbox` table) and rebuilt at start by [`Invoker::recover`].
+//! Completions for other invocations (a call's result, a timer, an
+//! awakeable, a promise) are appended to their journal by the writer and
+//! delivered after the commit ([`Invoker::deliver`]): into the mailbox of a
+//! running attempt, or by resuming a suspended invocation.
 
 use crate::clock::SharedClock;
 use crate::commit::{Committer, Continuation};
 use crate::config::Config;
-use crate::context::DurableContext;
+use crate::context::{DurableContext, Mailbox};
 use crate::deployments::Registry;
-use crate::ids::InvocationId;
-use crate::journal::{Journal, Outcome};
-use crate::records::{InvocationRecord, ServiceKind, Status, Target};
+use crate::ids::{parse_awakeable_id, DeploymentId, InvocationId};
+use crate::journal::{Command, Completion, CompletionValue, Journal, Outcome};
+use crate::records::{Caller, HandlerKind, InvocationRecord, ServiceKind, Status, Target};
 use crate::runtime::{AttemptEnd, Runtime};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoreResult, Tables};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{oneshot, Semaphore};
 
+/// The idempotency key under which a workflow's run is registered: one run
+/// per workflow id.
+const WORKFLOW_RUN: &str = "workflow-run";
+
 /// A request to invoke a handler.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NewInvocation {
     /// What to invoke.
     pub target: Target,
@@ -45,6 +54,8 @@ pub struct NewInvocation {
     pub idempotency_key: Option<String>,
     /// Start no earlier than this long from now.
     pub delay: Option<Duration>,
+    /// The invocation waiting for the result, for calls between handlers.
+    pub caller: Option<Caller>,
 }
 
 /// The answer to a submission.
@@ -52,7 +63,8 @@ pub struct NewInvocation {
 pub struct Submitted {
     /// The invocation's id.
     pub id: InvocationId,
-    /// `true` when an idempotency key matched an earlier invocation.
+    /// `true` when an idempotency key (or a workflow id) matched an earlier
+    /// invocation.
     pub existing: bool,
 }
 
@@ -73,6 +85,17 @@ pub enum SubmitError {
     Store(#[from] StoreError),
 }
 
+/// An operator action or an awakeable completion was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ControlError {
+    /// No such invocation or awakeable.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The target is not in a state that allows this.
+    #[error("{0}")]
+    Conflict(String),
+}
+
 /// Where a not-yet-completed invocation is, as the host knows in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LiveStatus {
@@ -84,6 +107,14 @@ pub enum LiveStatus {
     Running,
     /// Waiting to retry.
     BackingOff,
+    /// Waiting for a completion, without an instance.
+    Suspended,
+}
+
+struct Live {
+    status: LiveStatus,
+    mailbox: Option<Arc<Mailbox>>,
+    task: Option<tokio::task::AbortHandle>,
 }
 
 #[derive(Default)]
@@ -103,9 +134,11 @@ pub struct Invoker {
     tokio: tokio::runtime::Handle,
     instances: Semaphore,
     keys: Mutex<HashMap<(String, String), KeyQueue>>,
-    live: Mutex<HashMap<InvocationId, LiveStatus>>,
+    live: Mutex<HashMap<InvocationId, Live>>,
     watchers: Mutex<HashMap<InvocationId, Vec<oneshot::Sender<Outcome>>>>,
 }
+
+type Deliveries = Vec<(InvocationId, u32, Completion)>;
 
 impl Invoker {
     /// An invoker over the given parts; call [`Invoker::recover`] next.
@@ -137,6 +170,11 @@ impl Invoker {
         &self.store
     }
 
+    /// The group-commit writer.
+    pub fn committer(&self) -> &Committer {
+        &self.committer
+    }
+
     /// The service registry.
     pub fn registry(&self) -> &Registry {
         &self.registry
@@ -147,25 +185,36 @@ impl Invoker {
         self.clock.now_ms()
     }
 
-    /// Resume every unfinished invocation, in arrival order; start the
-    /// retention cleaner.
+    /// How long an attempt waits before it suspends.
+    pub fn suspend_after(&self) -> Duration {
+        self.config.suspend_after
+    }
+
+    /// Resume every unfinished invocation in arrival order, re-arm the
+    /// timers, and start the retention cleaner.
     pub fn recover(self: &Arc<Self>) -> Result<usize, StoreError> {
-        let unfinished = self.store.unfinished()?;
-        let count = unfinished
-            .iter()
-            .filter(|r| r.status == Status::Ready)
-            .count();
-        for record in unfinished.into_iter().filter(|r| r.status == Status::Ready) {
-            self.schedule(Arc::new(record));
+        let mut resumed = 0;
+        for record in self.store.unfinished()? {
+            match record.status {
+                Status::Ready => {
+                    resumed += 1;
+                    self.schedule(Arc::new(record));
+                }
+                Status::Paused => self.hold_key(&record),
+                Status::Completed => {}
+            }
+        }
+        for (at, id, command) in self.store.timers()? {
+            self.arm_timer(at, id, command);
         }
         let me = self.clone();
         self.tokio.spawn(async move { me.clean_expired().await });
-        Ok(count)
+        Ok(resumed)
     }
 
     /// Create an invocation (or find the one its idempotency key names).
     /// Returns once the invocation is durable; its first attempt may start
-    /// before that (see the comment inside).
+    /// before that (see [`Invoker::create`]).
     pub async fn submit(
         self: &Arc<Self>,
         request: NewInvocation,
@@ -174,32 +223,51 @@ impl Invoker {
         let (tx, rx) = oneshot::channel();
         let me = self.clone();
         self.committer.submit(Box::new(move |t| {
-            let target = record.target.to_string();
-            if let Some(key) = &record.idempotency_key {
-                if let Some(id) = t.idempotent(&target, key)? {
-                    return Ok(answer(tx, Submitted { id, existing: true }));
-                }
-            }
-            let mut record = record;
-            record.seq = t.next_seq()?;
-            t.put_invocation(&record)?;
-            if let Some(key) = &record.idempotency_key {
-                t.put_idempotent(&target, key, &record.id)?;
-            }
-            let submitted = Submitted {
-                id: record.id.clone(),
-                existing: false,
+            let id = record.id.clone();
+            let submitted = match me.create(t, record)? {
+                Some(existing) => Submitted {
+                    id: existing,
+                    existing: true,
+                },
+                None => Submitted {
+                    id,
+                    existing: false,
+                },
             };
-            // Routed now, in sequence order, without waiting for the commit:
-            // everything the attempt writes queues behind this transaction,
-            // and nothing it produces is acknowledged before a later commit.
-            me.schedule(Arc::new(record));
-            Ok(answer(tx, submitted))
+            Ok(Box::new(move || {
+                let _ = tx.send(submitted);
+            }) as Continuation)
         }));
         Ok(rx.await.expect("the commit writer answers every job"))
     }
 
-    fn new_record(&self, request: NewInvocation) -> Result<InvocationRecord, SubmitError> {
+    /// Store a new invocation inside a write transaction and route it; or,
+    /// if its idempotency key is taken, return the invocation that has it.
+    ///
+    /// The invocation is routed at once, in sequence order, without waiting
+    /// for the commit: everything its attempt writes queues behind this
+    /// transaction, and nothing it produces is acknowledged before a later
+    /// commit.
+    pub fn create(
+        self: &Arc<Self>,
+        t: &mut Tables<'_>,
+        mut record: InvocationRecord,
+    ) -> StoreResult<Option<InvocationId>> {
+        let target = record.target.to_string();
+        if let Some(key) = &record.idempotency_key {
+            if let Some(existing) = t.idempotent(&target, key)? {
+                return Ok(Some(existing));
+            }
+            t.put_idempotent(&target, key, &record.id)?;
+        }
+        record.seq = t.next_seq()?;
+        t.put_invocation(&record)?;
+        self.schedule(Arc::new(record));
+        Ok(None)
+    }
+
+    /// A new invocation record, with its target resolved.
+    pub fn new_record(&self, request: NewInvocation) -> Result<InvocationRecord, SubmitError> {
         let target = request.target;
         let (service, deployment) = self
             .registry
@@ -223,6 +291,10 @@ impl Invoker {
             }
             _ => {}
         }
+        let idempotency_key = match handler.kind {
+            HandlerKind::Workflow => Some(WORKFLOW_RUN.to_string()),
+            _ => request.idempotency_key,
+        };
         let now = self.clock.now_ms();
         Ok(InvocationRecord {
             id: InvocationId::generate(),
@@ -231,7 +303,7 @@ impl Invoker {
             deployment,
             input: request.input,
             headers: request.headers,
-            idempotency_key: request.idempotency_key,
+            idempotency_key,
             seq: 0,
             created_ms: now,
             start_at_ms: request.delay.map(|d| now + d.as_millis() as u64),
@@ -240,7 +312,33 @@ impl Invoker {
             last_error: None,
             outcome: None,
             completed_ms: None,
+            caller: request.caller,
+            cancelled: false,
         })
+    }
+
+    /// The run invocation of a workflow id, if it was started.
+    pub fn workflow_run(
+        &self,
+        workflow: &str,
+        id: &str,
+    ) -> Result<Option<InvocationId>, StoreError> {
+        let Some((service, _)) = self.registry.service(workflow) else {
+            return Ok(None);
+        };
+        let Some(run) = service
+            .handlers
+            .iter()
+            .find(|h| h.kind == HandlerKind::Workflow)
+        else {
+            return Ok(None);
+        };
+        let target = Target {
+            service: workflow.into(),
+            handler: run.name.clone(),
+            key: Some(id.into()),
+        };
+        self.store.idempotent(&target.to_string(), WORKFLOW_RUN)
     }
 
     /// Wait for an invocation's outcome. `None` if the host does not know it.
@@ -261,15 +359,78 @@ impl Invoker {
 
     /// The in-memory status of an unfinished invocation, if it has one.
     pub fn live_status(&self, id: &InvocationId) -> Option<LiveStatus> {
-        self.live.lock().unwrap().get(id).copied()
+        self.live.lock().unwrap().get(id).map(|l| l.status)
     }
 
-    fn set_live(&self, id: &InvocationId, status: Option<LiveStatus>) {
+    fn set_status(&self, id: &InvocationId, status: LiveStatus) {
         let mut live = self.live.lock().unwrap();
-        match status {
-            Some(s) => live.insert(id.clone(), s),
-            None => live.remove(id),
+        let entry = live.entry(id.clone()).or_insert(Live {
+            status,
+            mailbox: None,
+            task: None,
+        });
+        entry.status = status;
+        if status != LiveStatus::Running {
+            entry.mailbox = None;
+        }
+    }
+
+    /// Deliver a committed completion to invocation `id`: into the mailbox
+    /// of its running attempt, or by resuming it if it is suspended.
+    pub fn deliver(self: &Arc<Self>, id: &InvocationId, entry: u32, completion: Completion) {
+        let resume = {
+            let mut live = self.live.lock().unwrap();
+            match live.get_mut(id) {
+                Some(Live {
+                    status: LiveStatus::Running,
+                    mailbox: Some(mailbox),
+                    ..
+                }) => {
+                    mailbox.deliver(entry, completion);
+                    false
+                }
+                Some(l) if l.status == LiveStatus::Suspended => {
+                    l.status = LiveStatus::Running;
+                    true
+                }
+                _ => false,
+            }
         };
+        if resume {
+            self.resume_stored(id);
+        }
+    }
+
+    /// Start an attempt of a suspended or paused invocation from its stored record.
+    fn resume_stored(self: &Arc<Self>, id: &InvocationId) {
+        match self.store.invocation(id) {
+            Ok(Some(record)) => self.start(Arc::new(record)),
+            Ok(None) => tracing::warn!(invocation = %id, "cannot resume: not found"),
+            Err(e) => tracing::error!(invocation = %id, "cannot resume: {e}"),
+        }
+    }
+
+    fn deliver_all(self: &Arc<Self>, deliveries: Deliveries) {
+        for (id, entry, completion) in deliveries {
+            self.deliver(&id, entry, completion);
+        }
+    }
+
+    /// Append the completion of `command` of `id` (unless it has one) and
+    /// return the continuation that delivers it.
+    pub fn complete_in(
+        self: &Arc<Self>,
+        t: &mut Tables<'_>,
+        id: &InvocationId,
+        command: u32,
+        value: CompletionValue,
+    ) -> StoreResult<Option<Continuation>> {
+        let completion = Completion { command, value };
+        let Some(entry) = t.complete_command(id, completion.clone())? else {
+            return Ok(None);
+        };
+        let (me, id) = (self.clone(), id.clone());
+        Ok(Some(Box::new(move || me.deliver(&id, entry, completion))))
     }
 
     /// Route a durable, unfinished invocation: wait for its start time,
@@ -281,7 +442,7 @@ impl Invoker {
             .filter(|&ms| ms > 0);
         match wait {
             Some(ms) => {
-                self.set_live(&record.id, Some(LiveStatus::Scheduled));
+                self.set_status(&record.id, LiveStatus::Scheduled);
                 let me = self.clone();
                 self.tokio.spawn(async move {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -299,13 +460,23 @@ impl Invoker {
                 .entry((record.target.service.clone(), key.clone()))
                 .or_default();
             if queue.busy {
-                self.set_live(&record.id, Some(LiveStatus::Pending));
+                self.set_status(&record.id, LiveStatus::Pending);
                 queue.waiting.insert(record.seq, record);
                 return;
             }
             queue.busy = true;
         }
         self.start(record);
+    }
+
+    /// A paused exclusive invocation keeps its key across restarts.
+    fn hold_key(&self, record: &InvocationRecord) {
+        if let (true, Some(key)) = (record.is_exclusive(), &record.target.key) {
+            let mut keys = self.keys.lock().unwrap();
+            keys.entry((record.target.service.clone(), key.clone()))
+                .or_default()
+                .busy = true;
+        }
     }
 
     /// The invocation holding `key` finished: start the next one.
@@ -315,9 +486,9 @@ impl Invoker {
         };
         let slot = (record.target.service.clone(), key.clone());
         let mut keys = self.keys.lock().unwrap();
-        let queue = keys
-            .get_mut(&slot)
-            .expect("a running invocation holds its key");
+        let Some(queue) = keys.get_mut(&slot) else {
+            return;
+        };
         match queue.waiting.pop_first() {
             Some((_, next)) => self.start(next),
             None => {
@@ -327,19 +498,58 @@ impl Invoker {
     }
 
     fn start(self: &Arc<Self>, record: Arc<InvocationRecord>) {
-        self.set_live(&record.id, Some(LiveStatus::Running));
+        self.set_status(&record.id, LiveStatus::Running);
         let me = self.clone();
-        self.tokio.spawn(async move { me.run(record).await });
+        let id = record.id.clone();
+        let task = self.tokio.spawn(async move { me.run(record).await });
+        if let Some(live) = self.live.lock().unwrap().get_mut(&id) {
+            live.task = Some(task.abort_handle());
+        }
     }
 
-    /// Attempts until the invocation completes or stops.
+    /// Attempts until the invocation completes, pauses or suspends.
     async fn run(self: Arc<Self>, record: Arc<InvocationRecord>) {
         let policy = &self.config.retry;
         let mut attempts = record.attempts;
         loop {
+            let mailbox = Arc::new(Mailbox::default());
+            {
+                let mut live = self.live.lock().unwrap();
+                let entry = live.entry(record.id.clone()).or_insert(Live {
+                    status: LiveStatus::Running,
+                    mailbox: None,
+                    task: None,
+                });
+                entry.status = LiveStatus::Running;
+                entry.mailbox = Some(mailbox.clone());
+            }
+            let current = self
+                .store
+                .invocation(&record.id)
+                .ok()
+                .flatten()
+                .map(Arc::new)
+                .unwrap_or_else(|| record.clone());
+            let journal = match self.store.journal(&record.id) {
+                Ok(entries) => entries,
+                Err(e) => {
+                    tracing::error!(invocation = %record.id, "cannot read the journal: {e}");
+                    return self
+                        .pause(&record, attempts, format!("cannot read the journal: {e}"))
+                        .await;
+                }
+            };
+            if current.cancelled && journal.is_empty() {
+                let cancelled = Outcome::Failure {
+                    code: 409,
+                    message: "cancelled".into(),
+                };
+                return self.complete(&record, attempts, cancelled, None).await;
+            }
             attempts += 1;
-            self.set_live(&record.id, Some(LiveStatus::Running));
-            let end = self.attempt(&record).await;
+            let end = self
+                .attempt(current, Journal::from_entries(journal), mailbox.clone())
+                .await;
             let error = match end {
                 AttemptEnd::Success(output) => {
                     return self
@@ -351,46 +561,58 @@ impl Invoker {
                         .complete(&record, attempts, Outcome::Failure { code, message }, None)
                         .await
                 }
-                AttemptEnd::Stopped(reason) => return self.stop(&record, attempts, reason).await,
+                AttemptEnd::Stopped(reason) => return self.pause(&record, attempts, reason).await,
+                AttemptEnd::Suspended => {
+                    attempts -= 1;
+                    if self.suspend(&record.id, &mailbox) {
+                        return;
+                    }
+                    continue;
+                }
                 AttemptEnd::Retryable(reason) => reason,
             };
             tracing::warn!(invocation = %record.id, attempt = attempts, "attempt failed: {error}");
             if attempts >= policy.max_attempts {
-                let message = format!("gave up after {attempts} attempts; last error: {error}");
-                return self
-                    .complete(
-                        &record,
-                        attempts,
-                        Outcome::Failure { code: 500, message },
-                        Some(error),
-                    )
-                    .await;
+                let reason = format!("paused after {attempts} attempts; last error: {error}");
+                return self.pause(&record, attempts, reason).await;
             }
             self.note_failure(&record, attempts, error);
-            self.set_live(&record.id, Some(LiveStatus::BackingOff));
+            self.set_status(&record.id, LiveStatus::BackingOff);
             tokio::time::sleep(policy.delay_before(attempts + 1)).await;
         }
     }
 
-    async fn attempt(&self, record: &Arc<InvocationRecord>) -> AttemptEnd {
+    /// Mark an invocation suspended unless a completion arrived meanwhile
+    /// (then the caller starts another attempt at once).
+    fn suspend(&self, id: &InvocationId, mailbox: &Mailbox) -> bool {
+        let mut live = self.live.lock().unwrap();
+        if mailbox.has_mail() {
+            return false;
+        }
+        if let Some(l) = live.get_mut(id) {
+            l.status = LiveStatus::Suspended;
+            l.mailbox = None;
+            l.task = None;
+        }
+        tracing::debug!(invocation = %id, "suspended");
+        true
+    }
+
+    async fn attempt(
+        self: &Arc<Self>,
+        record: Arc<InvocationRecord>,
+        journal: Journal,
+        mailbox: Arc<Mailbox>,
+    ) -> AttemptEnd {
         let Some(deployment) = self.registry.deployment(&record.deployment) else {
             return AttemptEnd::Stopped(format!("deployment {} is not loaded", record.deployment));
-        };
-        let journal = match self.store.journal(&record.id) {
-            Ok(entries) => Journal::from_entries(entries),
-            Err(e) => return AttemptEnd::Retryable(format!("cannot read the journal: {e}")),
         };
         let _slot = self
             .instances
             .acquire()
             .await
             .expect("the semaphore is never closed");
-        let durable = DurableContext::new(
-            record.clone(),
-            journal,
-            self.store.clone(),
-            self.committer.clone(),
-        );
+        let durable = DurableContext::new(record, journal, self.clone(), mailbox);
         self.runtime.invoke(&deployment.module, durable).await
     }
 
@@ -408,68 +630,418 @@ impl Invoker {
         });
     }
 
-    async fn complete(
+    /// Store the outcome of `id` (unless it is already completed); returns
+    /// what to do after the commit.
+    fn finish_in(
         self: &Arc<Self>,
-        record: &Arc<InvocationRecord>,
-        attempts: u32,
+        t: &mut Tables<'_>,
+        id: &InvocationId,
+        attempts: Option<u32>,
         outcome: Outcome,
-        error: Option<String>,
-    ) {
+    ) -> StoreResult<Option<Continuation>> {
+        let Some(mut r) = t.invocation(id)? else {
+            return Ok(None);
+        };
+        if r.status == Status::Completed {
+            return Ok(None);
+        }
         let now = self.clock.now_ms();
-        let retention = if record.idempotency_key.is_some() {
+        r.status = Status::Completed;
+        r.attempts = attempts.unwrap_or(r.attempts);
+        r.outcome = Some(outcome.clone());
+        r.completed_ms = Some(now);
+        t.put_invocation(&r)?;
+        let retention = if r.idempotency_key.is_some() {
             self.config
                 .idempotency_retention
                 .max(self.config.completed_retention)
         } else {
             self.config.completed_retention
         };
+        t.expire_at(now + retention.as_millis() as u64, id)?;
+        let to_caller = match &r.caller {
+            Some(c) => self.complete_in(
+                t,
+                &c.id,
+                c.command,
+                CompletionValue::Outcome(outcome.clone()),
+            )?,
+            None => None,
+        };
+        let me = self.clone();
+        Ok(Some(Box::new(move || {
+            let task = me.live.lock().unwrap().remove(&r.id).and_then(|l| l.task);
+            me.release(&r);
+            let waiting = me
+                .watchers
+                .lock()
+                .unwrap()
+                .remove(&r.id)
+                .unwrap_or_default();
+            for w in waiting {
+                let _ = w.send(outcome.clone());
+            }
+            if let Some(deliver) = to_caller {
+                deliver();
+            }
+            drop(task);
+        })))
+    }
+
+    async fn complete(
+        self: &Arc<Self>,
+        record: &InvocationRecord,
+        attempts: u32,
+        outcome: Outcome,
+        error: Option<String>,
+    ) {
+        let me = self.clone();
         let id = record.id.clone();
-        let final_outcome = outcome.clone();
-        self.committer
+        let then = self
+            .committer
             .commit(move |t| {
-                let mut r = t
-                    .invocation(&id)?
-                    .expect("an invocation exists until it expires");
-                r.status = Status::Completed;
-                r.attempts = attempts;
-                r.outcome = Some(final_outcome);
-                r.completed_ms = Some(now);
-                if error.is_some() {
-                    r.last_error = error;
+                if let (Some(error), Some(mut r)) = (error, t.invocation(&id)?) {
+                    r.last_error = Some(error);
+                    t.put_invocation(&r)?;
                 }
-                t.put_invocation(&r)?;
-                t.expire_at(now + retention.as_millis() as u64, &id)
+                me.finish_in(t, &id, Some(attempts), outcome)
             })
             .await;
-        self.set_live(&record.id, None);
-        self.release(record);
-        let waiting = self
-            .watchers
-            .lock()
-            .unwrap()
-            .remove(&record.id)
-            .unwrap_or_default();
-        for w in waiting {
-            let _ = w.send(outcome.clone());
+        if let Some(then) = then {
+            then();
         }
     }
 
-    async fn stop(self: &Arc<Self>, record: &Arc<InvocationRecord>, attempts: u32, reason: String) {
-        tracing::error!(invocation = %record.id, "stopped: {reason}");
+    async fn pause(self: &Arc<Self>, record: &InvocationRecord, attempts: u32, reason: String) {
+        tracing::error!(invocation = %record.id, "paused: {reason}");
         let id = record.id.clone();
         self.committer
             .commit(move |t| {
-                let mut r = t
-                    .invocation(&id)?
-                    .expect("an invocation exists until it expires");
-                r.status = Status::Paused;
-                r.attempts = attempts;
-                r.last_error = Some(reason);
-                t.put_invocation(&r)
+                if let Some(mut r) = t.invocation(&id)? {
+                    if r.status == Status::Ready {
+                        r.status = Status::Paused;
+                        r.attempts = attempts;
+                        r.last_error = Some(reason);
+                        t.put_invocation(&r)?;
+                    }
+                }
+                Ok(())
             })
             .await;
-        self.set_live(&record.id, None);
-        self.release(record);
+        self.live.lock().unwrap().remove(&record.id);
+    }
+
+    // ----- operator actions -----
+
+    /// Resume a paused invocation: a new attempt replays its journal, on
+    /// `deployment` if given (to move it to a fixed version of its code).
+    pub async fn resume(
+        self: &Arc<Self>,
+        id: &InvocationId,
+        deployment: Option<DeploymentId>,
+    ) -> Result<(), ControlError> {
+        if let Some(d) = &deployment {
+            let loaded = self
+                .registry
+                .deployment(d)
+                .ok_or_else(|| ControlError::NotFound(format!("deployment {d}")))?;
+            let record = self
+                .store
+                .invocation(id)
+                .ok()
+                .flatten()
+                .ok_or_else(|| ControlError::NotFound(format!("invocation {id}")))?;
+            if !loaded
+                .record
+                .services
+                .iter()
+                .any(|s| s.name == record.target.service)
+            {
+                return Err(ControlError::Conflict(format!(
+                    "deployment {d} has no service {}",
+                    record.target.service
+                )));
+            }
+        }
+        let id2 = id.clone();
+        let resumed = self
+            .committer
+            .commit(move |t| {
+                let Some(mut r) = t.invocation(&id2)? else {
+                    return Ok(Err(ControlError::NotFound(format!("invocation {id2}"))));
+                };
+                if r.status != Status::Paused {
+                    return Ok(Err(ControlError::Conflict(format!(
+                        "invocation {id2} is not paused"
+                    ))));
+                }
+                r.status = Status::Ready;
+                r.attempts = 0;
+                if let Some(d) = deployment {
+                    r.deployment = d;
+                }
+                t.put_invocation(&r)?;
+                Ok(Ok(r))
+            })
+            .await?;
+        self.start(Arc::new(resumed));
+        Ok(())
+    }
+
+    /// Pause an invocation now: its running attempt is stopped; it keeps
+    /// its journal (and its key) until resumed.
+    pub async fn pause_now(self: &Arc<Self>, id: &InvocationId) -> Result<(), ControlError> {
+        let id2 = id.clone();
+        self.committer
+            .commit(move |t| {
+                let Some(mut r) = t.invocation(&id2)? else {
+                    return Ok(Err(ControlError::NotFound(format!("invocation {id2}"))));
+                };
+                if r.status != Status::Ready {
+                    return Ok(Err(ControlError::Conflict(format!(
+                        "invocation {id2} is not running or waiting"
+                    ))));
+                }
+                r.status = Status::Paused;
+                r.last_error = Some("paused by an operator".into());
+                t.put_invocation(&r)?;
+                Ok(Ok(()))
+            })
+            .await?;
+        if let Some(task) = self.live.lock().unwrap().remove(id).and_then(|l| l.task) {
+            task.abort();
+        }
+        Ok(())
+    }
+
+    /// Kill: complete at once with a terminal "killed" failure (delivered
+    /// to its caller); no compensation runs.
+    pub async fn kill(self: &Arc<Self>, id: &InvocationId) -> Result<(), ControlError> {
+        let me = self.clone();
+        let id2 = id.clone();
+        let then = self
+            .committer
+            .commit(move |t| {
+                let message = Outcome::Failure {
+                    code: 409,
+                    message: "killed".into(),
+                };
+                match me.finish_in(t, &id2, None, message)? {
+                    Some(then) => Ok(Ok(then)),
+                    None if t.invocation(&id2)?.is_none() => {
+                        Ok(Err(ControlError::NotFound(format!("invocation {id2}"))))
+                    }
+                    None => Ok(Err(ControlError::Conflict(format!(
+                        "invocation {id2} already completed"
+                    )))),
+                }
+            })
+            .await?;
+        if let Some(task) = self
+            .live
+            .lock()
+            .unwrap()
+            .get(id)
+            .and_then(|l| l.task.clone())
+        {
+            task.abort();
+        }
+        then();
+        Ok(())
+    }
+
+    /// Cancel cooperatively: every operation the invocation (and, through
+    /// its calls, its callees) is waiting on completes with a terminal
+    /// "cancelled" failure, so the handler can compensate; an invocation
+    /// that has not started yet completes as cancelled.
+    pub async fn cancel(self: &Arc<Self>, id: &InvocationId) -> Result<(), ControlError> {
+        let me = self.clone();
+        let id2 = id.clone();
+        let deliveries = self
+            .committer
+            .commit(move |t| {
+                match t.invocation(&id2)? {
+                    None => return Ok(Err(ControlError::NotFound(format!("invocation {id2}")))),
+                    Some(r) if r.status == Status::Completed => {
+                        return Ok(Err(ControlError::Conflict(format!(
+                            "invocation {id2} already completed"
+                        ))))
+                    }
+                    Some(_) => {}
+                }
+                let mut deliveries = Vec::new();
+                me.cancel_in(t, &id2, &mut deliveries)?;
+                Ok(Ok(deliveries))
+            })
+            .await?;
+        self.deliver_all(deliveries);
+        Ok(())
+    }
+
+    fn cancel_in(
+        self: &Arc<Self>,
+        t: &mut Tables<'_>,
+        id: &InvocationId,
+        out: &mut Deliveries,
+    ) -> StoreResult<()> {
+        let Some(mut r) = t.invocation(id)? else {
+            return Ok(());
+        };
+        if r.status == Status::Completed || r.cancelled {
+            return Ok(());
+        }
+        r.cancelled = true;
+        t.put_invocation(&r)?;
+        let journal = Journal::from_entries(t.journal(id)?);
+        for (index, command) in journal.commands() {
+            if !command.is_pending() || journal.completion(index).is_some() {
+                continue;
+            }
+            match command {
+                Command::Awakeable => {
+                    t.take_awakeable(id, index)?;
+                }
+                Command::Call { callee, .. } => {
+                    if let Ok(callee) = callee.parse() {
+                        self.cancel_in(t, &callee, out)?;
+                    }
+                }
+                _ => {}
+            }
+            let completion = Completion {
+                command: index,
+                value: CompletionValue::Outcome(Outcome::Failure {
+                    code: 409,
+                    message: "cancelled".into(),
+                }),
+            };
+            if let Some(entry) = t.complete_command(id, completion.clone())? {
+                out.push((id.clone(), entry, completion));
+            }
+        }
+        Ok(())
+    }
+
+    // ----- timers, awakeables, promises -----
+
+    /// Arm a stored timer: fire it at `at_ms` (at once if it is past due).
+    pub fn arm_timer(self: &Arc<Self>, at_ms: u64, id: InvocationId, command: u32) {
+        let me = self.clone();
+        let wait = at_ms.saturating_sub(self.clock.now_ms());
+        self.tokio.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            let fire = me.clone();
+            let then = me
+                .committer
+                .commit(move |t| {
+                    if !t.take_timer(at_ms, &id, command)? {
+                        return Ok(None);
+                    }
+                    fire.complete_in(
+                        t,
+                        &id,
+                        command,
+                        CompletionValue::Outcome(Outcome::Success(b"null".to_vec())),
+                    )
+                })
+                .await;
+            if let Some(then) = then {
+                then();
+            }
+        });
+    }
+
+    /// The continuation that arms a timer once its command is durable.
+    pub fn arm_timer_after_commit(
+        self: &Arc<Self>,
+        at_ms: u64,
+        id: InvocationId,
+        command: u32,
+    ) -> Option<Continuation> {
+        let me = self.clone();
+        Some(Box::new(move || me.arm_timer(at_ms, id, command)))
+    }
+
+    /// Complete an awakeable inside a write transaction.
+    fn try_complete_awakeable(
+        self: &Arc<Self>,
+        t: &mut Tables<'_>,
+        awakeable: &str,
+        outcome: Outcome,
+    ) -> StoreResult<Result<Continuation, ControlError>> {
+        let unknown = || ControlError::NotFound(format!("awakeable {awakeable}"));
+        let Some((id, command)) = parse_awakeable_id(awakeable) else {
+            return Ok(Err(unknown()));
+        };
+        if !t.take_awakeable(&id, command)? {
+            return Ok(Err(match t.invocation(&id)? {
+                Some(_) => {
+                    ControlError::Conflict(format!("awakeable {awakeable} was already completed"))
+                }
+                None => unknown(),
+            }));
+        }
+        Ok(self
+            .complete_in(t, &id, command, CompletionValue::Outcome(outcome))?
+            .ok_or_else(unknown))
+    }
+
+    /// Complete an awakeable from a handler (unknown or completed: nothing happens).
+    pub fn complete_awakeable_in(
+        self: &Arc<Self>,
+        t: &mut Tables<'_>,
+        awakeable: &str,
+        outcome: Outcome,
+    ) -> StoreResult<Option<Continuation>> {
+        Ok(self.try_complete_awakeable(t, awakeable, outcome)?.ok())
+    }
+
+    /// Complete an awakeable from outside (the ingress); answers after the commit.
+    pub async fn complete_awakeable(
+        self: &Arc<Self>,
+        awakeable: &str,
+        outcome: Outcome,
+    ) -> Result<(), ControlError> {
+        let me = self.clone();
+        let awakeable = awakeable.to_string();
+        let then = self
+            .committer
+            .commit(move |t| me.try_complete_awakeable(t, &awakeable, outcome))
+            .await?;
+        then();
+        Ok(())
+    }
+
+    /// Complete a workflow promise; returns the completion for the command
+    /// that did it and the continuation that wakes the waiters.
+    pub fn complete_promise_in(
+        self: &Arc<Self>,
+        t: &mut Tables<'_>,
+        service: &str,
+        key: &str,
+        name: &str,
+        outcome: Outcome,
+    ) -> StoreResult<(CompletionValue, Continuation)> {
+        let Some(waiters) = t.complete_promise(service, key, name, &outcome)? else {
+            let failure = Outcome::Failure {
+                code: 409,
+                message: format!("promise {name:?} is already completed"),
+            };
+            return Ok((CompletionValue::Outcome(failure), Box::new(|| ())));
+        };
+        let mut then = Vec::new();
+        for (id, command) in waiters {
+            then.extend(self.complete_in(
+                t,
+                &id,
+                command,
+                CompletionValue::Outcome(outcome.clone()),
+            )?);
+        }
+        Ok((
+            CompletionValue::Outcome(Outcome::Success(b"null".to_vec())),
+            Box::new(move || then.into_iter().for_each(|c| c())),
+        ))
     }
 
     /// Forget completed invocations whose retention ended, once a minute.
@@ -494,10 +1066,4 @@ impl Invoker {
             tracing::info!(count, "forgot expired invocations");
         }
     }
-}
-
-fn answer(tx: oneshot::Sender<Submitted>, submitted: Submitted) -> Continuation {
-    Box::new(move || {
-        let _ = tx.send(submitted);
-    })
 }

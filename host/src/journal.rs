@@ -32,6 +32,53 @@ pub enum Command {
     GetStateKeys,
     /// A durable side-effect step.
     Run { name: String },
+    /// A durable timer, due at an absolute time.
+    Sleep { wake_at_ms: u64 },
+    /// A request-response call to another handler; `callee` is the id of
+    /// the invocation it created.
+    Call {
+        target: CallTarget,
+        input: Vec<u8>,
+        callee: String,
+    },
+    /// A one-way invocation of another handler, optionally delayed.
+    Send {
+        target: CallTarget,
+        input: Vec<u8>,
+        delay_ms: u64,
+    },
+    /// An awakeable that an outside system completes.
+    Awakeable,
+    /// Complete an awakeable (of any invocation).
+    CompleteAwakeable { id: String, outcome: Outcome },
+    /// Wait for a workflow promise.
+    GetPromise { name: String },
+    /// Look at a workflow promise without waiting.
+    PeekPromise { name: String },
+    /// Resolve or reject a workflow promise.
+    CompletePromise { name: String, outcome: Outcome },
+    /// Read the clock.
+    Now,
+}
+
+/// The target of a call or send.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallTarget {
+    /// Service name.
+    pub service: String,
+    /// Handler name.
+    pub handler: String,
+    /// Object key or workflow id.
+    pub key: Option<String>,
+}
+
+impl std::fmt::Display for CallTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.key {
+            Some(key) => write!(f, "{}/{}/{}", self.service, key, self.handler),
+            None => write!(f, "{}/{}", self.service, self.handler),
+        }
+    }
 }
 
 /// The answer to a command.
@@ -52,6 +99,12 @@ pub enum CompletionValue {
     StateKeys(Vec<String>),
     /// A step's (or a pending operation's) outcome.
     Outcome(Outcome),
+    /// An optional outcome (a peeked promise).
+    MaybeOutcome(Option<Outcome>),
+    /// An id (of a sent invocation or a created awakeable).
+    Id(String),
+    /// A time, ms since the epoch.
+    Time(u64),
 }
 
 /// Success or terminal failure, as journaled.
@@ -95,7 +148,27 @@ impl Command {
             Command::ClearAllState => "clear-all-state".into(),
             Command::GetStateKeys => "state-keys".into(),
             Command::Run { name } => format!("run {name:?}"),
+            Command::Sleep { .. } => "sleep".into(),
+            Command::Call { target, .. } => format!("call {target}"),
+            Command::Send { target, .. } => format!("send {target}"),
+            Command::Awakeable => "awakeable".into(),
+            Command::CompleteAwakeable { id, .. } => format!("complete-awakeable {id}"),
+            Command::GetPromise { name } => format!("get-promise {name:?}"),
+            Command::PeekPromise { name } => format!("peek-promise {name:?}"),
+            Command::CompletePromise { name, .. } => format!("complete-promise {name:?}"),
+            Command::Now => "now".into(),
         }
+    }
+
+    /// Whether the command's completion arrives later (it returns a handle).
+    pub fn is_pending(&self) -> bool {
+        matches!(
+            self,
+            Command::Sleep { .. }
+                | Command::Call { .. }
+                | Command::Awakeable
+                | Command::GetPromise { .. }
+        )
     }
 }
 
@@ -119,43 +192,61 @@ pub enum Issued {
     /// Already journaled: return this completion (if the command has one)
     /// and execute nothing.
     Replayed(Option<CompletionValue>),
-    /// New: execute it and journal it at these positions.
-    Live {
-        /// The command's index (its handle).
-        command: u32,
-        /// The entry index the command goes to.
-        entry: u32,
-    },
+    /// New: execute it; this is its index (its handle).
+    Live(u32),
 }
 
-/// An invocation's journal during one attempt: the entries loaded at the
-/// start plus a cursor.
+/// A completion with its position in the journal: among several completed
+/// handles, the one with the lowest entry index was observed first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Arrived {
+    /// Entry index of the completion.
+    pub entry: u32,
+    /// The answer.
+    pub value: CompletionValue,
+}
+
+/// An invocation's journal during one attempt: the commands loaded at the
+/// start, every completion known so far, and a cursor.
 #[derive(Debug, Default)]
 pub struct Journal {
     /// (entry index, command) for every journaled command, in order.
     commands: Vec<(u32, Command)>,
     /// Completions by command index.
-    completions: HashMap<u32, CompletionValue>,
+    completions: HashMap<u32, Arrived>,
+    /// Indexes of commands whose completion arrives later (handles).
+    awaitable: std::collections::BTreeSet<u32>,
     /// Commands the handler issued so far in this attempt.
     next_command: u32,
-    /// Index the next appended entry gets.
-    next_entry: u32,
 }
 
 impl Journal {
-    /// Rebuild from stored entries, in entry order.
-    pub fn from_entries(entries: impl IntoIterator<Item = Entry>) -> Self {
+    /// Rebuild from stored `(entry index, entry)` pairs, in order.
+    pub fn from_entries(entries: impl IntoIterator<Item = (u32, Entry)>) -> Self {
         let mut journal = Journal::default();
-        for entry in entries {
+        for (index, entry) in entries {
             match entry {
-                Entry::Command(c) => journal.commands.push((journal.next_entry, c)),
-                Entry::Completion(c) => {
-                    journal.completions.insert(c.command, c.value);
+                Entry::Command(c) => {
+                    if c.is_pending() {
+                        journal.awaitable.insert(journal.commands.len() as u32);
+                    }
+                    journal.commands.push((index, c));
                 }
+                Entry::Completion(c) => journal.arrive(index, c),
             }
-            journal.next_entry += 1;
         }
         journal
+    }
+
+    /// Record a completion (loaded, or delivered live). A completion the
+    /// journal already has is ignored.
+    pub fn arrive(&mut self, entry: u32, completion: Completion) {
+        self.completions
+            .entry(completion.command)
+            .or_insert(Arrived {
+                entry,
+                value: completion.value,
+            });
     }
 
     /// Whether the handler is still replaying journaled commands.
@@ -163,36 +254,58 @@ impl Journal {
         (self.next_command as usize) < self.commands.len()
     }
 
+    /// Commands issued so far (journaled or live): valid handles are below.
+    pub fn issued(&self) -> u32 {
+        self.next_command
+    }
+
     /// The handler issued `command`: match it against the journal.
     pub fn issue(&mut self, command: &Command) -> Result<Issued, JournalMismatch> {
         let index = self.next_command;
-        match self.commands.get(index as usize) {
-            Some((entry, journaled)) => {
-                if journaled.signature() != command.signature() {
-                    return Err(JournalMismatch {
-                        entry: *entry,
-                        journaled: journaled.signature(),
-                        issued: command.signature(),
-                    });
-                }
-                self.next_command += 1;
-                Ok(Issued::Replayed(self.completions.get(&index).cloned()))
+        if let Some((entry, journaled)) = self.commands.get(index as usize) {
+            if journaled.signature() != command.signature() {
+                return Err(JournalMismatch {
+                    entry: *entry,
+                    journaled: journaled.signature(),
+                    issued: command.signature(),
+                });
             }
-            None => {
-                self.next_command += 1;
-                Ok(Issued::Live {
-                    command: index,
-                    entry: self.reserve(),
-                })
-            }
+            self.next_command += 1;
+            return Ok(Issued::Replayed(
+                self.completion(index).map(|a| a.value.clone()),
+            ));
         }
+        self.next_command += 1;
+        if command.is_pending() {
+            self.awaitable.insert(index);
+        }
+        Ok(Issued::Live(index))
     }
 
-    /// Reserve the next entry index (for a completion).
-    pub fn reserve(&mut self) -> u32 {
-        let entry = self.next_entry;
-        self.next_entry += 1;
-        entry
+    /// Every journaled command with its command index.
+    pub fn commands(&self) -> impl Iterator<Item = (u32, &Command)> {
+        (0..).zip(self.commands.iter().map(|(_, c)| c))
+    }
+
+    /// Whether `handle` names a pending operation issued so far.
+    pub fn is_awaitable(&self, handle: u32) -> bool {
+        handle < self.next_command && self.awaitable.contains(&handle)
+    }
+
+    /// The completion of command `index`, if it has arrived.
+    pub fn completion(&self, index: u32) -> Option<&Arrived> {
+        self.completions.get(&index)
+    }
+
+    /// Among `handles`, the position of the one completed first (lowest
+    /// entry index), if any is completed.
+    pub fn first_completed(&self, handles: &[u32]) -> Option<usize> {
+        handles
+            .iter()
+            .enumerate()
+            .filter_map(|(pos, h)| Some((self.completions.get(h)?.entry, pos)))
+            .min()
+            .map(|(_, pos)| pos)
     }
 }
 
@@ -245,14 +358,18 @@ mod tests {
         assert_eq!(done(2, b"1").encode(), vec![1, 2, 2, 0, 1, b'1']);
     }
 
+    fn numbered(entries: Vec<Entry>) -> Vec<(u32, Entry)> {
+        (0..).zip(entries).collect()
+    }
+
     #[test]
     fn replay_returns_journaled_completions_then_goes_live() {
-        let mut j = Journal::from_entries(vec![
+        let mut j = Journal::from_entries(numbered(vec![
             Entry::Command(run("one")),
             done(0, b"1"),
             Entry::Command(run("two")),
             done(1, b"2"),
-        ]);
+        ]));
         assert!(j.is_replaying());
         let first = j.issue(&run("one")).unwrap();
         assert_eq!(
@@ -263,24 +380,62 @@ mod tests {
         );
         j.issue(&run("two")).unwrap();
         assert!(!j.is_replaying());
+        assert_eq!(j.issue(&run("three")).unwrap(), Issued::Live(2));
+        assert_eq!(j.issued(), 3);
+        assert!(!j.is_awaitable(2), "a run step is not a pending operation");
+    }
+
+    #[test]
+    fn the_first_completion_in_journal_order_wins_a_race() {
+        let sleep = Command::Sleep { wake_at_ms: 5 };
+        let mut j = Journal::from_entries(numbered(vec![
+            Entry::Command(sleep.clone()),
+            Entry::Command(sleep.clone()),
+            Entry::Command(sleep),
+            done(2, b"null"),
+            done(0, b"null"),
+        ]));
+        for _ in 0..3 {
+            j.issue(&Command::Sleep { wake_at_ms: 99 }).unwrap();
+        }
+        assert!(j.is_awaitable(1) && !j.is_awaitable(3));
         assert_eq!(
-            j.issue(&run("three")).unwrap(),
-            Issued::Live {
-                command: 2,
-                entry: 4
-            }
+            j.first_completed(&[0, 1, 2]),
+            Some(2),
+            "command 2 completed first (entry 3)"
         );
-        assert_eq!(j.reserve(), 5);
+        assert_eq!(j.first_completed(&[1, 0]), Some(1));
+        assert_eq!(j.first_completed(&[1]), None);
+        let value = |v| CompletionValue::Time(v);
+        j.arrive(
+            9,
+            Completion {
+                command: 1,
+                value: value(1),
+            },
+        );
+        j.arrive(
+            10,
+            Completion {
+                command: 1,
+                value: value(2),
+            },
+        );
+        assert_eq!(
+            j.completion(1).unwrap().value,
+            value(1),
+            "duplicates are ignored"
+        );
     }
 
     #[test]
     fn a_different_command_is_a_mismatch_naming_the_entry() {
-        let mut j = Journal::from_entries(vec![
+        let mut j = Journal::from_entries(numbered(vec![
             Entry::Command(run("one")),
             done(0, b"1"),
             Entry::Command(run("two")),
             done(1, b"2"),
-        ]);
+        ]));
         j.issue(&run("one")).unwrap();
         let err = j
             .issue(&Command::GetState { name: "x".into() })
@@ -290,7 +445,8 @@ mod tests {
             err.to_string(),
             "journal mismatch at entry 2: the journal has run \"two\", the handler issued get-state \"x\""
         );
-        let mut j = Journal::from_entries(vec![Entry::Command(run("one")), done(0, b"1")]);
+        let mut j =
+            Journal::from_entries(numbered(vec![Entry::Command(run("one")), done(0, b"1")]));
         assert!(
             j.issue(&run("uno")).is_err(),
             "a renamed step is a mismatch too"

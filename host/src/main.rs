@@ -63,12 +63,29 @@ enum Command {
 #[derive(Subcommand)]
 enum InvocationsCommand {
     /// Show an invocation's status, attempts, last error and journal.
-    Describe {
-        /// The invocation id (`inv_...`).
-        id: String,
+    Describe(Invocation),
+    /// Cancel cooperatively: pending operations fail with "cancelled" and the handler can compensate.
+    Cancel(Invocation),
+    /// Kill: complete it at once with "killed", no compensation.
+    Kill(Invocation),
+    /// Pause: stop it, keeping its journal (and its key) until resumed.
+    Pause(Invocation),
+    /// Resume a paused invocation (with --deployment: on that deployment).
+    Resume {
         #[command(flatten)]
-        admin: AdminUrl,
+        it: Invocation,
+        /// Replay it on this deployment (`dp_...`) instead of its own.
+        #[arg(long)]
+        deployment: Option<String>,
     },
+}
+
+#[derive(Args)]
+struct Invocation {
+    /// The invocation id (`inv_...`).
+    id: String,
+    #[command(flatten)]
+    admin: AdminUrl,
 }
 
 #[derive(Args)]
@@ -185,15 +202,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             print_json(&request(req, &ingress).await?)
         }
-        Command::Invocations {
-            command: InvocationsCommand::Describe { id, admin },
-        } => {
-            let body = request(
-                reqwest::Client::new().get(format!("{}/invocations/{id}", admin.url)),
-                &admin.url,
-            )
-            .await?;
-            print_json(&body)
+        Command::Invocations { command } => {
+            let client = reqwest::Client::new();
+            let (action, it) = match command {
+                InvocationsCommand::Describe(it) => (None, it),
+                InvocationsCommand::Cancel(it) => (Some("cancel".to_string()), it),
+                InvocationsCommand::Kill(it) => (Some("kill".to_string()), it),
+                InvocationsCommand::Pause(it) => (Some("pause".to_string()), it),
+                InvocationsCommand::Resume { it, deployment } => {
+                    let query = deployment
+                        .map(|d| format!("?deployment={d}"))
+                        .unwrap_or_default();
+                    (Some(format!("resume{query}")), it)
+                }
+            };
+            let url = format!("{}/invocations/{}", it.admin.url, it.id);
+            let req = match action {
+                None => client.get(url),
+                Some(action) => client.post(format!("{url}/{action}")),
+            };
+            print_json(&request(req, &it.admin.url).await?)
         }
         Command::Services { admin } => print_json(
             &request(

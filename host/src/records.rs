@@ -72,7 +72,7 @@ pub struct DeploymentRecord {
 }
 
 /// What an invocation invokes.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Target {
     /// Service name.
     pub service: String,
@@ -99,7 +99,8 @@ pub enum Status {
     /// Not finished: scheduled for later, queued behind its key, running,
     /// or backing off between attempts (the host knows which in memory).
     Ready,
-    /// Stopped by the host (journal mismatch); kept, not retried.
+    /// Stopped (journal mismatch, attempts exhausted, or by an operator);
+    /// kept with its journal until resumed.
     Paused,
     /// Finished with an outcome.
     Completed,
@@ -138,6 +139,19 @@ pub struct InvocationRecord {
     pub outcome: Option<Outcome>,
     /// Completion time, once completed.
     pub completed_ms: Option<u64>,
+    /// The invocation (and its command) waiting for this one's result.
+    pub caller: Option<Caller>,
+    /// Cancellation was requested.
+    pub cancelled: bool,
+}
+
+/// Where a call's result goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Caller {
+    /// The calling invocation.
+    pub id: InvocationId,
+    /// The index of its `Call` command.
+    pub command: u32,
 }
 
 impl InvocationRecord {

@@ -67,6 +67,8 @@ pub enum AttemptEnd {
     Retryable(String),
     /// The invocation must stop without retrying (journal mismatch).
     Stopped(String),
+    /// The guest waited longer than `suspend_after`; its instance is gone.
+    Suspended,
 }
 
 /// The engine, linker and limits shared by every instance.
@@ -184,6 +186,7 @@ impl Runtime {
                     code: 500,
                     message: message.clone(),
                 },
+                Some(HostTrap::Suspend) => AttemptEnd::Suspended,
                 Some(HostTrap::CpuBudget) => AttemptEnd::Retryable(format!(
                     "interrupted: the guest ran longer than its budget of {:?} per attempt",
                     self.limits.cpu_per_attempt

@@ -7,8 +7,8 @@
 //! transaction. The table layout is described in `docs/design.md`.
 
 use crate::ids::{DeploymentId, InvocationId};
-use crate::journal::Entry;
-use crate::records::{DeploymentRecord, InvocationRecord};
+use crate::journal::{Completion, Entry, Outcome};
+use crate::records::{DeploymentRecord, HandlerKind, InvocationRecord};
 use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::Path;
@@ -33,6 +33,15 @@ const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployme
 const MODULES: TableDefinition<&str, &[u8]> = TableDefinition::new("modules");
 /// deployment id -> compiled artifact (engine-specific)
 const ARTIFACTS: TableDefinition<&str, &[u8]> = TableDefinition::new("artifacts");
+/// (wake-up ms, invocation id, command index): pending durable timers
+const TIMERS: TableDefinition<(u64, &str, u32), ()> = TableDefinition::new("timers");
+/// (invocation id, command index): awakeables not completed yet
+const AWAKEABLES: TableDefinition<(&str, u32), ()> = TableDefinition::new("awakeables");
+/// (workflow, id, promise name) -> postcard(Outcome): completed promises
+const PROMISES: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("promises");
+/// (workflow, id, promise name, invocation id, command index): waiters
+const PROMISE_WAITERS: TableDefinition<(&str, &str, &str, &str, u32), ()> =
+    TableDefinition::new("promise_waiters");
 /// counters
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -110,23 +119,55 @@ impl Store {
         bytes.map(|b| decode("invocations", &b)).transpose()
     }
 
-    /// An invocation's journal, in order.
-    pub fn journal(&self, id: &InvocationId) -> StoreResult<Vec<Entry>> {
+    /// An invocation's journal: `(entry index, entry)` in order.
+    pub fn journal(&self, id: &InvocationId) -> StoreResult<Vec<(u32, Entry)>> {
         let raw = self.read(|t| {
             let table = t.open_table(JOURNAL)?;
             let range = table.range((id.as_str(), 0)..=(id.as_str(), u32::MAX))?;
             range
-                .map(|row| Ok(row?.1.value().to_vec()))
+                .map(|row| {
+                    let (k, v) = row?;
+                    Ok((k.value().1, v.value().to_vec()))
+                })
                 .collect::<Result<Vec<_>, redb::Error>>()
         })?;
         raw.iter()
-            .map(|b| {
-                Entry::decode(b).map_err(|e| StoreError::Corrupt {
+            .map(|(i, b)| {
+                let entry = Entry::decode(b).map_err(|e| StoreError::Corrupt {
                     table: "journal",
                     reason: e.to_string(),
-                })
+                })?;
+                Ok((*i, entry))
             })
             .collect()
+    }
+
+    /// Every pending timer: `(wake-up ms, invocation, command index)`.
+    pub fn timers(&self) -> StoreResult<Vec<(u64, InvocationId, u32)>> {
+        let rows = self.read(|t| {
+            t.open_table(TIMERS)?
+                .iter()?
+                .map(|row| {
+                    let (k, _) = row?;
+                    let (at, id, cmd) = k.value();
+                    Ok((at, id.to_string(), cmd))
+                })
+                .collect::<Result<Vec<_>, redb::Error>>()
+        })?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(at, id, cmd)| Some((at, id.parse().ok()?, cmd)))
+            .collect())
+    }
+
+    /// A workflow promise's outcome, if completed.
+    pub fn promise(&self, service: &str, key: &str, name: &str) -> StoreResult<Option<Outcome>> {
+        let bytes = self.read(|t| {
+            Ok(t.open_table(PROMISES)?
+                .get((service, key, name))?
+                .map(|v| v.value().to_vec()))
+        })?;
+        bytes.map(|b| decode("promises", &b)).transpose()
     }
 
     /// One state value.
@@ -253,6 +294,10 @@ pub struct Tables<'txn> {
     deployments: Table<'txn, &'static str, &'static [u8]>,
     modules: Table<'txn, &'static str, &'static [u8]>,
     artifacts: Table<'txn, &'static str, &'static [u8]>,
+    timers: Table<'txn, (u64, &'static str, u32), ()>,
+    awakeables: Table<'txn, (&'static str, u32), ()>,
+    promises: Table<'txn, (&'static str, &'static str, &'static str), &'static [u8]>,
+    promise_waiters: Table<'txn, (&'static str, &'static str, &'static str, &'static str, u32), ()>,
     meta: Table<'txn, &'static str, u64>,
 }
 
@@ -271,6 +316,10 @@ impl<'txn> Tables<'txn> {
             deployments: txn.open_table(DEPLOYMENTS).map_err(open)?,
             modules: txn.open_table(MODULES).map_err(open)?,
             artifacts: txn.open_table(ARTIFACTS).map_err(open)?,
+            timers: txn.open_table(TIMERS).map_err(open)?,
+            awakeables: txn.open_table(AWAKEABLES).map_err(open)?,
+            promises: txn.open_table(PROMISES).map_err(open)?,
+            promise_waiters: txn.open_table(PROMISE_WAITERS).map_err(open)?,
             meta: txn.open_table(META).map_err(open)?,
         })
     }
@@ -321,10 +370,155 @@ impl<'txn> Tables<'txn> {
         Ok(())
     }
 
-    /// Append a journal entry.
-    pub fn append(&mut self, id: &InvocationId, index: u32, entry: &Entry) -> StoreResult<()> {
+    /// Append a journal entry at the end of the invocation's journal;
+    /// returns its index. Only the writer appends, so indexes never clash.
+    pub fn append(&mut self, id: &InvocationId, entry: &Entry) -> StoreResult<u32> {
+        let index = self
+            .journal
+            .range((id.as_str(), 0)..=(id.as_str(), u32::MAX))
+            .map_err(StoreError::redb)?
+            .next_back()
+            .transpose()
+            .map_err(StoreError::redb)?
+            .map_or(0, |(k, _)| k.value().1 + 1);
         self.journal
             .insert((id.as_str(), index), entry.encode().as_slice())
+            .map_err(StoreError::redb)?;
+        Ok(index)
+    }
+
+    /// An invocation's journal, as of this transaction.
+    pub fn journal(&self, id: &InvocationId) -> StoreResult<Vec<(u32, Entry)>> {
+        let mut entries = Vec::new();
+        for row in self
+            .journal
+            .range((id.as_str(), 0)..=(id.as_str(), u32::MAX))
+            .map_err(StoreError::redb)?
+        {
+            let (k, v) = row.map_err(StoreError::redb)?;
+            let entry = Entry::decode(v.value()).map_err(|e| StoreError::Corrupt {
+                table: "journal",
+                reason: e.to_string(),
+            })?;
+            entries.push((k.value().1, entry));
+        }
+        Ok(entries)
+    }
+
+    /// Append the completion of command `command` of `id`, unless the
+    /// journal already completes it; returns the new entry's index.
+    pub fn complete_command(
+        &mut self,
+        id: &InvocationId,
+        completion: Completion,
+    ) -> StoreResult<Option<u32>> {
+        let done = self
+            .journal
+            .range((id.as_str(), 0)..=(id.as_str(), u32::MAX))
+            .map_err(StoreError::redb)?
+            .filter_map(|row| row.ok())
+            .any(|(_, v)| matches!(Entry::decode(v.value()), Ok(Entry::Completion(c)) if c.command == completion.command));
+        if done {
+            return Ok(None);
+        }
+        self.append(id, &Entry::Completion(completion)).map(Some)
+    }
+
+    /// Arm a durable timer.
+    pub fn put_timer(&mut self, at_ms: u64, id: &InvocationId, command: u32) -> StoreResult<()> {
+        self.timers
+            .insert((at_ms, id.as_str(), command), ())
+            .map_err(StoreError::redb)?;
+        Ok(())
+    }
+
+    /// Disarm a timer; `false` if it was not armed (already fired).
+    pub fn take_timer(&mut self, at_ms: u64, id: &InvocationId, command: u32) -> StoreResult<bool> {
+        Ok(self
+            .timers
+            .remove((at_ms, id.as_str(), command))
+            .map_err(StoreError::redb)?
+            .is_some())
+    }
+
+    /// Register a pending awakeable.
+    pub fn put_awakeable(&mut self, id: &InvocationId, command: u32) -> StoreResult<()> {
+        self.awakeables
+            .insert((id.as_str(), command), ())
+            .map_err(StoreError::redb)?;
+        Ok(())
+    }
+
+    /// Take a pending awakeable; `false` if unknown or already completed.
+    pub fn take_awakeable(&mut self, id: &InvocationId, command: u32) -> StoreResult<bool> {
+        Ok(self
+            .awakeables
+            .remove((id.as_str(), command))
+            .map_err(StoreError::redb)?
+            .is_some())
+    }
+
+    /// A workflow promise's outcome, as of this transaction.
+    pub fn promise(&self, service: &str, key: &str, name: &str) -> StoreResult<Option<Outcome>> {
+        let bytes = self
+            .promises
+            .get((service, key, name))
+            .map_err(StoreError::redb)?;
+        bytes.map(|b| decode("promises", b.value())).transpose()
+    }
+
+    /// Complete a promise; returns the waiters to complete, or `None` if it
+    /// was already completed.
+    pub fn complete_promise(
+        &mut self,
+        service: &str,
+        key: &str,
+        name: &str,
+        outcome: &Outcome,
+    ) -> StoreResult<Option<Vec<(InvocationId, u32)>>> {
+        if self.promise(service, key, name)?.is_some() {
+            return Ok(None);
+        }
+        self.promises
+            .insert((service, key, name), encode(outcome).as_slice())
+            .map_err(StoreError::redb)?;
+        let mut waiters = Vec::new();
+        let range = (service, key, name, "", 0)..=(service, key, name, "\u{10FFFF}", u32::MAX);
+        for row in self
+            .promise_waiters
+            .extract_from_if(range, |_, _| true)
+            .map_err(StoreError::redb)?
+        {
+            let (k, _) = row.map_err(StoreError::redb)?;
+            let (_, _, _, id, cmd) = k.value();
+            if let Ok(id) = id.parse() {
+                waiters.push((id, cmd));
+            }
+        }
+        Ok(Some(waiters))
+    }
+
+    /// Wait for a promise.
+    pub fn put_promise_waiter(
+        &mut self,
+        service: &str,
+        key: &str,
+        name: &str,
+        id: &InvocationId,
+        command: u32,
+    ) -> StoreResult<()> {
+        self.promise_waiters
+            .insert((service, key, name, id.as_str(), command), ())
+            .map_err(StoreError::redb)?;
+        Ok(())
+    }
+
+    /// Forget a workflow's promises (after its retention).
+    pub fn clear_promises(&mut self, service: &str, key: &str) -> StoreResult<()> {
+        self.promises
+            .retain_in((service, key, "")..=(service, key, "\u{10FFFF}"), |_, _| {
+                false
+            })
             .map_err(StoreError::redb)?;
         Ok(())
     }
@@ -410,6 +604,10 @@ impl<'txn> Tables<'txn> {
         self.invocations
             .remove(id.as_str())
             .map_err(StoreError::redb)?;
+        if let (HandlerKind::Workflow, Some(key)) = (record.handler_kind, &record.target.key) {
+            self.clear_all_state(&record.target.service, key)?;
+            self.clear_promises(&record.target.service, key)?;
+        }
         Ok(())
     }
 
@@ -474,6 +672,8 @@ mod tests {
             last_error: None,
             outcome: None,
             completed_ms: None,
+            caller: None,
+            cancelled: false,
         }
     }
 
@@ -489,7 +689,7 @@ mod tests {
             t.put_invocation(&b)?;
             t.put_invocation(&a)?;
             t.put_idempotent("Counter/x/add", "k", &a.id)?;
-            t.append(&a.id, 0, &Entry::Command(Command::GetStateKeys))
+            t.append(&a.id, &Entry::Command(Command::GetStateKeys))
         });
         assert_eq!((a.seq, b.seq), (1, 2));
         let unfinished: Vec<_> = store

@@ -1,0 +1,230 @@
+//! Cairn's coordination examples: durable sleeps, calls and sends between
+//! handlers, fan-out, races with timeouts, awakeables, a workflow with a
+//! durable promise, retries and cancellation with compensation.
+
+use cairn_sdk::join_all;
+use cairn_sdk::prelude::*;
+use std::time::Duration;
+
+/// Sleeps and delays.
+pub struct Sleeper;
+
+#[cairn_sdk::service]
+impl Sleeper {
+    /// Sleep durably for `ms` milliseconds, then return `ms`.
+    pub fn nap(ctx: &Context, ms: u64) -> HandlerResult<u64> {
+        ctx.sleep(Duration::from_millis(ms)).wait()?;
+        Ok(ms)
+    }
+
+    /// Send `Log/{key}/add(text)` after `ms` milliseconds; returns its id.
+    pub fn later(ctx: &Context, req: (String, String, u64)) -> HandlerResult<String> {
+        let (key, text, ms) = req;
+        Ok(ctx.send(
+            Target::object("Log", &key, "add"),
+            &text,
+            Some(Duration::from_millis(ms)),
+        ))
+    }
+}
+
+/// An append-only log per key: where the examples leave traces for tests.
+pub struct Log;
+
+#[cairn_sdk::object]
+impl Log {
+    /// Append a line.
+    pub fn add(ctx: &Context, line: String) -> HandlerResult<usize> {
+        let mut lines = ctx.get::<Vec<String>>("lines")?.unwrap_or_default();
+        lines.push(line);
+        ctx.set("lines", &lines);
+        Ok(lines.len())
+    }
+
+    /// The lines so far.
+    #[shared]
+    pub fn lines(ctx: &Context) -> HandlerResult<Vec<String>> {
+        Ok(ctx.get("lines")?.unwrap_or_default())
+    }
+}
+
+/// Arithmetic as a service, to be called.
+pub struct Doubler;
+
+#[cairn_sdk::service]
+impl Doubler {
+    /// `2 * x`.
+    pub fn double(_ctx: &Context, x: i64) -> HandlerResult<i64> {
+        Ok(2 * x)
+    }
+
+    /// Fails with a terminal error.
+    pub fn fail(_ctx: &Context, why: String) -> HandlerResult<i64> {
+        Err(TerminalError::with_code(422, format!("doubler refused: {why}")).into())
+    }
+}
+
+/// A per-key running total fed through calls.
+pub struct Tally;
+
+#[cairn_sdk::object]
+impl Tally {
+    /// Double `x` through `Doubler` and add it to this key's total.
+    pub fn bump(ctx: &Context, x: i64) -> HandlerResult<i64> {
+        let doubled: i64 = ctx.call(Target::service("Doubler", "double"), &x).wait()?;
+        let total = ctx.get::<i64>("total")?.unwrap_or(0) + doubled;
+        ctx.set("total", &total);
+        Ok(total)
+    }
+}
+
+/// Calls between handlers.
+pub struct Chain;
+
+#[cairn_sdk::service]
+impl Chain {
+    /// service -> object -> service: bump `Tally/{key}` by `x`.
+    pub fn start(ctx: &Context, req: (String, i64)) -> HandlerResult<i64> {
+        ctx.call(Target::object("Tally", &req.0, "bump"), &req.1)
+            .wait()
+    }
+
+    /// Call a handler that fails terminally; its error propagates.
+    pub fn through_failure(ctx: &Context) -> HandlerResult<i64> {
+        ctx.call(Target::service("Doubler", "fail"), &"no reason")
+            .wait()
+    }
+
+    /// Fan out `n` calls, join them all, return the sum.
+    pub fn spread(ctx: &Context, n: i64) -> HandlerResult<i64> {
+        let calls = (0..n)
+            .map(|i| ctx.call::<_, i64>(Target::service("Doubler", "double"), &i))
+            .collect();
+        join_all(calls).into_iter().sum()
+    }
+
+    /// Race a call to `Sleeper/nap(call_ms)` against a timeout.
+    pub fn race(ctx: &Context, req: (u64, u64)) -> HandlerResult<String> {
+        let (call_ms, timeout_ms) = req;
+        let call = ctx.call::<_, u64>(Target::service("Sleeper", "nap"), &call_ms);
+        let timeout = ctx.sleep(Duration::from_millis(timeout_ms));
+        Ok(match ctx.select(&[&call, &timeout]) {
+            0 => format!("call returned {}", call.wait()?),
+            _ => "timeout".to_string(),
+        })
+    }
+}
+
+/// Waiting for the outside world.
+pub struct Approval;
+
+#[cairn_sdk::service]
+impl Approval {
+    /// Create an awakeable, log its id to `Log/{key}`, and wait for it.
+    pub fn ask(ctx: &Context, key: String) -> HandlerResult<String> {
+        let (id, answer) = ctx.awakeable::<String>();
+        ctx.send(Target::object("Log", &key, "add"), &id, None);
+        Ok(format!("approved: {}", answer.wait()?))
+    }
+
+    /// Resolve an awakeable from a handler.
+    pub fn approve(ctx: &Context, req: (String, String)) -> HandlerResult<()> {
+        ctx.resolve_awakeable(&req.0, &req.1);
+        Ok(())
+    }
+}
+
+/// A sign-up workflow: waits for its verification link to be clicked.
+pub struct Signup;
+
+#[cairn_sdk::workflow]
+impl Signup {
+    /// The workflow: record the email, wait for the link, finish.
+    pub fn run(ctx: &Context, email: String) -> HandlerResult<String> {
+        ctx.set("email", &email);
+        ctx.set("stage", &"waiting");
+        let code: String = ctx.promise("link").wait()?;
+        ctx.set("stage", &"verified");
+        Ok(format!("{email} verified with {code}"))
+    }
+
+    /// The link was clicked (shared: runs while `run` waits).
+    pub fn click(ctx: &Context, code: String) -> HandlerResult<()> {
+        ctx.resolve_promise("link", &code)
+    }
+
+    /// Where the workflow is.
+    pub fn status(ctx: &Context) -> HandlerResult<(String, Option<String>)> {
+        let stage = ctx
+            .get::<String>("stage")?
+            .unwrap_or_else(|| "not started".into());
+        let link = ctx.peek_promise::<String>("link").transpose()?;
+        Ok((stage, link))
+    }
+}
+
+/// Retries and cancellation.
+pub struct Trip;
+
+#[cairn_sdk::service]
+impl Trip {
+    /// Call `url` in a step until it answers 200 (retryable otherwise).
+    pub fn fetch(ctx: &Context, url: String) -> HandlerResult<String> {
+        ctx.run("fetch", || {
+            let r = cairn_sdk::http::get(&url)?;
+            match r.status {
+                200 => Ok(String::from_utf8_lossy(&r.body).into_owned()),
+                s => Err(HandlerError::retryable(format!("status {s}"))),
+            }
+        })
+    }
+
+    /// Book, then wait an hour for confirmation; if cancelled meanwhile,
+    /// compensate (logged to `Log/{key}`) and fail.
+    pub fn book(ctx: &Context, key: String) -> HandlerResult<String> {
+        ctx.send(Target::object("Log", &key, "add"), &"booked", None);
+        match ctx.sleep(Duration::from_secs(3600)).wait() {
+            Ok(()) => Ok("confirmed".into()),
+            Err(e) => {
+                ctx.send(Target::object("Log", &key, "add"), &"refunded", None);
+                Err(e)
+            }
+        }
+    }
+
+    /// Call `Trip/book` and wait: cancelling this cancels the booking too.
+    pub fn plan(ctx: &Context, key: String) -> HandlerResult<String> {
+        ctx.call(Target::service("Trip", "book"), &key).wait()
+    }
+}
+
+/// Two steps around a sleep; version 2 swaps the steps (a breaking change).
+pub struct Steps2;
+
+#[cairn_sdk::service]
+impl Steps2 {
+    /// Step, sleep `ms`, step.
+    pub fn two(ctx: &Context, ms: u64) -> HandlerResult<String> {
+        let order = if cfg!(feature = "v2") {
+            ["b", "a"]
+        } else {
+            ["a", "b"]
+        };
+        let first: String = ctx.run(order[0], || Ok(order[0].to_string()))?;
+        ctx.sleep(Duration::from_millis(ms)).wait()?;
+        let second: String = ctx.run(order[1], || Ok(order[1].to_string()))?;
+        Ok(first + &second)
+    }
+
+    /// The current time, journaled, twice across a sleep.
+    pub fn clock(ctx: &Context) -> HandlerResult<(u64, u64, u64)> {
+        let ms = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+        };
+        let before = ms(ctx.now());
+        ctx.sleep(Duration::from_millis(50)).wait()?;
+        Ok((before, ms(ctx.now()), ctx.random_u64() % 1000))
+    }
+}
+
+cairn_sdk::export!(Sleeper, Log, Doubler, Tally, Chain, Approval, Signup, Trip, Steps2);
