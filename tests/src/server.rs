@@ -17,6 +17,8 @@ struct Seen {
     tokens: HashMap<(String, String), Vec<String>>,
     next: u64,
     holds: usize,
+    /// key -> arrival times of `/flaky` requests
+    flaky: HashMap<String, Vec<std::time::Instant>>,
 }
 
 /// The server's shared state.
@@ -43,6 +45,7 @@ impl TestServer {
         let app = Router::new()
             .route("/token", get(token))
             .route("/hold", get(hold))
+            .route("/flaky", get(flaky))
             .with_state(server.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         server
@@ -73,6 +76,17 @@ impl TestServer {
         self.seen.lock().unwrap().holds
     }
 
+    /// Arrival times of `/flaky` requests for `key`.
+    pub fn flaky_requests(&self, key: &str) -> Vec<std::time::Instant> {
+        self.seen
+            .lock()
+            .unwrap()
+            .flaky
+            .get(key)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Let every held and future `/hold` request answer.
     pub fn release(&self) {
         self.release.send_replace(true);
@@ -100,4 +114,21 @@ async fn hold(State(s): State<TestServer>) -> &'static str {
     let mut rx = s.release.subscribe();
     let _ = rx.wait_for(|released| *released).await;
     "released"
+}
+
+/// `/flaky?key=K&fail=N`: 503 for the first N requests of K, then 200 "ok".
+async fn flaky(
+    State(s): State<TestServer>,
+    Query(q): Query<HashMap<String, String>>,
+) -> (axum::http::StatusCode, &'static str) {
+    let key = q.get("key").cloned().unwrap_or_default();
+    let fail: usize = q.get("fail").and_then(|f| f.parse().ok()).unwrap_or(0);
+    let mut seen = s.seen.lock().unwrap();
+    let times = seen.flaky.entry(key).or_default();
+    times.push(std::time::Instant::now());
+    if times.len() <= fail {
+        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not yet")
+    } else {
+        (axum::http::StatusCode::OK, "ok")
+    }
 }

@@ -1,0 +1,568 @@
+//! Durable time and coordination, end to end with the `coordination`
+//! example: sleeps, calls, sends, fan-out, races, awakeables, workflows,
+//! suspension, retries, pause/resume, cancellation, kills, crashes and
+//! journal mismatches.
+
+use cairn_tests::server::TestServer;
+use cairn_tests::{example, read, Host, HostOptions, Response};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn options(extra: &str) -> HostOptions {
+    HostOptions {
+        config: format!(
+            "suspend_after = \"50ms\"\nhttp_allow = [\"127.0.0.1:*\"]\n{extra}\n[retry]\ninitial_interval = \"100ms\"\nmax_attempts = 4\n"
+        ),
+        deploy: vec![example("coordination")],
+    }
+}
+
+async fn start() -> Host {
+    Host::start_with(options("")).await
+}
+
+fn id_of(r: &Response) -> String {
+    r.json()["invocationId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id in {}", r.body))
+        .to_string()
+}
+
+async fn send(host: &Host, path: &str, body: &str) -> String {
+    let r = host.post(&format!("{path}/send"), body, &[]).await;
+    assert_eq!(r.status, 202, "{path}: {}", r.body);
+    id_of(&r)
+}
+
+async fn log_lines(host: &Host, key: &str) -> Vec<String> {
+    serde_json::from_str(&host.post(&format!("/Log/{key}/lines"), "", &[]).await.body).unwrap()
+}
+
+async fn wait_log(host: &Host, key: &str, len: usize) -> Vec<String> {
+    let deadline = Instant::now() + MINUTE;
+    loop {
+        let lines = log_lines(host, key).await;
+        if lines.len() >= len {
+            return lines;
+        }
+        assert!(Instant::now() < deadline, "log {key} has {lines:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn commands(v: &Value, name: &str) -> usize {
+    v["journal"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["command"] == name)
+        .count()
+}
+
+fn completions(v: &Value) -> usize {
+    v["journal"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "completion")
+        .count()
+}
+
+#[tokio::test]
+async fn a_sleep_outlives_a_host_restart() {
+    let mut host = start().await;
+    let started = Instant::now();
+    let id = send(&host, "/Sleeper/nap", "1500").await;
+    host.wait_invocation(&id, MINUTE, |v| v["status"] == "suspended")
+        .await;
+    host.restart().await;
+    let r = host.get(&format!("/restate/attach/{id}")).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "1500"));
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "the timer kept its absolute time"
+    );
+    let v = host.admin_get(&format!("/invocations/{id}")).await;
+    assert_eq!(
+        (commands(&v, "sleep"), completions(&v)),
+        (1, 1),
+        "the timer fired once: {v:#}"
+    );
+}
+
+#[tokio::test]
+async fn a_delayed_send_that_comes_due_while_the_host_is_down_runs_at_start() {
+    let mut host = start().await;
+    let r = host
+        .post("/Sleeper/later", r#"["down", "hello", 700]"#, &[])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    host.kill();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    host.restart().await;
+    assert_eq!(wait_log(&host, "down", 1).await, ["hello"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(log_lines(&host, "down").await, ["hello"], "delivered once");
+}
+
+#[tokio::test]
+async fn calls_chain_through_services_and_objects_and_sends_are_one_way() {
+    let host = start().await;
+    assert_eq!(
+        host.post("/Chain/start", r#"["c", 5]"#, &[]).await.body,
+        "10"
+    );
+    assert_eq!(
+        host.post("/Chain/start", r#"["c", 1]"#, &[]).await.body,
+        "12",
+        "the object kept its total"
+    );
+    let r = host.post("/Chain/through_failure", "", &[]).await;
+    assert_eq!(r.status, 422, "a terminal error propagates with its code");
+    assert!(r.body.contains("doubler refused"), "{}", r.body);
+    let sent = host
+        .post("/Sleeper/later", r#"["one-way", "ping", 0]"#, &[])
+        .await
+        .body;
+    assert!(
+        sent.contains("inv_"),
+        "send returns the new invocation's id: {sent}"
+    );
+    assert_eq!(wait_log(&host, "one-way", 1).await, ["ping"]);
+}
+
+#[tokio::test]
+async fn fan_out_of_100_calls_is_joined_and_select_races_a_call_against_a_timeout() {
+    let host = start().await;
+    let r = host.post("/Chain/spread", "100", &[]).await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "9900"),
+        "sum of 2*i for i < 100"
+    );
+    let id = r.header("x-restate-id").unwrap().to_string();
+    let v = host.admin_get(&format!("/invocations/{id}")).await;
+    assert_eq!(commands(&v, "call Doubler/double"), 100);
+    assert_eq!(
+        host.post("/Chain/race", "[50, 5000]", &[]).await.body,
+        "\"call returned 50\""
+    );
+    let started = Instant::now();
+    assert_eq!(
+        host.post("/Chain/race", "[5000, 200]", &[]).await.body,
+        "\"timeout\""
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the timeout won without waiting for the call"
+    );
+}
+
+#[tokio::test]
+async fn awakeables_are_completed_over_http_while_the_invocation_is_suspended() {
+    let host = start().await;
+    let id = send(&host, "/Approval/ask", "\"aw\"").await;
+    let awakeable = wait_log(&host, "aw", 1).await.remove(0);
+    host.wait_invocation(&id, MINUTE, |v| v["status"] == "suspended")
+        .await;
+    let r = host
+        .post(
+            &format!("/restate/awakeables/{awakeable}/resolve"),
+            "\"yes\"",
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(
+        host.get(&format!("/restate/attach/{id}")).await.body,
+        "\"approved: yes\""
+    );
+    let again = host
+        .post(&format!("/restate/a/{awakeable}/resolve"), "\"twice\"", &[])
+        .await;
+    assert_eq!(again.status, 409, "no second completion: {}", again.body);
+    let unknown = host
+        .post(
+            "/restate/a/awk_0000000000000000000000000000000000000001/resolve",
+            "1",
+            &[],
+        )
+        .await;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(
+        host.post("/restate/a/not-an-id/reject", "x", &[])
+            .await
+            .status,
+        404
+    );
+
+    let id = send(&host, "/Approval/ask", "\"rej\"").await;
+    let awakeable = wait_log(&host, "rej", 1).await.remove(0);
+    let r = host
+        .post(
+            &format!("/restate/a/{awakeable}/reject"),
+            "card declined",
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 202);
+    let r = host.get(&format!("/restate/attach/{id}")).await;
+    assert_eq!(r.status, 500);
+    assert!(r.body.contains("card declined"), "{}", r.body);
+
+    let id = send(&host, "/Approval/ask", "\"by-handler\"").await;
+    let awakeable = wait_log(&host, "by-handler", 1).await.remove(0);
+    let body = json!([awakeable, "from a handler"]).to_string();
+    assert_eq!(host.post("/Approval/approve", &body, &[]).await.status, 200);
+    assert_eq!(
+        host.get(&format!("/restate/attach/{id}")).await.body,
+        "\"approved: from a handler\""
+    );
+}
+
+#[tokio::test]
+async fn a_workflow_waits_on_a_promise_resolved_by_a_shared_handler() {
+    let host = start().await;
+    let first = host
+        .post("/Signup/ada/run/send", "\"ada@example.com\"", &[])
+        .await
+        .json();
+    assert_eq!(first["status"], "Accepted");
+    let id = first["invocationId"].as_str().unwrap().to_string();
+    host.wait_invocation(&id, MINUTE, |v| v["status"] == "suspended")
+        .await;
+    assert_eq!(
+        host.get("/restate/workflow/Signup/ada/output").await.status,
+        470
+    );
+    assert_eq!(
+        host.post("/Signup/ada/status", "", &[]).await.json(),
+        json!(["waiting", null])
+    );
+    let again = host
+        .post("/Signup/ada/run/send", "\"other@example.com\"", &[])
+        .await
+        .json();
+    assert_eq!(
+        (again["status"].as_str(), again["invocationId"].as_str()),
+        (Some("PreviouslyAccepted"), Some(id.as_str()))
+    );
+
+    assert_eq!(
+        host.post("/Signup/ada/click", "\"c0de\"", &[]).await.status,
+        200
+    );
+    let done = host.get("/restate/workflow/Signup/ada/attach").await;
+    assert_eq!(done.body, "\"ada@example.com verified with c0de\"");
+    assert_eq!(
+        host.get("/restate/workflow/Signup/ada/output").await.body,
+        done.body
+    );
+    assert_eq!(
+        host.post("/Signup/ada/status", "", &[]).await.json(),
+        json!(["verified", "c0de"])
+    );
+    let twice = host.post("/Signup/ada/click", "\"again\"", &[]).await;
+    assert_eq!(
+        twice.status, 409,
+        "a promise completes once: {}",
+        twice.body
+    );
+    let rerun = host.post("/Signup/ada/run", "\"x@example.com\"", &[]).await;
+    assert_eq!(rerun.body, done.body, "run executes once per workflow id");
+    assert_eq!(
+        host.get("/restate/workflow/Signup/nobody/attach")
+            .await
+            .status,
+        404
+    );
+}
+
+#[tokio::test]
+async fn ten_thousand_sleeping_invocations_hold_no_instances_and_all_finish() {
+    const N: usize = 10_000;
+    let host = Host::start_with(options("[limits]\nmax_instances = 500\n")).await;
+    let before = host.peak_rss_kib();
+    let ingress = host.ingress();
+    let client = host.http.clone();
+    let submit = |i: usize| {
+        let (client, url) = (client.clone(), format!("{ingress}/Sleeper/nap/send"));
+        async move {
+            let r = client
+                .post(url)
+                .header("content-type", "application/json")
+                .body("8000")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202, "request {i}");
+            r.json::<Value>().await.unwrap()["invocationId"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let mut ids = Vec::with_capacity(N);
+    let started = Instant::now();
+    for chunk in (0..N).collect::<Vec<_>>().chunks(100) {
+        let batch = chunk.iter().map(|&i| tokio::spawn(submit(i)));
+        for b in batch.collect::<Vec<_>>() {
+            ids.push(b.await.unwrap());
+        }
+    }
+    let submitted = Instant::now();
+    println!("submitted {N} sleeps in {:?}", submitted - started);
+    let last = host
+        .wait_invocation(&ids[N - 1], MINUTE, |v| v["status"] != "running")
+        .await;
+    assert_eq!(
+        last["status"], "suspended",
+        "the last one sleeps without an instance"
+    );
+    let mut finished = 0;
+    for chunk in ids.chunks(200) {
+        let waits = chunk.iter().map(|id| {
+            let (client, url) = (client.clone(), format!("{ingress}/restate/attach/{id}"));
+            tokio::spawn(async move { client.get(url).send().await.unwrap().text().await.unwrap() })
+        });
+        for w in waits.collect::<Vec<_>>() {
+            assert_eq!(w.await.unwrap(), "8000");
+            finished += 1;
+        }
+    }
+    assert_eq!(finished, N);
+    let peak = host.peak_rss_kib();
+    println!(
+        "10,000 sleeping invocations: host peak RSS {} MiB (at start {} MiB), all done {:?} after submission",
+        peak / 1024,
+        before / 1024,
+        submitted.elapsed()
+    );
+    assert!(
+        peak < 512 * 1024,
+        "memory stays bounded: peak {} MiB",
+        peak / 1024
+    );
+}
+
+#[tokio::test]
+async fn retries_back_off_then_pause_and_an_operator_resumes() {
+    let server = TestServer::start(Duration::ZERO).await;
+    let host = start().await;
+    // Three failures, then success: four attempts with growing gaps.
+    let url = format!("\"{}/flaky?key=a&fail=3\"", server.url);
+    assert_eq!(host.post("/Trip/fetch", &url, &[]).await.body, "\"ok\"");
+    let times = server.flaky_requests("a");
+    assert_eq!(times.len(), 4);
+    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps[0] >= Duration::from_millis(100)
+            && gaps[1] >= Duration::from_millis(200)
+            && gaps[2] >= Duration::from_millis(400),
+        "exponential backoff: {gaps:?}"
+    );
+
+    // Five failures exceed max_attempts = 4: paused, not lost.
+    let url = format!("\"{}/flaky?key=b&fail=5\"", server.url);
+    let id = send(&host, "/Trip/fetch", &url).await;
+    let v = host
+        .wait_invocation(&id, MINUTE, |v| v["status"] == "paused")
+        .await;
+    assert_eq!(v["attempts"], 4);
+    assert!(
+        v["last_error"].as_str().unwrap().contains("status 503"),
+        "{v:#}"
+    );
+    assert_eq!(server.flaky_requests("b").len(), 4);
+    let mut cli = std::process::Command::new(cairn_tests::cairn_bin());
+    cli.args(["invocations", "resume", &id, "--admin", &host.admin()]);
+    cairn_tests::run(&mut cli).unwrap();
+    assert_eq!(
+        host.get(&format!("/restate/attach/{id}")).await.body,
+        "\"ok\""
+    );
+    assert_eq!(
+        server.flaky_requests("b").len(),
+        6,
+        "resumed: one more failure, then success"
+    );
+}
+
+#[tokio::test]
+async fn cancel_runs_compensation_and_kill_stops_at_once() {
+    let host = start().await;
+    let plan = send(&host, "/Trip/plan", "\"trip\"").await;
+    assert_eq!(wait_log(&host, "trip", 1).await, ["booked"]);
+    host.wait_invocation(&plan, MINUTE, |v| v["status"] == "suspended")
+        .await;
+    let r = host
+        .http
+        .post(format!("{}/invocations/{plan}/cancel", host.admin()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = host.get(&format!("/restate/attach/{plan}")).await;
+    assert_eq!(
+        (r.status, r.json()["message"].as_str()),
+        (409, Some("cancelled"))
+    );
+    assert_eq!(
+        wait_log(&host, "trip", 2).await,
+        ["booked", "refunded"],
+        "the callee was cancelled and compensated"
+    );
+
+    let nap = send(&host, "/Sleeper/nap", "3600000").await;
+    host.wait_invocation(&nap, MINUTE, |v| v["status"] == "suspended")
+        .await;
+    let mut cli = std::process::Command::new(cairn_tests::cairn_bin());
+    cli.args(["invocations", "kill", &nap, "--admin", &host.admin()]);
+    cairn_tests::run(&mut cli).unwrap();
+    let r = host.get(&format!("/restate/attach/{nap}")).await;
+    assert_eq!(
+        (r.status, r.json()["message"].as_str()),
+        (409, Some("killed"))
+    );
+    let twice = host
+        .http
+        .post(format!("{}/invocations/{nap}/kill", host.admin()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(twice.status(), 409);
+}
+
+#[tokio::test]
+async fn sigkill_with_calls_sleeps_and_awakeables_in_flight_completes_everything_exactly_once() {
+    let mut host = start().await;
+    let mut chains = Vec::new();
+    for i in 1..=20 {
+        chains.push(send(&host, "/Chain/start", &format!("[\"crash\", {i}]")).await);
+    }
+    let mut naps = Vec::new();
+    for _ in 0..20 {
+        naps.push(send(&host, "/Sleeper/nap", "800").await);
+    }
+    let mut asks = Vec::new();
+    for i in 0..10 {
+        asks.push(send(&host, "/Approval/ask", &format!("\"ask{i}\"")).await);
+    }
+    host.kill();
+    host.restart().await;
+    for (i, ask) in asks.iter().enumerate() {
+        let awakeable = wait_log(&host, &format!("ask{i}"), 1).await;
+        assert_eq!(awakeable.len(), 1, "one awakeable per invocation");
+        let r = host
+            .post(
+                &format!("/restate/awakeables/{}/resolve", awakeable[0]),
+                "\"ok\"",
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, 202, "{}", r.body);
+        assert_eq!(
+            host.get(&format!("/restate/attach/{ask}")).await.body,
+            "\"approved: ok\""
+        );
+    }
+    let mut totals = Vec::new();
+    for chain in &chains {
+        let r = host.get(&format!("/restate/attach/{chain}")).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        totals.push(r.body.parse::<i64>().unwrap());
+    }
+    totals.sort();
+    let expected: Vec<i64> = (1..=20)
+        .scan(0, |sum, i| {
+            *sum += 2 * i;
+            Some(*sum)
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(
+        totals.last(),
+        expected.last(),
+        "every bump counted once: no lost and no duplicated call"
+    );
+    assert_eq!(totals.len(), 20);
+    for nap in &naps {
+        assert_eq!(
+            host.get(&format!("/restate/attach/{nap}")).await.body,
+            "800"
+        );
+        let v = host.admin_get(&format!("/invocations/{nap}")).await;
+        assert_eq!(
+            (commands(&v, "sleep"), completions(&v)),
+            (1, 1),
+            "the timer fired once: {v:#}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_new_version_that_reorders_steps_is_stopped_with_a_journal_mismatch() {
+    let host = start().await;
+    let id = send(&host, "/Steps2/two", "600000").await;
+    host.wait_invocation(&id, MINUTE, |v| v["status"] == "suspended")
+        .await;
+    let upload = host
+        .http
+        .post(format!("{}/deployments", host.admin()))
+        .body(read(&example("coordination-v2")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upload.status(), 201);
+    let v2 = upload.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let admin = host.admin();
+    let post = |path: String| host.http.post(format!("{admin}{path}")).send();
+    assert_eq!(
+        post(format!("/invocations/{id}/pause"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let resumed = post(format!("/invocations/{id}/resume?deployment={v2}"))
+        .await
+        .unwrap();
+    assert_eq!(resumed.status(), 200);
+    let v = host
+        .wait_invocation(&id, MINUTE, |v| {
+            v["status"] == "paused" && v["deployment"] == v2.as_str()
+        })
+        .await;
+    let error = v["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("journal mismatch at entry 0")
+            && error.contains("run \"a\"")
+            && error.contains("run \"b\""),
+        "{error}"
+    );
+    assert_eq!(
+        v["journal"][0]["command"], "run \"a\"",
+        "the journal was not overwritten"
+    );
+    // New invocations run v2 from scratch.
+    assert_eq!(host.post("/Steps2/two", "10", &[]).await.body, "\"ba\"");
+}
+
+#[tokio::test]
+async fn now_is_journaled_and_advances_across_a_sleep() {
+    let host = start().await;
+    let r = host.post("/Steps2/clock", "", &[]).await;
+    let (before, after, _random): (u64, u64, u64) = serde_json::from_str(&r.body).unwrap();
+    assert!(after >= before + 50, "{before} -> {after}");
+    let v = host
+        .admin_get(&format!(
+            "/invocations/{}",
+            r.header("x-restate-id").unwrap()
+        ))
+        .await;
+    assert_eq!(commands(&v, "now"), 2);
+}
