@@ -566,3 +566,56 @@ async fn now_is_journaled_and_advances_across_a_sleep() {
         .await;
     assert_eq!(commands(&v, "now"), 2);
 }
+
+#[tokio::test]
+async fn a_step_retries_in_place_and_a_handler_can_have_its_own_policy() {
+    let server = TestServer::start(Duration::ZERO).await;
+    let host = Host::start_with(options(
+        "[retry_overrides.\"Trip/fetch\"]\nmax_attempts = 2\ninitial_interval = \"10ms\"\n",
+    ))
+    .await;
+    let r = host
+        .post(
+            "/Trip/fetch_step",
+            &format!("\"{}/flaky?key=s&fail=2\"", server.url),
+            &[],
+        )
+        .await;
+    assert_eq!(r.body, "\"ok\"");
+    let v = host
+        .admin_get(&format!(
+            "/invocations/{}",
+            r.header("x-restate-id").unwrap()
+        ))
+        .await;
+    assert_eq!(
+        (v["attempts"].as_u64(), server.flaky_requests("s").len()),
+        (Some(1), 3),
+        "retried inside one attempt"
+    );
+
+    let r = host
+        .post(
+            "/Trip/fetch_step",
+            &format!("\"{}/flaky?key=t&fail=9\"", server.url),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 500);
+    assert!(r.body.contains("failed after 3 attempts"), "{}", r.body);
+    assert_eq!(server.flaky_requests("t").len(), 3);
+
+    let id = send(
+        &host,
+        "/Trip/fetch",
+        &format!("\"{}/flaky?key=u&fail=9\"", server.url),
+    )
+    .await;
+    let v = host
+        .wait_invocation(&id, MINUTE, |v| v["status"] == "paused")
+        .await;
+    assert_eq!(
+        v["attempts"], 2,
+        "the handler's override, not the default of 4"
+    );
+}

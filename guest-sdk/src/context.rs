@@ -10,6 +10,31 @@ use serde::{de::DeserializeOwned, Serialize};
 use std::marker::PhantomData;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// How [`Context::run_with_retry`] retries a step in place.
+#[derive(Debug, Clone, Copy)]
+pub struct StepRetry {
+    /// Runs of the closure before the step fails terminally.
+    pub max_attempts: u32,
+    /// Delay before the second run.
+    pub initial_interval: Duration,
+    /// Growth of the delay per run.
+    pub factor: f64,
+    /// Cap of the delay.
+    pub max_interval: Duration,
+}
+
+impl StepRetry {
+    /// `max_attempts` runs, 100 ms apart at first, doubling up to 10 s.
+    pub fn attempts(max_attempts: u32) -> Self {
+        StepRetry {
+            max_attempts,
+            initial_interval: Duration::from_millis(100),
+            factor: 2.0,
+            max_interval: Duration::from_secs(10),
+        }
+    }
+}
+
 /// What to call or send to: a service handler, or a handler of an object
 /// key or workflow id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,7 +196,50 @@ impl Context {
         if let Some(recorded) = host::run_enter(name) {
             return decode_outcome(name, recorded);
         }
-        match step() {
+        self.finish_step(name, step())
+    }
+
+    /// Like [`Context::run`], but a retryable error retries the step in
+    /// place, with backoff, up to `policy.max_attempts`; then the step fails
+    /// terminally (and that failure is journaled). The invocation's own
+    /// retry policy is not involved.
+    pub fn run_with_retry<T, F>(
+        &self,
+        name: &str,
+        policy: StepRetry,
+        mut step: F,
+    ) -> Result<T, HandlerError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnMut() -> Result<T, HandlerError>,
+    {
+        if let Some(recorded) = host::run_enter(name) {
+            return decode_outcome(name, recorded);
+        }
+        let mut delay = policy.initial_interval;
+        for attempt in 1.. {
+            let result = step();
+            match &result {
+                Err(e) if e.as_terminal().is_none() => {
+                    if attempt >= policy.max_attempts {
+                        let message = format!("step {name:?} failed after {attempt} attempts: {e}");
+                        return self.finish_step(name, Err(TerminalError::new(message).into()));
+                    }
+                    host::step_backoff(delay.as_millis() as u64);
+                    delay = delay.mul_f64(policy.factor).min(policy.max_interval);
+                }
+                _ => return self.finish_step(name, result),
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    fn finish_step<T: Serialize>(
+        &self,
+        name: &str,
+        result: Result<T, HandlerError>,
+    ) -> Result<T, HandlerError> {
+        match result {
             Ok(value) => {
                 let bytes = serde_json::to_vec(&value).map_err(|e| {
                     TerminalError::new(format!("result of step {name:?} does not encode: {e}"))

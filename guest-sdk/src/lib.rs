@@ -63,12 +63,14 @@ pub mod bindings {
 }
 
 pub use cairn_sdk_macros::{object, service, workflow};
-pub use context::{join_all, Context, Pending, Selectable, Target};
+pub use context::{join_all, Context, Pending, Selectable, StepRetry, Target};
 pub use error::{HandlerError, HandlerResult, TerminalError};
 
 /// What most handler crates need: `use cairn_sdk::prelude::*;`.
 pub mod prelude {
-    pub use crate::{Context, HandlerError, HandlerResult, Pending, Target, TerminalError};
+    pub use crate::{
+        Context, HandlerError, HandlerResult, Pending, StepRetry, Target, TerminalError,
+    };
 }
 
 use bindings::cairn::runtime::types as wit;

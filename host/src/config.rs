@@ -40,6 +40,10 @@
 //! max_interval = "10s"
 //! # After this many attempts the invocation is paused (resume it via the admin API).
 //! max_attempts = 30
+//!
+//! # The policy of one handler (or "Service" for all its handlers).
+//! [retry_overrides."Payments/charge"]
+//! max_attempts = 5
 //! ```
 
 use serde::{Deserialize, Deserializer};
@@ -78,6 +82,9 @@ pub struct Config {
     pub limits: Limits,
     /// Default retry policy.
     pub retry: RetryPolicy,
+    /// Retry policies of particular services (`"Service"`) or handlers
+    /// (`"Service/handler"`); fields they omit take the built-in defaults.
+    pub retry_overrides: std::collections::BTreeMap<String, RetryPolicy>,
 }
 
 /// Resource limits of guest instances.
@@ -123,6 +130,7 @@ impl Default for Config {
             http_allow: Vec::new(),
             limits: Limits::default(),
             retry: RetryPolicy::default(),
+            retry_overrides: Default::default(),
         }
     }
 }
@@ -158,6 +166,15 @@ impl RetryPolicy {
 }
 
 impl Config {
+    /// The retry policy of a handler: its own override, its service's, or
+    /// the default.
+    pub fn retry_policy(&self, service: &str, handler: &str) -> &RetryPolicy {
+        self.retry_overrides
+            .get(&format!("{service}/{handler}"))
+            .or_else(|| self.retry_overrides.get(service))
+            .unwrap_or(&self.retry)
+    }
+
     /// Read a TOML file over the defaults.
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -188,6 +205,17 @@ mod tests {
             .map(|a| p.delay_before(a).as_millis() as u64)
             .collect();
         assert_eq!(delays, vec![100, 200, 400, 500, 500]);
+    }
+
+    #[test]
+    fn handlers_can_override_the_retry_policy() {
+        let c: Config = toml::from_str(
+            "[retry]\nmax_attempts = 7\n[retry_overrides.\"A/x\"]\nmax_attempts = 2\n[retry_overrides.A]\nmax_attempts = 3\n",
+        )
+        .unwrap();
+        assert_eq!(c.retry_policy("A", "x").max_attempts, 2);
+        assert_eq!(c.retry_policy("A", "y").max_attempts, 3);
+        assert_eq!(c.retry_policy("B", "x").max_attempts, 7);
     }
 
     #[test]

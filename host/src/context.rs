@@ -723,6 +723,14 @@ impl context::Host for GuestState {
         }
     }
 
+    async fn step_backoff(&mut self, millis: u64) -> wasmtime::Result<()> {
+        if self.durable()?.step.is_none() {
+            return Err(terminal("step-backoff outside a run step"));
+        }
+        tokio::time::sleep(Duration::from_millis(millis.min(60_000))).await;
+        Ok(())
+    }
+
     async fn await_(&mut self, pending: u32) -> wasmtime::Result<wit::Outcome> {
         let d = self.durable()?;
         if d.step.is_some() {

@@ -509,7 +509,9 @@ impl Invoker {
 
     /// Attempts until the invocation completes, pauses or suspends.
     async fn run(self: Arc<Self>, record: Arc<InvocationRecord>) {
-        let policy = &self.config.retry;
+        let policy = self
+            .config
+            .retry_policy(&record.target.service, &record.target.handler);
         let mut attempts = record.attempts;
         loop {
             let mailbox = Arc::new(Mailbox::default());

@@ -179,6 +179,17 @@ impl Trip {
         })
     }
 
+    /// Like `fetch`, but the step retries in place: at most 3 runs.
+    pub fn fetch_step(ctx: &Context, url: String) -> HandlerResult<String> {
+        ctx.run_with_retry("fetch", StepRetry::attempts(3), || {
+            let r = cairn_sdk::http::get(&url)?;
+            match r.status {
+                200 => Ok(String::from_utf8_lossy(&r.body).into_owned()),
+                s => Err(HandlerError::retryable(format!("status {s}"))),
+            }
+        })
+    }
+
     /// Book, then wait an hour for confirmation; if cancelled meanwhile,
     /// compensate (logged to `Log/{key}`) and fail.
     pub fn book(ctx: &Context, key: String) -> HandlerResult<String> {
