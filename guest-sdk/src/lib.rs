@@ -41,6 +41,14 @@
 //! therefore be deterministic outside of `run` steps: no reading clocks,
 //! randomness or the network except inside a step.
 //!
+//! ## Coordination
+//!
+//! [`Context::sleep`], [`Context::call`], [`Context::awakeable`] and
+//! [`Context::promise`] return a [`Pending`] result; [`Pending::wait`]
+//! blocks until it completes (the host may suspend the invocation while it
+//! waits), [`join_all`] waits for several and [`Context::select`] for the
+//! first of several. [`Context::send`] invokes another handler one-way.
+//!
 //! ## Errors
 //!
 //! A handler returns [`HandlerError`]. Any `std::error::Error` converts into
