@@ -450,6 +450,12 @@ async fn sigkill_with_calls_sleeps_and_awakeables_in_flight_completes_everything
     for i in 0..10 {
         asks.push(send(&host, "/Approval/ask", &format!("\"ask{i}\"")).await);
     }
+    // Kill once the awakeables exist and the sleeps are armed, mid-flight.
+    for i in 0..10 {
+        wait_log(&host, &format!("ask{i}"), 1).await;
+    }
+    host.wait_invocation(&naps[19], MINUTE, |v| commands(v, "sleep") == 1)
+        .await;
     host.kill();
     host.restart().await;
     for (i, ask) in asks.iter().enumerate() {

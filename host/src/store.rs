@@ -641,7 +641,7 @@ impl<'txn> Tables<'txn> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::{Command, Entry};
+    use crate::journal::{Command, Entry, Outcome};
     use crate::records::{HandlerKind, Status, Target};
 
     fn with_tables<R>(store: &Store, f: impl FnOnce(&mut Tables<'_>) -> StoreResult<R>) -> R {
@@ -722,6 +722,32 @@ mod tests {
         assert!(store.journal(&a.id).unwrap().is_empty());
         assert_eq!(store.idempotent("Counter/x/add", "k").unwrap(), None);
         assert!(store.expired(u64::MAX - 1, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn forgetting_a_workflow_run_clears_its_state_and_promises() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut run = record("w1", HandlerKind::Workflow);
+        run.target.service = "Signup".into();
+        run.status = Status::Completed;
+        let done = Outcome::Success(b"1".to_vec());
+        with_tables(&store, |t| {
+            t.put_invocation(&run)?;
+            t.set_state("Signup", "w1", "stage", b"\"done\"")?;
+            t.set_state("Signup", "w2", "stage", b"\"other\"")?;
+            t.complete_promise("Signup", "w1", "link", &done)?;
+            t.expire_at(5, &run.id)
+        });
+        assert_eq!(store.promise("Signup", "w1", "link").unwrap(), Some(done));
+        with_tables(&store, |t| t.forget(5, &run.id));
+        assert!(store.state_names("Signup", "w1").unwrap().is_empty());
+        assert_eq!(store.promise("Signup", "w1", "link").unwrap(), None);
+        assert_eq!(
+            store.state_names("Signup", "w2").unwrap(),
+            vec!["stage"],
+            "other ids keep theirs"
+        );
     }
 
     #[test]
