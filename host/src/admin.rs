@@ -9,6 +9,10 @@
 //! | `POST /invocations/{id}/cancel` | cooperative: pending operations fail with "cancelled" (409), compensation can run |
 //! | `POST /invocations/{id}/kill` | completes it at once with "killed" (409), no compensation |
 //! | `POST /invocations/{id}/pause`, `.../resume[?deployment=dp_...]` | stop it (keeping its journal and key) / run it again, optionally on another deployment |
+//! | `POST /kafka-clusters` `{"name", "properties"}` | 201; `GET /kafka-clusters` lists them |
+//! | `POST /subscriptions` `{"source": "kafka://c/topic", "sink": "service://S/h", "options"}` | 201 with the id; 409 for the same source and sink twice |
+//! | `GET /subscriptions`, `GET /subscriptions/{id}` | with ingested count, rate, in-flight invocations and lag per partition |
+//! | `POST /subscriptions/{id}/pause`, `.../resume`, `DELETE /subscriptions/{id}` | stop, restart, remove its consumer |
 //! | `GET /health` | 200 once the host serves |
 
 use crate::deployments::UploadError;
@@ -16,6 +20,8 @@ use crate::ids::InvocationId;
 use crate::ingress::ApiError;
 use crate::invoker::{Invoker, LiveStatus};
 use crate::journal::{Command, CompletionValue, Entry, Outcome};
+use crate::kafka::{SubscriptionError, Subscriptions};
+use crate::records::ClusterRecord;
 use crate::records::{InvocationRecord, Status};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -28,15 +34,114 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 /// The admin router.
-pub fn router(invoker: Arc<Invoker>, max_module_bytes: usize) -> Router {
+pub fn router(
+    invoker: Arc<Invoker>,
+    subscriptions: Arc<Subscriptions>,
+    max_module_bytes: usize,
+) -> Router {
+    let kafka = Router::new()
+        .route("/kafka-clusters", get(list_clusters).post(put_cluster))
+        .route(
+            "/subscriptions",
+            get(list_subscriptions).post(create_subscription),
+        )
+        .route(
+            "/subscriptions/{id}",
+            get(get_subscription).delete(delete_subscription),
+        )
+        .route("/subscriptions/{id}/{action}", post(control_subscription))
+        .with_state(subscriptions);
     Router::new()
         .route("/deployments", get(list_deployments).post(deploy))
         .route("/services", get(list_services))
         .route("/invocations/{id}", get(describe_invocation))
         .route("/invocations/{id}/{action}", post(control_invocation))
-        .route("/health", get(|| async { "ok" }))
+        .with_state(invoker.clone())
+        .merge(kafka.route("/health", get(|| async { "ok" })))
         .layer(DefaultBodyLimit::max(max_module_bytes))
-        .with_state(invoker)
+}
+
+impl From<SubscriptionError> for ApiError {
+    fn from(e: SubscriptionError) -> Self {
+        let status = match e {
+            SubscriptionError::Invalid(_) => StatusCode::BAD_REQUEST,
+            SubscriptionError::Duplicate(_) => StatusCode::CONFLICT,
+            SubscriptionError::NotFound(_) => StatusCode::NOT_FOUND,
+            SubscriptionError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct NewSubscription {
+    source: String,
+    sink: String,
+    #[serde(default)]
+    options: std::collections::BTreeMap<String, String>,
+}
+
+async fn put_cluster(
+    State(subs): State<Arc<Subscriptions>>,
+    Json(cluster): Json<ClusterRecord>,
+) -> Result<Response, ApiError> {
+    subs.put_cluster(cluster.clone()).await?;
+    Ok((StatusCode::CREATED, Json(cluster)).into_response())
+}
+
+async fn list_clusters(State(subs): State<Arc<Subscriptions>>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({ "clusters": subs.clusters()? })))
+}
+
+async fn create_subscription(
+    State(subs): State<Arc<Subscriptions>>,
+    Json(req): Json<NewSubscription>,
+) -> Result<Response, ApiError> {
+    let record = subs.create(&req.source, &req.sink, req.options).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": record.id, "source": record.source(), "sink": record.sink() })),
+    )
+        .into_response())
+}
+
+async fn list_subscriptions(
+    State(subs): State<Arc<Subscriptions>>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({ "subscriptions": subs.list().await? })))
+}
+
+async fn get_subscription(
+    State(subs): State<Arc<Subscriptions>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!(subs.get(&id).await?)))
+}
+
+async fn delete_subscription(
+    State(subs): State<Arc<Subscriptions>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    subs.delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn control_subscription(
+    State(subs): State<Arc<Subscriptions>>,
+    Path((id, action)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let paused = match action.as_str() {
+        "pause" => true,
+        "resume" => false,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no action {action}: use pause or resume"),
+            ))
+        }
+    };
+    let record = subs.set_paused(&id, paused).await?;
+    Ok(Json(json!({ "id": record.id, "paused": record.paused })))
 }
 
 async fn deploy(State(invoker): State<Arc<Invoker>>, body: Bytes) -> Result<Response, ApiError> {

@@ -41,6 +41,10 @@
 //! # After this many attempts the invocation is paused (resume it via the admin API).
 //! max_attempts = 30
 //!
+//! [kafka]
+//! # Unfinished invocations per subscription before its partitions pause.
+//! max_in_flight = 10000
+//!
 //! # The policy of one handler (or "Service" for all its handlers).
 //! [retry_overrides."Payments/charge"]
 //! max_attempts = 5
@@ -82,6 +86,8 @@ pub struct Config {
     pub limits: Limits,
     /// Default retry policy.
     pub retry: RetryPolicy,
+    /// Kafka ingest.
+    pub kafka: KafkaConfig,
     /// Retry policies of particular services (`"Service"`) or handlers
     /// (`"Service/handler"`); fields they omit take the built-in defaults.
     pub retry_overrides: std::collections::BTreeMap<String, RetryPolicy>,
@@ -98,6 +104,23 @@ pub struct Limits {
     pub cpu_per_attempt: Duration,
     /// Instances alive at once (size of the pooling allocator).
     pub max_instances: u32,
+}
+
+/// Kafka ingest settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Unfinished invocations per subscription above which its partitions
+    /// pause (they resume at half of it).
+    pub max_in_flight: usize,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            max_in_flight: 10_000,
+        }
+    }
 }
 
 /// Exponential backoff for retryable failures.
@@ -131,6 +154,7 @@ impl Default for Config {
             limits: Limits::default(),
             retry: RetryPolicy::default(),
             retry_overrides: Default::default(),
+            kafka: KafkaConfig::default(),
         }
     }
 }

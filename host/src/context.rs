@@ -361,6 +361,7 @@ impl DurableContext {
                 idempotency_key: None,
                 delay: delay.filter(|d| !d.is_zero()),
                 caller,
+                source: None,
             })
             .map_err(|e| e.to_string())
     }

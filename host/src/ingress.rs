@@ -187,7 +187,7 @@ async fn call(
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
             delay,
-            caller: None,
+            ..Default::default()
         })
         .await?;
     if call.send {

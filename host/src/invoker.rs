@@ -56,6 +56,8 @@ pub struct NewInvocation {
     pub delay: Option<Duration>,
     /// The invocation waiting for the result, for calls between handlers.
     pub caller: Option<Caller>,
+    /// The subscription that created it, if any.
+    pub source: Option<String>,
 }
 
 /// The answer to a submission.
@@ -136,6 +138,8 @@ pub struct Invoker {
     keys: Mutex<HashMap<(String, String), KeyQueue>>,
     live: Mutex<HashMap<InvocationId, Live>>,
     watchers: Mutex<HashMap<InvocationId, Vec<oneshot::Sender<Outcome>>>>,
+    /// Unfinished invocations per subscription (Kafka backpressure).
+    in_flight: Mutex<HashMap<String, usize>>,
 }
 
 type Deliveries = Vec<(InvocationId, u32, Completion)>;
@@ -162,6 +166,7 @@ impl Invoker {
             keys: Mutex::default(),
             live: Mutex::default(),
             watchers: Mutex::default(),
+            in_flight: Mutex::default(),
         })
     }
 
@@ -195,6 +200,7 @@ impl Invoker {
     pub fn recover(self: &Arc<Self>) -> Result<usize, StoreError> {
         let mut resumed = 0;
         for record in self.store.unfinished()? {
+            self.count_source(&record, 1);
             match record.status {
                 Status::Ready => {
                     resumed += 1;
@@ -219,6 +225,16 @@ impl Invoker {
         self: &Arc<Self>,
         request: NewInvocation,
     ) -> Result<Submitted, SubmitError> {
+        let answer = self.submit_queued(request)?;
+        Ok(answer.await.expect("the commit writer answers every job"))
+    }
+
+    /// Queue the creation of an invocation now (so submissions keep their
+    /// order) and answer through the receiver once it is durable.
+    pub fn submit_queued(
+        self: &Arc<Self>,
+        request: NewInvocation,
+    ) -> Result<oneshot::Receiver<Submitted>, SubmitError> {
         let record = self.new_record(request)?;
         let (tx, rx) = oneshot::channel();
         let me = self.clone();
@@ -238,7 +254,25 @@ impl Invoker {
                 let _ = tx.send(submitted);
             }) as Continuation)
         }));
-        Ok(rx.await.expect("the commit writer answers every job"))
+        Ok(rx)
+    }
+
+    /// Unfinished invocations created by subscription `source`.
+    pub fn in_flight(&self, source: &str) -> usize {
+        self.in_flight
+            .lock()
+            .unwrap()
+            .get(source)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn count_source(&self, record: &InvocationRecord, delta: isize) {
+        if let Some(source) = &record.source {
+            let mut counts = self.in_flight.lock().unwrap();
+            let n = counts.entry(source.clone()).or_default();
+            *n = n.saturating_add_signed(delta);
+        }
     }
 
     /// Store a new invocation inside a write transaction and route it; or,
@@ -262,6 +296,7 @@ impl Invoker {
         }
         record.seq = t.next_seq()?;
         t.put_invocation(&record)?;
+        self.count_source(&record, 1);
         self.schedule(Arc::new(record));
         Ok(None)
     }
@@ -314,6 +349,7 @@ impl Invoker {
             completed_ms: None,
             caller: request.caller,
             cancelled: false,
+            source: request.source,
         })
     }
 
@@ -673,6 +709,7 @@ impl Invoker {
         let me = self.clone();
         Ok(Some(Box::new(move || {
             let task = me.live.lock().unwrap().remove(&r.id).and_then(|l| l.task);
+            me.count_source(&r, -1);
             me.release(&r);
             let waiting = me
                 .watchers

@@ -14,6 +14,7 @@
 //!   side of the guest's `context` interface.
 //! - [`deployments`]: uploads and the service registry.
 //! - [`invoker`]: invocation lifecycle, per-key ordering, retries.
+//! - [`kafka`]: subscriptions that turn records into invocations.
 //! - [`ingress`], [`admin`]: the HTTP APIs; [`server`] wires a host.
 //!
 //! `docs/design.md` describes the journal, the tables and the replay rules.
@@ -28,6 +29,7 @@ pub mod ids;
 pub mod ingress;
 pub mod invoker;
 pub mod journal;
+pub mod kafka;
 pub mod records;
 pub mod runtime;
 pub mod server;

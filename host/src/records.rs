@@ -143,6 +143,48 @@ pub struct InvocationRecord {
     pub caller: Option<Caller>,
     /// Cancellation was requested.
     pub cancelled: bool,
+    /// The subscription whose record created it, if any (for backpressure).
+    pub source: Option<String>,
+}
+
+/// A Kafka cluster registered by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    /// Its name, as used in `kafka://name/topic`.
+    pub name: String,
+    /// librdkafka properties (`bootstrap.servers`, security, ...).
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+/// A subscription from a Kafka topic to a handler.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionRecord {
+    /// `sub_...`.
+    pub id: String,
+    /// The cluster's name.
+    pub cluster: String,
+    /// The topic.
+    pub topic: String,
+    /// The sink service.
+    pub service: String,
+    /// The sink handler.
+    pub handler: String,
+    /// Consumer options (`auto.offset.reset`, ...).
+    pub options: std::collections::BTreeMap<String, String>,
+    /// Paused by an operator.
+    pub paused: bool,
+}
+
+impl SubscriptionRecord {
+    /// `kafka://cluster/topic`.
+    pub fn source(&self) -> String {
+        format!("kafka://{}/{}", self.cluster, self.topic)
+    }
+
+    /// `service://Service/handler`.
+    pub fn sink(&self) -> String {
+        format!("service://{}/{}", self.service, self.handler)
+    }
 }
 
 /// Where a call's result goes.

@@ -47,6 +47,8 @@ pub async fn serve(config: Config, deploy: Vec<PathBuf>) -> anyhow::Result<()> {
     }
     let resumed = invoker.recover()?;
     tracing::info!(resumed, "recovered unfinished invocations");
+    let subscriptions =
+        crate::kafka::Subscriptions::start(invoker.clone(), config.kafka.max_in_flight)?;
 
     let ingress = tokio::net::TcpListener::bind(config.ingress_addr)
         .await
@@ -66,7 +68,7 @@ pub async fn serve(config: Config, deploy: Vec<PathBuf>) -> anyhow::Result<()> {
     .with_graceful_shutdown(shutdown());
     let admin = axum::serve(
         admin,
-        crate::admin::router(invoker, config.max_module_bytes),
+        crate::admin::router(invoker, subscriptions, config.max_module_bytes),
     )
     .with_graceful_shutdown(shutdown());
     tokio::try_join!(async { ingress.await }, async { admin.await })?;

@@ -8,7 +8,9 @@
 
 use crate::ids::{DeploymentId, InvocationId};
 use crate::journal::{Completion, Entry, Outcome};
-use crate::records::{DeploymentRecord, HandlerKind, InvocationRecord};
+use crate::records::{
+    ClusterRecord, DeploymentRecord, HandlerKind, InvocationRecord, SubscriptionRecord,
+};
 use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::Path;
@@ -42,6 +44,10 @@ const PROMISES: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::ne
 /// (workflow, id, promise name, invocation id, command index): waiters
 const PROMISE_WAITERS: TableDefinition<(&str, &str, &str, &str, u32), ()> =
     TableDefinition::new("promise_waiters");
+/// name -> postcard(ClusterRecord)
+const KAFKA_CLUSTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("kafka_clusters");
+/// id -> postcard(SubscriptionRecord)
+const SUBSCRIPTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("subscriptions");
 /// counters
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -230,6 +236,30 @@ impl Store {
         Ok(records)
     }
 
+    /// Every registered Kafka cluster.
+    pub fn clusters(&self) -> StoreResult<Vec<ClusterRecord>> {
+        self.all(KAFKA_CLUSTERS, "kafka_clusters")
+    }
+
+    /// Every subscription.
+    pub fn subscriptions(&self) -> StoreResult<Vec<SubscriptionRecord>> {
+        self.all(SUBSCRIPTIONS, "subscriptions")
+    }
+
+    fn all<T: DeserializeOwned>(
+        &self,
+        def: TableDefinition<&str, &[u8]>,
+        name: &'static str,
+    ) -> StoreResult<Vec<T>> {
+        let raw = self.read(|t| {
+            t.open_table(def)?
+                .iter()?
+                .map(|row| Ok(row?.1.value().to_vec()))
+                .collect::<Result<Vec<_>, redb::Error>>()
+        })?;
+        raw.iter().map(|b| decode(name, b)).collect()
+    }
+
     /// A deployment's component bytes.
     pub fn module(&self, id: &DeploymentId) -> StoreResult<Option<Vec<u8>>> {
         self.read(|t| {
@@ -298,6 +328,8 @@ pub struct Tables<'txn> {
     awakeables: Table<'txn, (&'static str, u32), ()>,
     promises: Table<'txn, (&'static str, &'static str, &'static str), &'static [u8]>,
     promise_waiters: Table<'txn, (&'static str, &'static str, &'static str, &'static str, u32), ()>,
+    clusters: Table<'txn, &'static str, &'static [u8]>,
+    subscriptions: Table<'txn, &'static str, &'static [u8]>,
     meta: Table<'txn, &'static str, u64>,
 }
 
@@ -320,6 +352,8 @@ impl<'txn> Tables<'txn> {
             awakeables: txn.open_table(AWAKEABLES).map_err(open)?,
             promises: txn.open_table(PROMISES).map_err(open)?,
             promise_waiters: txn.open_table(PROMISE_WAITERS).map_err(open)?,
+            clusters: txn.open_table(KAFKA_CLUSTERS).map_err(open)?,
+            subscriptions: txn.open_table(SUBSCRIPTIONS).map_err(open)?,
             meta: txn.open_table(META).map_err(open)?,
         })
     }
@@ -629,6 +663,41 @@ impl<'txn> Tables<'txn> {
         Ok(())
     }
 
+    /// Register (or replace) a Kafka cluster.
+    pub fn put_cluster(&mut self, cluster: &ClusterRecord) -> StoreResult<()> {
+        self.clusters
+            .insert(cluster.name.as_str(), encode(cluster).as_slice())
+            .map_err(StoreError::redb)?;
+        Ok(())
+    }
+
+    /// Store (or update) a subscription.
+    pub fn put_subscription(&mut self, sub: &SubscriptionRecord) -> StoreResult<()> {
+        self.subscriptions
+            .insert(sub.id.as_str(), encode(sub).as_slice())
+            .map_err(StoreError::redb)?;
+        Ok(())
+    }
+
+    /// Every subscription, as of this transaction.
+    pub fn subscriptions(&self) -> StoreResult<Vec<SubscriptionRecord>> {
+        let mut all = Vec::new();
+        for row in self.subscriptions.iter().map_err(StoreError::redb)? {
+            let (_, v) = row.map_err(StoreError::redb)?;
+            all.push(decode("subscriptions", v.value())?);
+        }
+        Ok(all)
+    }
+
+    /// Delete a subscription; `false` if there was none.
+    pub fn remove_subscription(&mut self, id: &str) -> StoreResult<bool> {
+        Ok(self
+            .subscriptions
+            .remove(id)
+            .map_err(StoreError::redb)?
+            .is_some())
+    }
+
     /// Replace a deployment's compiled artifact (after an engine upgrade).
     pub fn put_artifact(&mut self, id: &DeploymentId, artifact: &[u8]) -> StoreResult<()> {
         self.artifacts
@@ -674,6 +743,7 @@ mod tests {
             completed_ms: None,
             caller: None,
             cancelled: false,
+            source: None,
         }
     }
 

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod kafka;
 pub mod server;
 
 /// The cargo target directory the tests (or the load generator) were built

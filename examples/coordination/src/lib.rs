@@ -238,4 +238,57 @@ impl Steps2 {
     }
 }
 
-cairn_sdk::export!(Sleeper, Log, Doubler, Tally, Chain, Approval, Signup, Trip, Steps2);
+/// An event from a Kafka topic.
+#[derive(serde::Deserialize)]
+pub struct Event {
+    /// Sequence number.
+    pub n: u64,
+    /// A slow outside call to make first, if any.
+    #[serde(default)]
+    pub url: Option<String>,
+}
+
+/// What `Events` saw of a key's records.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+pub struct Seen {
+    /// Sequence numbers, in processing order.
+    pub numbers: Vec<u64>,
+    /// The Kafka metadata and `x-trace` header of the last record.
+    pub last: Vec<(String, String)>,
+}
+
+/// Per-key processing of Kafka events.
+pub struct Events;
+
+#[cairn_sdk::object]
+impl Events {
+    /// Record the event (after the outside call, if it has one).
+    pub fn handle(ctx: &Context, event: Event) -> HandlerResult<usize> {
+        if let Some(url) = &event.url {
+            ctx.run("call", || cairn_sdk::http::get(url).map(|r| r.status))?;
+        }
+        let mut seen = ctx.get::<Seen>("seen")?.unwrap_or_default();
+        seen.numbers.push(event.n);
+        seen.last = [
+            "x-kafka-topic",
+            "x-kafka-partition",
+            "x-kafka-offset",
+            "x-kafka-key",
+            "x-kafka-timestamp",
+            "x-trace",
+        ]
+        .iter()
+        .filter_map(|h| Some((h.to_string(), ctx.header(h)?.to_string())))
+        .collect();
+        ctx.set("seen", &seen);
+        Ok(seen.numbers.len())
+    }
+
+    /// What this key saw.
+    #[shared]
+    pub fn seen(ctx: &Context) -> HandlerResult<Seen> {
+        Ok(ctx.get("seen")?.unwrap_or_default())
+    }
+}
+
+cairn_sdk::export!(Sleeper, Log, Doubler, Tally, Chain, Approval, Signup, Trip, Steps2, Events);

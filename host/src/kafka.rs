@@ -1,0 +1,583 @@
+//! Kafka subscriptions: every record of a topic becomes exactly one durable
+//! invocation of a handler.
+//!
+//! Lifecycle: a subscription (stored in redb) gets one consumer task while
+//! it exists and is not paused. The task reads records in batches and
+//! queues one invocation per record *in offset order* (so the per-key
+//! queues of virtual objects see a key's records in order, while different
+//! keys run concurrently). Once the whole batch is durable it commits the
+//! offsets to Kafka. A record delivered again after a crash or a rebalance
+//! carries the same idempotency key, `kafka:{subscription}:{topic}:{partition}:{offset}`,
+//! so it maps to the invocation that already exists: exactly one invocation
+//! per record.
+//!
+//! Backpressure: when a subscription's unfinished invocations pass
+//! `kafka.max_in_flight`, its partitions are paused until they drain to half
+//! of that. Nothing is dropped; the log holds what is not yet ingested.
+//!
+//! Record keys become object keys. Keys that are UTF-8 (and do not start
+//! with `hex:`) are used as they are; other keys are written `hex:` followed
+//! by the bytes in lower-case hex, which is reversible. The handler sees the
+//! record's topic, partition, offset, timestamp, key and headers as
+//! invocation headers (`x-kafka-*` plus the record's own headers).
+
+use crate::invoker::{Invoker, NewInvocation};
+use crate::records::{ClusterRecord, SubscriptionRecord, Target};
+use crate::store::StoreError;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Largest batch of records queued before waiting for their commit.
+const BATCH: usize = 2000;
+
+/// Why a cluster or subscription request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscriptionError {
+    /// Malformed request (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// The same source and sink exist already (409).
+    #[error("{0}")]
+    Duplicate(String),
+    /// No such subscription (404).
+    #[error("subscription {0} not found")]
+    NotFound(String),
+    /// The store failed (500).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Counters of one running subscription.
+#[derive(Default)]
+pub struct Stats {
+    ingested: AtomicU64,
+    rate: AtomicU64,
+}
+
+struct Running {
+    consumer: Arc<StreamConsumer>,
+    stats: Arc<Stats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What the admin API shows of a subscription.
+#[derive(Debug, Serialize)]
+pub struct SubscriptionView {
+    /// The stored subscription.
+    #[serde(flatten)]
+    pub record: SubscriptionRecord,
+    /// `kafka://cluster/topic`.
+    pub source: String,
+    /// `service://Service/handler`.
+    pub sink: String,
+    /// Records turned into invocations since the host started.
+    pub ingested: u64,
+    /// Records per second over the last second.
+    pub ingest_rate: u64,
+    /// Invocations created by it that have not finished.
+    pub in_flight: usize,
+    /// Records not yet ingested, per partition (high watermark minus committed offset).
+    pub lag: BTreeMap<i32, i64>,
+}
+
+/// The subscriptions of a host and their consumers.
+pub struct Subscriptions {
+    invoker: Arc<Invoker>,
+    max_in_flight: usize,
+    running: Mutex<HashMap<String, Running>>,
+}
+
+impl Subscriptions {
+    /// Start a consumer for every stored, unpaused subscription.
+    pub fn start(invoker: Arc<Invoker>, max_in_flight: usize) -> Result<Arc<Self>, StoreError> {
+        let subs = Arc::new(Subscriptions {
+            invoker,
+            max_in_flight,
+            running: Mutex::default(),
+        });
+        for record in subs.invoker.store().subscriptions()? {
+            if !record.paused {
+                subs.launch(record)?;
+            }
+        }
+        Ok(subs)
+    }
+
+    /// Every registered cluster.
+    pub fn clusters(&self) -> Result<Vec<ClusterRecord>, StoreError> {
+        self.invoker.store().clusters()
+    }
+
+    /// Register or replace a cluster.
+    pub async fn put_cluster(&self, cluster: ClusterRecord) -> Result<(), SubscriptionError> {
+        if cluster.name.is_empty() || cluster.name.contains('/') {
+            return Err(SubscriptionError::Invalid(format!(
+                "invalid cluster name {:?}",
+                cluster.name
+            )));
+        }
+        if !cluster.properties.contains_key("bootstrap.servers") {
+            return Err(SubscriptionError::Invalid(
+                "properties must include bootstrap.servers".into(),
+            ));
+        }
+        self.invoker
+            .committer()
+            .commit(move |t| t.put_cluster(&cluster))
+            .await;
+        Ok(())
+    }
+
+    /// Create a subscription from `kafka://cluster/topic` to `service://Name/handler`.
+    pub async fn create(
+        self: &Arc<Self>,
+        source: &str,
+        sink: &str,
+        options: BTreeMap<String, String>,
+    ) -> Result<SubscriptionRecord, SubscriptionError> {
+        let invalid = |m: String| SubscriptionError::Invalid(m);
+        let (cluster, topic) = source
+            .strip_prefix("kafka://")
+            .and_then(|s| s.split_once('/'))
+            .filter(|(c, t)| !c.is_empty() && !t.is_empty())
+            .ok_or_else(|| invalid(format!("source {source:?} is not kafka://cluster/topic")))?;
+        let (service, handler) = sink
+            .strip_prefix("service://")
+            .and_then(|s| s.split_once('/'))
+            .ok_or_else(|| invalid(format!("sink {sink:?} is not service://Name/handler")))?;
+        let store = self.invoker.store();
+        if !store.clusters()?.iter().any(|c| c.name == cluster) {
+            return Err(invalid(format!(
+                "unknown cluster {cluster}: register it with POST /kafka-clusters"
+            )));
+        }
+        let (info, _) = self
+            .invoker
+            .registry()
+            .service(service)
+            .ok_or_else(|| invalid(format!("service {service} not found")))?;
+        if info.handler(handler).is_none() {
+            return Err(invalid(format!(
+                "handler {handler} not found in service {service}"
+            )));
+        }
+        let record = SubscriptionRecord {
+            id: format!("sub_{}", uuid::Uuid::now_v7().simple()),
+            cluster: cluster.into(),
+            topic: topic.into(),
+            service: service.into(),
+            handler: handler.into(),
+            options,
+            paused: false,
+        };
+        let stored = record.clone();
+        let created = self
+            .invoker
+            .committer()
+            .commit(move |t| {
+                let same = |s: &SubscriptionRecord| {
+                    s.source() == stored.source() && s.sink() == stored.sink()
+                };
+                if t.subscriptions()?.iter().any(same) {
+                    return Ok(false);
+                }
+                t.put_subscription(&stored).map(|_| true)
+            })
+            .await;
+        if !created {
+            return Err(SubscriptionError::Duplicate(format!(
+                "a subscription from {} to {} exists already",
+                record.source(),
+                record.sink()
+            )));
+        }
+        self.launch(record.clone())?;
+        Ok(record)
+    }
+
+    /// Every subscription with its figures.
+    pub async fn list(&self) -> Result<Vec<SubscriptionView>, SubscriptionError> {
+        let mut views = Vec::new();
+        for record in self.invoker.store().subscriptions()? {
+            views.push(self.view(record).await);
+        }
+        Ok(views)
+    }
+
+    /// One subscription with its figures.
+    pub async fn get(&self, id: &str) -> Result<SubscriptionView, SubscriptionError> {
+        let record = self.find(id)?;
+        Ok(self.view(record).await)
+    }
+
+    fn find(&self, id: &str) -> Result<SubscriptionRecord, SubscriptionError> {
+        self.invoker
+            .store()
+            .subscriptions()?
+            .into_iter()
+            .find(|s| s.id == id)
+            .ok_or_else(|| SubscriptionError::NotFound(id.into()))
+    }
+
+    /// Pause or resume consumption.
+    pub async fn set_paused(
+        self: &Arc<Self>,
+        id: &str,
+        paused: bool,
+    ) -> Result<SubscriptionRecord, SubscriptionError> {
+        let mut record = self.find(id)?;
+        record.paused = paused;
+        let stored = record.clone();
+        self.invoker
+            .committer()
+            .commit(move |t| t.put_subscription(&stored))
+            .await;
+        self.stop(id);
+        if !paused {
+            self.launch(record.clone())?;
+        }
+        Ok(record)
+    }
+
+    /// Delete a subscription (its invocations stay).
+    pub async fn delete(&self, id: &str) -> Result<(), SubscriptionError> {
+        let id2 = id.to_string();
+        if !self
+            .invoker
+            .committer()
+            .commit(move |t| t.remove_subscription(&id2))
+            .await
+        {
+            return Err(SubscriptionError::NotFound(id.into()));
+        }
+        self.stop(id);
+        Ok(())
+    }
+
+    fn stop(&self, id: &str) {
+        if let Some(running) = self.running.lock().unwrap().remove(id) {
+            running.task.abort();
+        }
+    }
+
+    fn launch(self: &Arc<Self>, record: SubscriptionRecord) -> Result<(), StoreError> {
+        let Some(cluster) = self
+            .invoker
+            .store()
+            .clusters()?
+            .into_iter()
+            .find(|c| c.name == record.cluster)
+        else {
+            tracing::error!(subscription = %record.id, "cluster {} is not registered", record.cluster);
+            return Ok(());
+        };
+        let consumer = match consumer(&cluster, &record) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                tracing::error!(subscription = %record.id, "cannot create the consumer: {e}");
+                return Ok(());
+            }
+        };
+        let stats = Arc::new(Stats::default());
+        let ingest = Ingest {
+            invoker: self.invoker.clone(),
+            consumer: consumer.clone(),
+            stats: stats.clone(),
+            record: record.clone(),
+            max_in_flight: self.max_in_flight,
+        };
+        let task = tokio::spawn(ingest.run());
+        self.running.lock().unwrap().insert(
+            record.id,
+            Running {
+                consumer,
+                stats,
+                task,
+            },
+        );
+        Ok(())
+    }
+
+    async fn view(&self, record: SubscriptionRecord) -> SubscriptionView {
+        let running = self
+            .running
+            .lock()
+            .unwrap()
+            .get(&record.id)
+            .map(|r| (r.consumer.clone(), r.stats.clone()));
+        let (ingested, ingest_rate, lag) = match running {
+            Some((consumer, stats)) => {
+                let topic = record.topic.clone();
+                let lag = tokio::task::spawn_blocking(move || lag(&consumer, &topic))
+                    .await
+                    .unwrap_or_default();
+                (
+                    stats.ingested.load(Ordering::Relaxed),
+                    stats.rate.load(Ordering::Relaxed),
+                    lag,
+                )
+            }
+            None => (0, 0, BTreeMap::new()),
+        };
+        SubscriptionView {
+            source: record.source(),
+            sink: record.sink(),
+            in_flight: self.invoker.in_flight(&record.id),
+            record,
+            ingested,
+            ingest_rate,
+            lag,
+        }
+    }
+}
+
+fn consumer(
+    cluster: &ClusterRecord,
+    sub: &SubscriptionRecord,
+) -> rdkafka::error::KafkaResult<StreamConsumer> {
+    let mut config = ClientConfig::new();
+    for (k, v) in &cluster.properties {
+        config.set(k, v);
+    }
+    config
+        .set("group.id", format!("cairn-{}", sub.id))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false");
+    for (k, v) in &sub.options {
+        config.set(k, v);
+    }
+    config
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    let consumer: StreamConsumer = config.create()?;
+    consumer.subscribe(&[sub.topic.as_str()])?;
+    Ok(consumer)
+}
+
+/// Per partition: high watermark minus committed offset.
+fn lag(consumer: &StreamConsumer, topic: &str) -> BTreeMap<i32, i64> {
+    let timeout = Duration::from_secs(2);
+    let Ok(assignment) = consumer.assignment() else {
+        return BTreeMap::new();
+    };
+    let committed = consumer
+        .committed_offsets(assignment.clone(), timeout)
+        .unwrap_or(assignment);
+    committed
+        .elements_for_topic(topic)
+        .iter()
+        .filter_map(|e| {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, e.partition(), timeout)
+                .ok()?;
+            let done = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => low,
+            };
+            Some((e.partition(), (high - done).max(0)))
+        })
+        .collect()
+}
+
+/// The object key for a record key (see the module docs).
+pub fn object_key(key: Option<&[u8]>) -> String {
+    let key = key.unwrap_or_default();
+    match std::str::from_utf8(key) {
+        Ok(text) if !text.starts_with("hex:") => text.to_string(),
+        _ => format!("hex:{}", hex::encode(key)),
+    }
+}
+
+/// One subscription's consumer loop.
+struct Ingest {
+    invoker: Arc<Invoker>,
+    consumer: Arc<StreamConsumer>,
+    stats: Arc<Stats>,
+    record: SubscriptionRecord,
+    max_in_flight: usize,
+}
+
+impl Ingest {
+    async fn run(self) {
+        tracing::info!(subscription = %self.record.id, source = %self.record.source(), sink = %self.record.sink(), "consuming");
+        let mut window = (Instant::now(), 0u64);
+        loop {
+            self.wait_for_room().await;
+            let batch = self.next_batch().await;
+            let count = batch.len() as u64;
+            if count > 0 {
+                self.ingest(batch).await;
+                self.stats.ingested.fetch_add(count, Ordering::Relaxed);
+            }
+            window.1 += count;
+            if window.0.elapsed() >= Duration::from_secs(1) {
+                let rate = window.1 as f64 / window.0.elapsed().as_secs_f64();
+                self.stats.rate.store(rate as u64, Ordering::Relaxed);
+                window = (Instant::now(), 0);
+            }
+        }
+    }
+
+    /// Backpressure: pause the partitions while too many invocations are unfinished.
+    async fn wait_for_room(&self) {
+        if self.invoker.in_flight(&self.record.id) < self.max_in_flight {
+            return;
+        }
+        let assignment = self.consumer.assignment().unwrap_or_default();
+        if let Err(e) = self.consumer.pause(&assignment) {
+            tracing::warn!(subscription = %self.record.id, "cannot pause: {e}");
+        }
+        tracing::info!(subscription = %self.record.id, in_flight = self.max_in_flight, "backpressure: consumption paused");
+        while self.invoker.in_flight(&self.record.id) > self.max_in_flight / 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Err(e) = self.consumer.resume(&assignment) {
+            tracing::warn!(subscription = %self.record.id, "cannot resume: {e}");
+        }
+        tracing::info!(subscription = %self.record.id, "backpressure: consumption resumed");
+    }
+
+    /// Up to BATCH records: wait for the first, then take what is ready.
+    async fn next_batch(&self) -> Vec<OwnedRecord> {
+        let mut batch = Vec::new();
+        let first = tokio::time::timeout(Duration::from_millis(500), self.consumer.recv()).await;
+        match first {
+            Err(_) => return batch,
+            Ok(Err(e)) => {
+                tracing::warn!(subscription = %self.record.id, "kafka: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                return batch;
+            }
+            Ok(Ok(m)) => batch.push(OwnedRecord::from(&m)),
+        }
+        while batch.len() < BATCH {
+            match tokio::time::timeout(Duration::from_millis(2), self.consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(OwnedRecord::from(&m)),
+                _ => break,
+            }
+        }
+        batch
+    }
+
+    /// Queue one invocation per record, in order; once all are durable,
+    /// commit the offsets.
+    async fn ingest(&self, batch: Vec<OwnedRecord>) {
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut offsets: BTreeMap<i32, i64> = BTreeMap::new();
+        for record in batch {
+            offsets.insert(record.partition, record.offset + 1);
+            match self.invoker.submit_queued(self.request(record)) {
+                Ok(answer) => answers.push(answer),
+                Err(e) => {
+                    tracing::error!(subscription = %self.record.id, "record not ingested: {e}")
+                }
+            }
+        }
+        for answer in answers {
+            let _ = answer.await;
+        }
+        let mut commit = TopicPartitionList::new();
+        for (partition, next) in offsets {
+            let _ =
+                commit.add_partition_offset(&self.record.topic, partition, Offset::Offset(next));
+        }
+        if let Err(e) = self.consumer.commit(&commit, CommitMode::Async) {
+            tracing::warn!(subscription = %self.record.id, "offset commit failed (records will be redelivered and deduplicated): {e}");
+        }
+    }
+
+    fn request(&self, r: OwnedRecord) -> NewInvocation {
+        let keyed = self
+            .invoker
+            .registry()
+            .service(&self.record.service)
+            .is_some_and(|(s, _)| s.kind != crate::records::ServiceKind::Service);
+        let key = object_key(r.key.as_deref());
+        let mut headers = vec![
+            ("x-kafka-topic".to_string(), self.record.topic.clone()),
+            ("x-kafka-partition".to_string(), r.partition.to_string()),
+            ("x-kafka-offset".to_string(), r.offset.to_string()),
+            ("x-kafka-key".to_string(), key.clone()),
+        ];
+        if let Some(ts) = r.timestamp {
+            headers.push(("x-kafka-timestamp".to_string(), ts.to_string()));
+        }
+        headers.extend(r.headers);
+        NewInvocation {
+            target: Target {
+                service: self.record.service.clone(),
+                handler: self.record.handler.clone(),
+                key: keyed.then_some(key),
+            },
+            input: r.value,
+            headers,
+            idempotency_key: Some(format!(
+                "kafka:{}:{}:{}:{}",
+                self.record.id, self.record.topic, r.partition, r.offset
+            )),
+            source: Some(self.record.id.clone()),
+            ..Default::default()
+        }
+    }
+}
+
+/// A record copied out of the consumer's buffer.
+struct OwnedRecord {
+    partition: i32,
+    offset: i64,
+    timestamp: Option<i64>,
+    key: Option<Vec<u8>>,
+    value: Vec<u8>,
+    headers: Vec<(String, String)>,
+}
+
+impl From<&BorrowedMessage<'_>> for OwnedRecord {
+    fn from(m: &BorrowedMessage<'_>) -> Self {
+        let headers = m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_ascii_lowercase(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        OwnedRecord {
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp: m.timestamp().to_millis(),
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().unwrap_or_default().to_vec(),
+            headers,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_keys_map_to_object_keys_reversibly() {
+        assert_eq!(object_key(Some(b"alice")), "alice");
+        assert_eq!(object_key(Some(&[0xff, 0x00])), "hex:ff00");
+        assert_eq!(
+            object_key(Some(b"hex:41")),
+            "hex:6865783a3431",
+            "a UTF-8 key that looks encoded is encoded"
+        );
+        assert_eq!(object_key(None), "hex:");
+        assert_ne!(object_key(Some(b"")), object_key(Some(b"hex:")));
+    }
+}

@@ -1,0 +1,403 @@
+//! Kafka subscriptions against a real Apache Kafka broker (KRaft), started by
+//! `scripts/kafka.sh start` (scripts/test.sh does it): ordering, no
+//! head-of-line blocking, exactly-once ingest across SIGKILL and broker
+//! restarts, backpressure, binary keys, headers, pause/resume.
+
+use cairn_tests::kafka::{
+    create_topic, create_topic_on, produce, produce_with, producer_on, require_broker, subscribe,
+    unique_topic, Record,
+};
+use cairn_tests::server::TestServer;
+use cairn_tests::{example, Host, HostOptions};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+fn options(extra: &str) -> HostOptions {
+    HostOptions {
+        config: format!("http_allow = [\"127.0.0.1:*\"]\n{extra}"),
+        deploy: vec![example("basics"), example("coordination")],
+    }
+}
+
+async fn until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn counter(host: &Host, key: &str) -> i64 {
+    host.post(&format!("/Counter/{key}/get"), "", &[])
+        .await
+        .body
+        .parse()
+        .unwrap()
+}
+
+async fn counters(host: &Host, keys: usize) -> Vec<i64> {
+    let mut values = Vec::with_capacity(keys);
+    for k in 0..keys {
+        values.push(counter(host, &format!("k{k}")).await);
+    }
+    values
+}
+
+async fn seen(host: &Host, key: &str) -> Value {
+    host.post(&format!("/Events/{key}/seen"), "", &[])
+        .await
+        .json()
+}
+
+#[tokio::test]
+async fn counter_sums_are_exact_for_100k_records_over_1000_keys() {
+    let broker = require_broker();
+    let topic = unique_topic("counts");
+    create_topic(&topic, 4).await;
+    let records = (0..100_000)
+        .map(|i| Record::json(&format!("k{}", i % 1000), &json!(i % 7)))
+        .collect();
+    produce(&topic, records).await;
+    let host = Host::start_with(options("")).await;
+    let started = Instant::now();
+    subscribe(&host, &broker, &topic, "service://Counter/add").await;
+    let expected: Vec<i64> = (0..1000)
+        .map(|k| (0..100).map(|j| ((k + 1000 * j) % 7) as i64).sum())
+        .collect();
+    until("every key's sum", Duration::from_secs(600), || async {
+        counters(&host, 1000).await == expected
+    })
+    .await;
+    println!(
+        "100,000 records into Counter/add over 1,000 keys in {:?} (debug build)",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn records_of_one_key_are_handled_in_offset_order() {
+    let broker = require_broker();
+    let topic = unique_topic("order");
+    create_topic(&topic, 4).await;
+    let records = (0..2000)
+        .map(|i| Record::json(&format!("o{}", i % 20), &json!({ "n": i / 20 })))
+        .collect();
+    produce(&topic, records).await;
+    let host = Host::start_with(options("")).await;
+    subscribe(&host, &broker, &topic, "service://Events/handle").await;
+    for k in 0..20 {
+        let key = format!("o{k}");
+        until(&key, Duration::from_secs(300), || async {
+            seen(&host, &key).await["numbers"].as_array().unwrap().len() == 100
+        })
+        .await;
+        let numbers: Vec<u64> =
+            serde_json::from_value(seen(&host, &key).await["numbers"].clone()).unwrap();
+        assert_eq!(
+            numbers,
+            (0..100).collect::<Vec<_>>(),
+            "{key} in offset order"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_slow_key_does_not_block_the_other_keys_of_its_partition() {
+    let broker = require_broker();
+    let server = TestServer::start(Duration::ZERO).await;
+    let topic = unique_topic("hol");
+    create_topic(&topic, 1).await;
+    let mut records = vec![Record::json(
+        "slow",
+        &json!({ "n": 0, "url": format!("{}/hold", server.url) }),
+    )];
+    records.extend((0..200).map(|i| Record::json(&format!("fast{}", i % 50), &json!({ "n": i }))));
+    produce(&topic, records).await;
+    let host = Host::start_with(options("")).await;
+    let started = Instant::now();
+    subscribe(&host, &broker, &topic, "service://Events/handle").await;
+    until("the slow key's call", Duration::from_secs(60), || async {
+        server.holds() == 1
+    })
+    .await;
+    for k in 0..50 {
+        let key = format!("fast{k}");
+        until(&key, Duration::from_secs(120), || async {
+            seen(&host, &key).await["numbers"].as_array().unwrap().len() == 4
+        })
+        .await;
+    }
+    let others_done = started.elapsed();
+    assert_eq!(server.holds(), 1);
+    assert_eq!(
+        seen(&host, "slow").await["numbers"],
+        json!([]),
+        "the slow key is still waiting on its call"
+    );
+    println!("200 records of 50 other keys done in {others_done:?} while the first record's key was blocked");
+    server.release();
+    until("the slow key", Duration::from_secs(60), || async {
+        seen(&host, "slow").await["numbers"] == json!([0])
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigkill_mid_ingest_each_record_becomes_exactly_one_invocation() {
+    let broker = require_broker();
+    let topic = unique_topic("crash");
+    create_topic(&topic, 4).await;
+    let records = (0..50_000)
+        .map(|i| Record::json(&format!("k{}", i % 100), &json!(1)))
+        .collect();
+    produce(&topic, records).await;
+    let mut host = Host::start_with(options("")).await;
+    let sub = subscribe(&host, &broker, &topic, "service://Counter/add").await;
+    until(
+        "ingest to be under way",
+        Duration::from_secs(300),
+        || async {
+            let v = host.admin_get(&format!("/subscriptions/{sub}")).await;
+            v["ingested"].as_u64().unwrap_or(0) >= 10_000
+        },
+    )
+    .await;
+    host.kill();
+    host.restart().await;
+    until("every record counted", Duration::from_secs(600), || async {
+        counters(&host, 100).await.iter().sum::<i64>() >= 50_000
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        counters(&host, 100).await,
+        vec![500; 100],
+        "no record lost, none counted twice"
+    );
+}
+
+#[tokio::test]
+async fn stopping_and_restarting_the_broker_loses_nothing() {
+    require_broker();
+    let port = 19092 + (std::process::id() % 500) as u16 * 2;
+    let bootstrap = format!("127.0.0.1:{port}");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka.sh");
+    let broker = |action: &str| {
+        let out = std::process::Command::new(&script)
+            .arg(action)
+            .env("KAFKA_PORT", port.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kafka.sh {action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    broker("start");
+    let topic = unique_topic("flaky-broker");
+    create_topic_on(&bootstrap, &topic, 2).await;
+    let producer = producer_on(&bootstrap);
+    let batch = |from: usize| {
+        (from..from + 3000)
+            .map(|i| Record::json(&format!("k{}", i % 10), &json!(1)))
+            .collect()
+    };
+    produce_with(&producer, &topic, batch(0)).await;
+    let host = Host::start_with(options("")).await;
+    subscribe(&host, &bootstrap, &topic, "service://Counter/add").await;
+    until("ingest to start", Duration::from_secs(120), || async {
+        counter(&host, "k0").await > 0
+    })
+    .await;
+    broker("stop");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        host.admin_get("/subscriptions").await["subscriptions"].is_array(),
+        "the host keeps serving"
+    );
+    broker("start");
+    produce_with(&producer, &topic, batch(3000)).await;
+    until("all 6000 records", Duration::from_secs(300), || async {
+        counters(&host, 10).await.iter().sum::<i64>() == 6000
+    })
+    .await;
+    assert_eq!(counters(&host, 10).await, vec![600; 10]);
+    broker("stop");
+}
+
+#[tokio::test]
+async fn a_burst_pauses_consumption_keeps_memory_bounded_and_is_all_processed() {
+    let broker = require_broker();
+    let topic = unique_topic("burst");
+    create_topic(&topic, 4).await;
+    let records = (0..200_000)
+        .map(|i| Record::json(&format!("k{}", i % 1000), &json!(1)))
+        .collect();
+    produce(&topic, records).await;
+    let host = Host::start_with(options("[kafka]\nmax_in_flight = 2000\n")).await;
+    let started = Instant::now();
+    subscribe(&host, &broker, &topic, "service://Counter/add").await;
+    until("every record", Duration::from_secs(900), || async {
+        counters(&host, 1000).await.iter().sum::<i64>() == 200_000
+    })
+    .await;
+    assert_eq!(counters(&host, 1000).await, vec![200; 1000]);
+    let log = host.log();
+    assert!(
+        log.contains("backpressure: consumption paused")
+            && log.contains("backpressure: consumption resumed"),
+        "consumption paused and resumed"
+    );
+    let peak = host.peak_rss_kib();
+    println!(
+        "200,000-record burst: {:?}, host peak RSS {} MiB",
+        started.elapsed(),
+        peak / 1024
+    );
+    assert!(
+        peak < 1024 * 1024,
+        "memory stays bounded: {} MiB",
+        peak / 1024
+    );
+}
+
+#[tokio::test]
+async fn binary_keys_and_record_headers_reach_the_handler() {
+    let broker = require_broker();
+    let topic = unique_topic("meta");
+    create_topic(&topic, 1).await;
+    let record = Record {
+        key: Some(vec![0xff, 0x00, 0x01]),
+        value: json!({ "n": 7 }).to_string().into_bytes(),
+        headers: vec![("x-trace".into(), "abc-123".into())],
+    };
+    produce(&topic, vec![record]).await;
+    let host = Host::start_with(options("")).await;
+    subscribe(&host, &broker, &topic, "service://Events/handle").await;
+    until("the binary key", Duration::from_secs(120), || async {
+        seen(&host, "hex:ff0001").await["numbers"] == json!([7])
+    })
+    .await;
+    let last: Vec<(String, String)> =
+        serde_json::from_value(seen(&host, "hex:ff0001").await["last"].clone()).unwrap();
+    let meta: std::collections::HashMap<_, _> = last.into_iter().collect();
+    assert_eq!(meta["x-kafka-topic"], topic);
+    assert_eq!(
+        (
+            meta["x-kafka-partition"].as_str(),
+            meta["x-kafka-offset"].as_str()
+        ),
+        ("0", "0")
+    );
+    assert_eq!(meta["x-kafka-key"], "hex:ff0001");
+    assert_eq!(meta["x-trace"], "abc-123");
+    assert!(meta["x-kafka-timestamp"].parse::<u64>().unwrap() > 1_600_000_000_000);
+}
+
+#[tokio::test]
+async fn subscriptions_pause_resume_refuse_duplicates_and_survive_restarts() {
+    let broker = require_broker();
+    let topic = unique_topic("ops");
+    create_topic(&topic, 2).await;
+    let mut host = Host::start_with(options("")).await;
+    let sub = subscribe(&host, &broker, &topic, "service://Counter/add").await;
+    let admin = host.admin();
+    let dup =
+        json!({ "source": format!("kafka://local/{topic}"), "sink": "service://Counter/add" });
+    let r = host
+        .http
+        .post(format!("{admin}/subscriptions"))
+        .json(&dup)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409, "the same source and sink twice");
+    let bad = json!({ "source": "kafka://nowhere/t", "sink": "service://Counter/add" });
+    assert_eq!(
+        host.http
+            .post(format!("{admin}/subscriptions"))
+            .json(&bad)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+
+    produce(
+        &topic,
+        (0..10).map(|_| Record::json("p", &json!(1))).collect(),
+    )
+    .await;
+    until("the first records", Duration::from_secs(120), || async {
+        counter(&host, "p").await == 10
+    })
+    .await;
+    let r = host
+        .http
+        .post(format!("{admin}/subscriptions/{sub}/pause"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    produce(
+        &topic,
+        (0..10).map(|_| Record::json("p", &json!(1))).collect(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        counter(&host, "p").await,
+        10,
+        "nothing is consumed while paused"
+    );
+    let v = host.admin_get(&format!("/subscriptions/{sub}")).await;
+    assert_eq!(v["paused"], true);
+
+    host.restart().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        counter(&host, "p").await,
+        10,
+        "the pause survives a restart"
+    );
+    let r = host
+        .http
+        .post(format!("{}/subscriptions/{sub}/resume", host.admin()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    until(
+        "the records produced while paused",
+        Duration::from_secs(120),
+        || async { counter(&host, "p").await == 20 },
+    )
+    .await;
+    let v = host.admin_get(&format!("/subscriptions/{sub}")).await;
+    assert_eq!(v["ingested"], 10, "ingested since the restart");
+    assert!(
+        v["lag"].as_object().unwrap().values().all(|l| l == 0),
+        "no lag left: {v:#}"
+    );
+    let r = host
+        .http
+        .delete(format!("{}/subscriptions/{sub}", host.admin()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(
+        host.admin_get("/subscriptions").await["subscriptions"],
+        json!([])
+    );
+}

@@ -1,0 +1,163 @@
+//! Kafka helpers for tests: the real broker started by `scripts/kafka.sh`,
+//! topics, a producer, and subscribing a host to a topic.
+
+use crate::Host;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// The broker's address: `CAIRN_KAFKA_BOOTSTRAP`, default `127.0.0.1:9092`.
+pub fn bootstrap() -> String {
+    std::env::var("CAIRN_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// Fail loudly, with the fix, when no broker answers.
+pub fn require_broker() -> String {
+    let addr = bootstrap();
+    assert!(
+        std::net::TcpStream::connect(&addr).is_ok(),
+        "no Kafka broker at {addr}: start one with `scripts/kafka.sh start` (scripts/test.sh does)"
+    );
+    addr
+}
+
+/// A topic name no other test uses.
+pub fn unique_topic(prefix: &str) -> String {
+    format!("{prefix}-{}", std::process::id()) + &format!("-{}", rand_suffix())
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    h.finish() % 1_000_000_000
+}
+
+/// Create a topic with `partitions` partitions on `bootstrap`.
+pub async fn create_topic_on(bootstrap: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("an admin client");
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    for attempt in 0..60 {
+        match admin.create_topics([&new], &AdminOptions::new()).await {
+            Ok(results) if results.iter().all(|r| r.is_ok()) => return,
+            other if attempt == 59 => panic!("cannot create topic {topic}: {other:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+/// Create a topic on the default broker.
+pub async fn create_topic(topic: &str, partitions: i32) {
+    create_topic_on(&require_broker(), topic, partitions).await;
+}
+
+/// An idempotent producer for `bootstrap`.
+pub fn producer_on(bootstrap: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "120000")
+        .create()
+        .expect("a producer")
+}
+
+/// One record to produce.
+pub struct Record {
+    /// Key bytes.
+    pub key: Option<Vec<u8>>,
+    /// Value bytes.
+    pub value: Vec<u8>,
+    /// Headers.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Record {
+    /// A record with a UTF-8 key and a JSON value.
+    pub fn json(key: &str, value: &Value) -> Self {
+        Record {
+            key: Some(key.as_bytes().to_vec()),
+            value: value.to_string().into_bytes(),
+            headers: vec![],
+        }
+    }
+}
+
+/// Produce records in order and wait until the broker has them all.
+pub async fn produce_with(producer: &FutureProducer, topic: &str, records: Vec<Record>) {
+    let mut pending = Vec::with_capacity(records.len());
+    for r in records {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let mut record = FutureRecord::to(topic).payload(&r.value).headers(headers);
+        if let Some(key) = &r.key {
+            record = record.key(key);
+        }
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push(delivery);
+                    break;
+                }
+                Err((_, back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    }
+    for d in pending {
+        d.await
+            .expect("delivered")
+            .expect("acknowledged by the broker");
+    }
+}
+
+/// Produce to the default broker.
+pub async fn produce(topic: &str, records: Vec<Record>) {
+    produce_with(&producer_on(&require_broker()), topic, records).await;
+}
+
+/// Register the broker as cluster "local" and subscribe `topic` to `sink`.
+pub async fn subscribe(host: &Host, bootstrap: &str, topic: &str, sink: &str) -> String {
+    let admin = host.admin();
+    let cluster = json!({ "name": "local", "properties": { "bootstrap.servers": bootstrap } });
+    let r = host
+        .http
+        .post(format!("{admin}/kafka-clusters"))
+        .json(&cluster)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let sub = json!({ "source": format!("kafka://local/{topic}"), "sink": sink });
+    let r = host
+        .http
+        .post(format!("{admin}/subscriptions"))
+        .json(&sub)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
