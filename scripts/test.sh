@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Run every test: unit tests, and the end-to-end tests against the real
-# `cairn` binary with the example modules compiled to WebAssembly.
-# Installs what it needs (the wasm32-wasip2 target) on a fresh machine.
+# `cairn` binary with the example modules compiled to WebAssembly and a real
+# Apache Kafka broker (started here if none runs, and stopped afterwards).
+# Installs what it needs (the wasm32-wasip2 target, Kafka's jars) on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 scripts/build-examples.sh
 cargo build -p cairn
+if ! scripts/kafka.sh status >/dev/null 2>&1; then
+  scripts/kafka.sh start
+  trap 'scripts/kafka.sh stop' EXIT
+fi
 cargo test --workspace --all-targets

@@ -401,3 +401,60 @@ async fn subscriptions_pause_resume_refuse_duplicates_and_survive_restarts() {
         json!([])
     );
 }
+
+#[tokio::test]
+async fn durable_produce_is_exactly_once_for_subscribers_across_a_host_kill() {
+    let broker = require_broker();
+    let topic = unique_topic("produced");
+    create_topic(&topic, 1).await;
+    let mut host = Host::start_with(options("")).await;
+    subscribe(&host, &broker, &topic, "service://Counter/add").await;
+    let r = host
+        .post(
+            "/Emitter/emit/send",
+            &json!([topic, "em", 50, 40]).to_string(),
+            &[],
+        )
+        .await;
+    let id = r.json()["invocationId"].as_str().unwrap().to_string();
+    until(
+        "some records produced",
+        Duration::from_secs(120),
+        || async { counter(&host, "em").await > 100 },
+    )
+    .await;
+    host.kill();
+    host.restart().await;
+    assert_eq!(host.get(&format!("/restate/attach/{id}")).await.body, "50");
+    let expected: i64 = (0..50).sum();
+    until(
+        "every produced record",
+        Duration::from_secs(120),
+        || async { counter(&host, "em").await >= expected },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        counter(&host, "em").await,
+        expected,
+        "each produced record was handled exactly once"
+    );
+
+    let records = cairn_tests::kafka::read_all(&broker, &topic).await;
+    let ids: std::collections::BTreeSet<String> = records
+        .iter()
+        .map(|(_, _, h)| {
+            h.iter()
+                .find(|(k, _)| k == "cairn-produce-id")
+                .expect("tagged")
+                .1
+                .clone()
+        })
+        .collect();
+    assert_eq!(ids.len(), 50, "no record lost");
+    assert!(
+        records.len() <= 51,
+        "at most the record in flight at the kill was sent twice: {}",
+        records.len()
+    );
+}

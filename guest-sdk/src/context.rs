@@ -101,6 +101,15 @@ impl<T: DeserializeOwned> Pending<T> {
     }
 }
 
+/// Where a durably produced record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+pub struct Produced {
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+}
+
 /// Anything [`Context::select`] can race.
 pub trait Selectable {
     /// The host handle.
@@ -337,6 +346,21 @@ impl Context {
         let failure = TerminalError::new(message).into_wit();
         host::promise_complete(name, &wit::Outcome::Failure(failure))
             .map_err(|e| TerminalError::from_wit(e).into())
+    }
+
+    /// Produce a record to `topic` of the registered Kafka cluster
+    /// `cluster`, durably: journaled before it is sent, retried until the
+    /// broker acknowledges it, and tagged with a `cairn-produce-id` header
+    /// unique to this step, so Cairn subscriptions see it exactly once.
+    pub fn kafka_produce<V: Serialize>(
+        &self,
+        cluster: &str,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: &V,
+    ) -> Pending<Produced> {
+        let bytes = serde_json::to_vec(value).expect("record values serialize to JSON");
+        Pending::new(host::kafka_produce(cluster, topic, key, &bytes))
     }
 
     /// Wait for the first of several pending operations; returns its

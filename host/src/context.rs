@@ -152,6 +152,18 @@ impl DurableContext {
             )));
         }
         match self.journal.issue(&command)? {
+            Issued::Replayed(None) if matches!(command, Command::Produce { .. }) => {
+                // Journaled but not acknowledged: the host may have died
+                // before the broker answered. Send again (same produce id).
+                let index = self.journal.issued() - 1;
+                if let Some(send) =
+                    self.invoker
+                        .produce_after_commit(self.record.id.clone(), index, &command)
+                {
+                    send();
+                }
+                Ok(None)
+            }
             Issued::Replayed(completion) => Ok(completion),
             Issued::Live(index) => self.execute(index, command).await,
         }
@@ -237,6 +249,13 @@ impl DurableContext {
                 self.append_with(command, None, index, move |t, inv| {
                     t.put_timer(at, &id, index)?;
                     Ok(inv.arm_timer_after_commit(at, id, index))
+                });
+                return Ok(None);
+            }
+            Command::Produce { .. } => {
+                let send = command.clone();
+                self.append_with(command, None, index, move |_, inv| {
+                    Ok(inv.produce_after_commit(id, index, &send))
                 });
                 return Ok(None);
             }
@@ -722,6 +741,24 @@ impl context::Host for GuestState {
             }
             other => Err(unexpected("a promise completion", other)),
         }
+    }
+
+    async fn kafka_produce(
+        &mut self,
+        cluster: String,
+        topic: String,
+        key: Option<Vec<u8>>,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<u32> {
+        let d = self.durable()?;
+        d.durable(Command::Produce {
+            cluster,
+            topic,
+            key,
+            value,
+        })
+        .await?;
+        Ok(d.journal.issued() - 1)
     }
 
     async fn step_backoff(&mut self, millis: u64) -> wasmtime::Result<()> {

@@ -140,6 +140,8 @@ pub struct Invoker {
     watchers: Mutex<HashMap<InvocationId, Vec<oneshot::Sender<Outcome>>>>,
     /// Unfinished invocations per subscription (Kafka backpressure).
     in_flight: Mutex<HashMap<String, usize>>,
+    /// Producers for durable produce.
+    producers: crate::kafka::Producers,
 }
 
 type Deliveries = Vec<(InvocationId, u32, Completion)>;
@@ -157,7 +159,6 @@ impl Invoker {
         Arc::new(Invoker {
             instances: Semaphore::new(config.limits.max_instances as usize),
             config,
-            store,
             committer,
             runtime,
             registry,
@@ -167,6 +168,8 @@ impl Invoker {
             live: Mutex::default(),
             watchers: Mutex::default(),
             in_flight: Mutex::default(),
+            producers: crate::kafka::Producers::new(store.clone()),
+            store,
         })
     }
 
@@ -961,7 +964,69 @@ impl Invoker {
         Ok(())
     }
 
-    // ----- timers, awakeables, promises -----
+    // ----- timers, awakeables, promises, produce -----
+
+    /// Send the record of `Produce` command `command` of `id` (journaled
+    /// already) and journal its completion once the broker has it.
+    pub fn produce(
+        self: &Arc<Self>,
+        id: InvocationId,
+        command: u32,
+        cluster: String,
+        topic: String,
+        key: Option<Vec<u8>>,
+        value: Vec<u8>,
+    ) {
+        let me = self.clone();
+        self.tokio.spawn(async move {
+            let produce_id = format!("{id}:{command}");
+            let sent = me
+                .producers
+                .send(&produce_id, &cluster, &topic, key.as_deref(), &value)
+                .await;
+            let outcome = match sent {
+                None => return,
+                Some(Ok((partition, offset))) => Outcome::Success(
+                    serde_json::json!({ "partition": partition, "offset": offset })
+                        .to_string()
+                        .into_bytes(),
+                ),
+                Some(Err(message)) => Outcome::Failure { code: 404, message },
+            };
+            let fire = me.clone();
+            let then = me
+                .committer
+                .commit(move |t| {
+                    fire.complete_in(t, &id, command, CompletionValue::Outcome(outcome))
+                })
+                .await;
+            if let Some(then) = then {
+                then();
+            }
+        });
+    }
+
+    /// The continuation that sends a produce once its command is durable.
+    pub fn produce_after_commit(
+        self: &Arc<Self>,
+        id: InvocationId,
+        command: u32,
+        produce: &Command,
+    ) -> Option<Continuation> {
+        let Command::Produce {
+            cluster,
+            topic,
+            key,
+            value,
+        } = produce.clone()
+        else {
+            return None;
+        };
+        let me = self.clone();
+        Some(Box::new(move || {
+            me.produce(id, command, cluster, topic, key, value)
+        }))
+    }
 
     /// Arm a stored timer: fire it at `at_ms` (at once if it is past due).
     pub fn arm_timer(self: &Arc<Self>, at_ms: u64, id: InvocationId, command: u32) {

@@ -59,6 +59,13 @@ pub enum Command {
     CompletePromise { name: String, outcome: Outcome },
     /// Read the clock.
     Now,
+    /// Produce a Kafka record.
+    Produce {
+        cluster: String,
+        topic: String,
+        key: Option<Vec<u8>>,
+        value: Vec<u8>,
+    },
 }
 
 /// The target of a call or send.
@@ -157,6 +164,7 @@ impl Command {
             Command::PeekPromise { name } => format!("peek-promise {name:?}"),
             Command::CompletePromise { name, .. } => format!("complete-promise {name:?}"),
             Command::Now => "now".into(),
+            Command::Produce { cluster, topic, .. } => format!("produce kafka://{cluster}/{topic}"),
         }
     }
 
@@ -168,6 +176,7 @@ impl Command {
                 | Command::Call { .. }
                 | Command::Awakeable
                 | Command::GetPromise { .. }
+                | Command::Produce { .. }
         )
     }
 }

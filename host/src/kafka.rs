@@ -395,6 +395,109 @@ pub fn object_key(key: Option<&[u8]>) -> String {
     }
 }
 
+/// The header that identifies a durably produced record (see `kafka-produce`).
+pub const PRODUCE_ID: &str = "cairn-produce-id";
+
+/// Idempotent producers per registered cluster, for durable produce.
+pub struct Producers {
+    store: Arc<crate::store::Store>,
+    cache: Mutex<HashMap<String, rdkafka::producer::FutureProducer>>,
+    in_flight: Mutex<std::collections::HashSet<String>>,
+}
+
+impl Producers {
+    /// Producers over the clusters registered in `store`.
+    pub fn new(store: Arc<crate::store::Store>) -> Self {
+        Producers {
+            store,
+            cache: Mutex::default(),
+            in_flight: Mutex::default(),
+        }
+    }
+
+    fn producer(&self, cluster: &str) -> Result<rdkafka::producer::FutureProducer, String> {
+        if let Some(p) = self.cache.lock().unwrap().get(cluster) {
+            return Ok(p.clone());
+        }
+        let config = self
+            .store
+            .clusters()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|c| c.name == cluster)
+            .ok_or_else(|| format!("unknown Kafka cluster {cluster}"))?;
+        let mut client = ClientConfig::new();
+        for (k, v) in &config.properties {
+            client.set(k, v);
+        }
+        let producer: rdkafka::producer::FutureProducer = client
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .create()
+            .map_err(|e| format!("cannot create a producer for {cluster}: {e}"))?;
+        self.cache
+            .lock()
+            .unwrap()
+            .insert(cluster.to_string(), producer.clone());
+        Ok(producer)
+    }
+
+    /// Send one record until the broker acknowledges it; `None` if the same
+    /// produce is already in flight. An unknown cluster is an error.
+    pub async fn send(
+        &self,
+        produce_id: &str,
+        cluster: &str,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: &[u8],
+    ) -> Option<Result<(i32, i64), String>> {
+        if !self
+            .in_flight
+            .lock()
+            .unwrap()
+            .insert(produce_id.to_string())
+        {
+            return None;
+        }
+        let result = self
+            .send_until_acknowledged(produce_id, cluster, topic, key, value)
+            .await;
+        self.in_flight.lock().unwrap().remove(produce_id);
+        Some(result)
+    }
+
+    async fn send_until_acknowledged(
+        &self,
+        produce_id: &str,
+        cluster: &str,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<(i32, i64), String> {
+        let producer = self.producer(cluster)?;
+        loop {
+            let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                key: PRODUCE_ID,
+                value: Some(produce_id),
+            });
+            let mut record = rdkafka::producer::FutureRecord::to(topic)
+                .payload(value)
+                .headers(headers);
+            if let Some(key) = key {
+                record = record.key(key);
+            }
+            match producer.send(record, Duration::from_secs(30)).await {
+                Ok(delivery) => return Ok((delivery.partition, delivery.offset)),
+                Err((e, _)) => {
+                    tracing::warn!(%produce_id, "produce to {cluster}/{topic} failed: {e}; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
 /// One subscription's consumer loop.
 struct Ingest {
     invoker: Arc<Invoker>,
@@ -509,6 +612,13 @@ impl Ingest {
         if let Some(ts) = r.timestamp {
             headers.push(("x-kafka-timestamp".to_string(), ts.to_string()));
         }
+        let dedupe = match r.headers.iter().find(|(k, _)| k == PRODUCE_ID) {
+            Some((_, id)) => format!("kafka-produce:{}:{id}", self.record.id),
+            None => format!(
+                "kafka:{}:{}:{}:{}",
+                self.record.id, self.record.topic, r.partition, r.offset
+            ),
+        };
         headers.extend(r.headers);
         NewInvocation {
             target: Target {
@@ -518,10 +628,7 @@ impl Ingest {
             },
             input: r.value,
             headers,
-            idempotency_key: Some(format!(
-                "kafka:{}:{}:{}:{}",
-                self.record.id, self.record.topic, r.partition, r.offset
-            )),
+            idempotency_key: Some(dedupe),
             source: Some(self.record.id.clone()),
             ..Default::default()
         }

@@ -291,4 +291,24 @@ impl Events {
     }
 }
 
-cairn_sdk::export!(Sleeper, Log, Doubler, Tally, Chain, Approval, Signup, Trip, Steps2, Events);
+/// Durable produce to Kafka.
+pub struct Emitter;
+
+#[cairn_sdk::service]
+impl Emitter {
+    /// Produce `count` records (values 0..count, key `key`) to `topic` of
+    /// cluster "local", one at a time, `pause_ms` apart.
+    pub fn emit(ctx: &Context, req: (String, String, u64, u64)) -> HandlerResult<u64> {
+        let (topic, key, count, pause_ms) = req;
+        for i in 0..count {
+            ctx.kafka_produce("local", &topic, Some(key.as_bytes()), &i)
+                .wait()?;
+            ctx.sleep(Duration::from_millis(pause_ms)).wait()?;
+        }
+        Ok(count)
+    }
+}
+
+cairn_sdk::export!(
+    Sleeper, Log, Doubler, Tally, Chain, Approval, Signup, Trip, Steps2, Events, Emitter
+);
