@@ -42,7 +42,7 @@ async fn every_example_handler_answers_over_http() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["Counter", "Greeter", "Rogue", "Steps"]);
+    assert_eq!(names, ["Counter", "Greeter", "Latency", "Rogue", "Steps"]);
     let counter = &services["services"][0];
     assert_eq!(counter["kind"], "virtual_object");
     assert_eq!(

@@ -13,7 +13,7 @@ async fn an_invocation_in_flight_during_an_upload_finishes_on_its_original_deplo
         ..Default::default()
     })
     .await;
-    let v1 = host.admin_get("/services").await["services"][3]["deployment"].clone();
+    let v1 = host.admin_get("/services").await["services"][4]["deployment"].clone();
     let held = host
         .post(
             "/Steps/version/send",
@@ -43,7 +43,7 @@ async fn an_invocation_in_flight_during_an_upload_finishes_on_its_original_deplo
     let v2: serde_json::Value = upload.json().await.unwrap();
     assert_ne!(v2["id"], v1);
     assert_eq!(
-        host.admin_get("/services").await["services"][3]["deployment"],
+        host.admin_get("/services").await["services"][4]["deployment"],
         v2["id"]
     );
 

@@ -53,6 +53,16 @@ enum Command {
         #[command(subcommand)]
         command: InvocationsCommand,
     },
+    /// Register Kafka clusters.
+    KafkaClusters {
+        #[command(subcommand)]
+        command: ClustersCommand,
+    },
+    /// Manage Kafka subscriptions (topic -> handler).
+    Subscriptions {
+        #[command(subcommand)]
+        command: SubscriptionsCommand,
+    },
     /// List the deployed services.
     Services {
         #[command(flatten)]
@@ -80,9 +90,63 @@ enum InvocationsCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum ClustersCommand {
+    /// Register (or replace) a cluster: `cairn kafka-clusters add local -p bootstrap.servers=127.0.0.1:9092`.
+    Add {
+        /// The cluster's name (used in kafka://NAME/topic).
+        name: String,
+        /// librdkafka properties, KEY=VALUE; repeatable.
+        #[arg(short, long = "property", value_parser = key_value)]
+        properties: Vec<(String, String)>,
+        #[command(flatten)]
+        admin: AdminUrl,
+    },
+    /// List the registered clusters.
+    List {
+        #[command(flatten)]
+        admin: AdminUrl,
+    },
+}
+
+#[derive(Subcommand)]
+enum SubscriptionsCommand {
+    /// Subscribe a topic to a handler: `--source kafka://local/orders --sink service://Orders/handle`.
+    Create {
+        /// kafka://CLUSTER/TOPIC
+        #[arg(long)]
+        source: String,
+        /// service://SERVICE/HANDLER
+        #[arg(long)]
+        sink: String,
+        /// Consumer options, KEY=VALUE (e.g. auto.offset.reset=latest); repeatable.
+        #[arg(short, long = "option", value_parser = key_value)]
+        options: Vec<(String, String)>,
+        #[command(flatten)]
+        admin: AdminUrl,
+    },
+    /// List subscriptions with ingest counts, rate, in-flight invocations and lag.
+    List {
+        #[command(flatten)]
+        admin: AdminUrl,
+    },
+    /// Stop consuming (kept across restarts).
+    Pause(Invocation),
+    /// Consume again.
+    Resume(Invocation),
+    /// Remove a subscription.
+    Delete(Invocation),
+}
+
+fn key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
+}
+
 #[derive(Args)]
 struct Invocation {
-    /// The invocation id (`inv_...`).
+    /// The id (`inv_...` or `sub_...`).
     id: String,
     #[command(flatten)]
     admin: AdminUrl,
@@ -222,6 +286,67 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(action) => client.post(format!("{url}/{action}")),
             };
             print_json(&request(req, &it.admin.url).await?)
+        }
+        Command::KafkaClusters { command } => {
+            let client = reqwest::Client::new();
+            let (req, admin) = match command {
+                ClustersCommand::Add {
+                    name,
+                    properties,
+                    admin,
+                } => {
+                    let properties: std::collections::BTreeMap<_, _> =
+                        properties.into_iter().collect();
+                    let body = serde_json::json!({ "name": name, "properties": properties });
+                    (
+                        client
+                            .post(format!("{}/kafka-clusters", admin.url))
+                            .json(&body),
+                        admin,
+                    )
+                }
+                ClustersCommand::List { admin } => {
+                    (client.get(format!("{}/kafka-clusters", admin.url)), admin)
+                }
+            };
+            print_json(&request(req, &admin.url).await?)
+        }
+        Command::Subscriptions { command } => {
+            let client = reqwest::Client::new();
+            let (req, admin) = match command {
+                SubscriptionsCommand::Create {
+                    source,
+                    sink,
+                    options,
+                    admin,
+                } => {
+                    let options: std::collections::BTreeMap<_, _> = options.into_iter().collect();
+                    let body =
+                        serde_json::json!({ "source": source, "sink": sink, "options": options });
+                    (
+                        client
+                            .post(format!("{}/subscriptions", admin.url))
+                            .json(&body),
+                        admin,
+                    )
+                }
+                SubscriptionsCommand::List { admin } => {
+                    (client.get(format!("{}/subscriptions", admin.url)), admin)
+                }
+                SubscriptionsCommand::Pause(it) => (
+                    client.post(format!("{}/subscriptions/{}/pause", it.admin.url, it.id)),
+                    it.admin,
+                ),
+                SubscriptionsCommand::Resume(it) => (
+                    client.post(format!("{}/subscriptions/{}/resume", it.admin.url, it.id)),
+                    it.admin,
+                ),
+                SubscriptionsCommand::Delete(it) => (
+                    client.delete(format!("{}/subscriptions/{}", it.admin.url, it.id)),
+                    it.admin,
+                ),
+            };
+            print_json(&request(req, &admin.url).await?)
         }
         Command::Services { admin } => print_json(
             &request(

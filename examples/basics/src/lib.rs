@@ -5,6 +5,7 @@
 //!   terminal error.
 //! - `Counter`: a virtual object with an exclusive `add` and a shared `get`.
 //! - `Greeter`: typed input and output, a header, state listing.
+//! - `Latency`: end-to-end latency of Kafka records (the benchmark's sink).
 //! - `Rogue`: misbehaving handlers (an endless loop, a memory hog) that
 //!   show the host's limits.
 //!
@@ -122,6 +123,37 @@ impl Greeter {
     }
 }
 
+/// End-to-end latency of Kafka records, per key (for the benchmark).
+pub struct Latency;
+
+#[cairn_sdk::object]
+impl Latency {
+    /// Count a record: milliseconds from its Kafka timestamp to now.
+    pub fn observe(ctx: &Context) -> HandlerResult<u64> {
+        let sent: u64 = ctx
+            .header("x-kafka-timestamp")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0);
+        let now = ctx
+            .now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let mut histogram = ctx
+            .get::<std::collections::BTreeMap<u64, u64>>("ms")?
+            .unwrap_or_default();
+        *histogram.entry(now.saturating_sub(sent)).or_default() += 1;
+        ctx.set("ms", &histogram);
+        Ok(now.saturating_sub(sent))
+    }
+
+    /// Records per latency in ms.
+    #[shared]
+    pub fn histogram(ctx: &Context) -> HandlerResult<std::collections::BTreeMap<u64, u64>> {
+        Ok(ctx.get("ms")?.unwrap_or_default())
+    }
+}
+
 /// Handlers that misbehave; the host stops them and keeps serving others.
 pub struct Rogue;
 
@@ -145,4 +177,4 @@ impl Rogue {
 /// Which build of this module is running.
 const VERSION: &str = if cfg!(feature = "v2") { "v2" } else { "v1" };
 
-cairn_sdk::export!(Steps, Counter, Greeter, Rogue);
+cairn_sdk::export!(Steps, Counter, Greeter, Latency, Rogue);

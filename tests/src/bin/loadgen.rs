@@ -19,13 +19,16 @@ struct Args {
     /// Measured seconds per scenario (after a 1 s warm-up).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Scenarios to run: steps3, counter-keys, counter-hot.
+    /// Scenarios to run: steps3, counter-keys, counter-hot (HTTP); kafka-object, kafka-service (Kafka).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "steps3,counter-keys,counter-hot"
+        default_value = "steps3,counter-keys,counter-hot,kafka-object,kafka-service"
     )]
     scenarios: Vec<String>,
+    /// Records per Kafka scenario (the broker is `CAIRN_KAFKA_BOOTSTRAP`, default 127.0.0.1:9092).
+    #[arg(long, default_value_t = 100_000)]
+    kafka_records: usize,
     /// Use a running host's ingress instead of starting one (memory is then not reported).
     #[arg(long)]
     ingress: Option<String>,
@@ -60,7 +63,13 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let host = match &args.ingress {
         Some(_) => None,
-        None => Some(Host::start().await),
+        None => Some(
+            Host::start_with(cairn_tests::HostOptions {
+                config: "[kafka]\nmax_in_flight = 20000\n".into(),
+                ..Default::default()
+            })
+            .await,
+        ),
     };
     let ingress = args
         .ingress
@@ -77,6 +86,13 @@ async fn main() -> anyhow::Result<()> {
         "scenario", "requests", "inv/s", "p50 ms", "p99 ms", "max ms", "errors"
     );
     for name in &args.scenarios {
+        if let Some(sink) = kafka_sink(name) {
+            let host = host.as_ref().ok_or_else(|| {
+                anyhow::anyhow!("Kafka scenarios start their own host: omit --ingress")
+            })?;
+            kafka(host, name, sink, args.kafka_records).await;
+            continue;
+        }
         let scenario = SCENARIOS
             .iter()
             .find(|s| s.name == name)
@@ -96,6 +112,86 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+fn kafka_sink(scenario: &str) -> Option<&'static str> {
+    match scenario {
+        "kafka-object" => Some("service://Latency/observe"),
+        "kafka-service" => Some("service://Steps/steps3"),
+        _ => None,
+    }
+}
+
+/// Subscribe a fresh topic to `sink`, produce `n` records over 1,000 keys
+/// as fast as possible, and wait until every invocation has finished.
+async fn kafka(host: &Host, name: &str, sink: &str, n: usize) {
+    use cairn_tests::kafka::{
+        create_topic, produce, require_broker, subscribe, unique_topic, Record,
+    };
+    let broker = require_broker();
+    let topic = unique_topic(name);
+    create_topic(&topic, 4).await;
+    let sub = subscribe(host, &broker, &topic, sink).await;
+    let started = Instant::now();
+    produce(
+        &topic,
+        (0..n)
+            .map(|i| Record::json(&format!("k{}", i % 1000), &serde_json::json!(1)))
+            .collect(),
+    )
+    .await;
+    let produced = started.elapsed();
+    loop {
+        let v = host.admin_get(&format!("/subscriptions/{sub}")).await;
+        if v["ingested"].as_u64() == Some(n as u64) && v["in_flight"].as_u64() == Some(0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = started.elapsed();
+    let mut latency = String::new();
+    if sink.contains("Latency") {
+        let mut histogram = std::collections::BTreeMap::<u64, u64>::new();
+        for k in 0..1000 {
+            let h: std::collections::BTreeMap<u64, u64> = host
+                .post(&format!("/Latency/k{k}/histogram"), "", &[])
+                .await
+                .json()
+                .as_object()
+                .map(|o| {
+                    o.iter()
+                        .map(|(k, v)| (k.parse().unwrap(), v.as_u64().unwrap()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for (ms, count) in h {
+                *histogram.entry(ms).or_default() += count;
+            }
+        }
+        let total: u64 = histogram.values().sum();
+        let pct = |p: f64| {
+            let mut seen = 0;
+            histogram
+                .iter()
+                .find(|(_, c)| {
+                    seen += **c;
+                    seen as f64 >= total as f64 * p
+                })
+                .map_or(0, |(ms, _)| *ms)
+        };
+        latency = format!(
+            ", end-to-end latency p50 {} ms, p99 {} ms, max {} ms",
+            pct(0.5),
+            pct(0.99),
+            histogram.keys().last().copied().unwrap_or(0)
+        );
+    }
+    println!(
+        "{:<14} {n} records into {sink}: {:.0} records/s from the first produce to the last finished invocation (producing took {:.1} s){latency}",
+        name,
+        n as f64 / elapsed.as_secs_f64(),
+        produced.as_secs_f64()
+    );
 }
 
 struct Report {
