@@ -341,3 +341,35 @@ async fn the_journal_of_an_invocation_is_visible_through_the_admin_api() {
     assert_eq!(commands, ["run \"one\"", "run \"two\"", "run \"three\""]);
     assert_eq!(v["journal"][5]["value"]["success"], "3");
 }
+
+#[tokio::test]
+async fn exclusive_handlers_of_one_key_run_one_at_a_time() {
+    let host = Host::start().await;
+    let calls = (0..200).map(|_| {
+        let (client, url) = (
+            host.http.clone(),
+            format!("{}/Counter/one/add", host.ingress()),
+        );
+        tokio::spawn(async move {
+            let r = client
+                .post(url)
+                .header("content-type", "application/json")
+                .body("1")
+                .send()
+                .await
+                .unwrap();
+            r.text().await.unwrap().parse::<i64>().unwrap()
+        })
+    });
+    let mut seen = Vec::new();
+    for c in calls.collect::<Vec<_>>() {
+        seen.push(c.await.unwrap());
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        (1..=200).collect::<Vec<_>>(),
+        "each add saw the previous one's write"
+    );
+    assert_eq!(host.post("/Counter/one/get", "", &[]).await.body, "200");
+}

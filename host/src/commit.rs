@@ -83,6 +83,17 @@ impl Committer {
         R: Send + 'static,
         F: FnOnce(&mut Tables<'_>) -> StoreResult<R> + Send + 'static,
     {
+        self.commit_queued(f)
+            .await
+            .expect("the commit writer answers every job")
+    }
+
+    /// Queue `f` now; the receiver yields its result once it is durable.
+    pub fn commit_queued<R, F>(&self, f: F) -> tokio::sync::oneshot::Receiver<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Tables<'_>) -> StoreResult<R> + Send + 'static,
+    {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.submit(Box::new(move |tables| {
             let result = f(tables)?;
@@ -90,7 +101,7 @@ impl Committer {
                 let _ = tx.send(result);
             }) as Continuation)
         }));
-        rx.await.expect("the commit writer answers every job")
+        rx
     }
 
     /// Apply `f` in the next transaction without waiting. Later jobs commit

@@ -50,6 +50,9 @@ pub enum HostTrap {
     Suspend,
 }
 
+/// A [`StateOverlay`] shared between the attempts of a key.
+pub type SharedOverlay = Arc<Mutex<StateOverlay>>;
+
 fn terminal(message: impl Into<String>) -> wasmtime::Error {
     wasmtime::Error::new(HostTrap::Terminal(message.into()))
 }
@@ -85,8 +88,9 @@ pub struct DurableContext {
     journal: Journal,
     invoker: Arc<Invoker>,
     mailbox: Arc<Mailbox>,
-    /// This attempt's own state writes, not necessarily committed yet.
-    overlay: StateOverlay,
+    /// State writes of this key not necessarily committed yet (shared by
+    /// the exclusive invocations of a key while it stays busy).
+    overlay: SharedOverlay,
     /// The live `run` step between `run-enter` and `run-exit`, if any.
     step: Option<(u32, String)>,
 }
@@ -98,13 +102,14 @@ impl DurableContext {
         journal: Journal,
         invoker: Arc<Invoker>,
         mailbox: Arc<Mailbox>,
+        overlay: SharedOverlay,
     ) -> Self {
         DurableContext {
             record,
             journal,
             invoker,
             mailbox,
-            overlay: StateOverlay::default(),
+            overlay,
             step: None,
         }
     }
@@ -317,7 +322,7 @@ impl DurableContext {
             Command::SetState { .. } | Command::ClearState { .. } | Command::ClearAllState => None,
             Command::Run { .. } => unreachable!("run steps are journaled by run-exit"),
         };
-        self.overlay.apply(&command);
+        self.overlay.lock().unwrap().apply(&command);
         let effect_key = self.record.target.key.clone();
         self.append_with(command.clone(), completion.clone(), index, move |t, _| {
             if let Some(key) = &effect_key {
@@ -390,7 +395,8 @@ impl DurableContext {
             &self.record.target.service,
             self.record.target.key.as_deref().unwrap_or_default(),
         );
-        match self.overlay.get(name) {
+        let decided = self.overlay.lock().unwrap().get(name);
+        match decided {
             Some(value) => Ok(value),
             None => self.invoker.store().state(service, key, name),
         }
@@ -401,12 +407,13 @@ impl DurableContext {
             &self.record.target.service,
             self.record.target.key.as_deref().unwrap_or_default(),
         );
-        let stored = if self.overlay.cleared {
+        let cleared = self.overlay.lock().unwrap().cleared;
+        let stored = if cleared {
             Vec::new()
         } else {
             self.invoker.store().state_names(service, key)?
         };
-        Ok(self.overlay.names(stored))
+        Ok(self.overlay.lock().unwrap().names(stored))
     }
 
     /// Wait until one of `handles` completes; its position in `handles`.
@@ -460,10 +467,11 @@ fn apply_effect(
     }
 }
 
-/// State writes of the running attempt that may still be in the commit
-/// queue: reads consult them first.
+/// State writes that may still be in the commit queue: reads consult them
+/// first. Exclusive invocations of one key share it while the key is busy,
+/// so the next one can start before the previous one's commit lands.
 #[derive(Default)]
-struct StateOverlay {
+pub struct StateOverlay {
     cleared: bool,
     values: BTreeMap<String, Option<Vec<u8>>>,
 }

@@ -25,7 +25,7 @@
 use crate::clock::SharedClock;
 use crate::commit::{Committer, Continuation};
 use crate::config::Config;
-use crate::context::{DurableContext, Mailbox};
+use crate::context::{DurableContext, Mailbox, SharedOverlay};
 use crate::deployments::Registry;
 use crate::ids::{parse_awakeable_id, DeploymentId, InvocationId};
 use crate::journal::{Command, Completion, CompletionValue, Journal, Outcome};
@@ -33,6 +33,7 @@ use crate::records::{Caller, HandlerKind, InvocationRecord, ServiceKind, Status,
 use crate::runtime::{AttemptEnd, Runtime};
 use crate::store::{Store, StoreError, StoreResult, Tables};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{oneshot, Semaphore};
@@ -123,6 +124,8 @@ struct Live {
 struct KeyQueue {
     busy: bool,
     waiting: BTreeMap<u64, Arc<InvocationRecord>>,
+    /// Uncommitted state writes of the key's exclusive invocations.
+    overlay: SharedOverlay,
 }
 
 /// The invoker; one per host, shared as `Arc<Invoker>`.
@@ -508,6 +511,29 @@ impl Invoker {
         self.start(record);
     }
 
+    /// The state overlay an attempt of `record` uses: its key's while the
+    /// key is busy (exclusive handlers), else its own.
+    fn overlay_for(&self, record: &InvocationRecord) -> SharedOverlay {
+        if let (true, Some(key)) = (record.is_exclusive(), &record.target.key) {
+            let mut keys = self.keys.lock().unwrap();
+            return keys
+                .entry((record.target.service.clone(), key.clone()))
+                .or_default()
+                .overlay
+                .clone();
+        }
+        SharedOverlay::default()
+    }
+
+    fn has_waiters(&self, record: &InvocationRecord) -> bool {
+        let (true, Some(key)) = (record.is_exclusive(), &record.target.key) else {
+            return false;
+        };
+        let keys = self.keys.lock().unwrap();
+        keys.get(&(record.target.service.clone(), key.clone()))
+            .is_some_and(|q| !q.waiting.is_empty())
+    }
+
     /// A paused exclusive invocation keeps its key across restarts.
     fn hold_key(&self, record: &InvocationRecord) {
         if let (true, Some(key)) = (record.is_exclusive(), &record.target.key) {
@@ -653,7 +679,8 @@ impl Invoker {
             .acquire()
             .await
             .expect("the semaphore is never closed");
-        let durable = DurableContext::new(record, journal, self.clone(), mailbox);
+        let overlay = self.overlay_for(&record);
+        let durable = DurableContext::new(record, journal, self.clone(), mailbox, overlay);
         self.runtime.invoke(&deployment.module, durable).await
     }
 
@@ -673,12 +700,15 @@ impl Invoker {
 
     /// Store the outcome of `id` (unless it is already completed); returns
     /// what to do after the commit.
+    /// The key is released after the commit unless `released` was set
+    /// (the next invocation of the key was started early, see `complete`).
     fn finish_in(
         self: &Arc<Self>,
         t: &mut Tables<'_>,
         id: &InvocationId,
         attempts: Option<u32>,
         outcome: Outcome,
+        released: Arc<AtomicBool>,
     ) -> StoreResult<Option<Continuation>> {
         let Some(mut r) = t.invocation(id)? else {
             return Ok(None);
@@ -713,7 +743,9 @@ impl Invoker {
         Ok(Some(Box::new(move || {
             let task = me.live.lock().unwrap().remove(&r.id).and_then(|l| l.task);
             me.count_source(&r, -1);
-            me.release(&r);
+            if !released.swap(true, Ordering::SeqCst) {
+                me.release(&r);
+            }
             let waiting = me
                 .watchers
                 .lock()
@@ -730,6 +762,11 @@ impl Invoker {
         })))
     }
 
+    /// Complete an invocation. If other invocations wait for its key, the
+    /// next one starts as soon as the completion is queued, not committed:
+    /// it shares the key's state overlay, its writes queue behind this
+    /// invocation's, and nothing it produces is acknowledged before a later
+    /// commit. This takes an fsync off a hot key's critical path.
     async fn complete(
         self: &Arc<Self>,
         record: &InvocationRecord,
@@ -739,17 +776,22 @@ impl Invoker {
     ) {
         let me = self.clone();
         let id = record.id.clone();
-        let then = self
-            .committer
-            .commit(move |t| {
-                if let (Some(error), Some(mut r)) = (error, t.invocation(&id)?) {
-                    r.last_error = Some(error);
-                    t.put_invocation(&r)?;
-                }
-                me.finish_in(t, &id, Some(attempts), outcome)
-            })
-            .await;
-        if let Some(then) = then {
+        let released = Arc::new(AtomicBool::new(false));
+        let flag = released.clone();
+        let committed = self.committer.commit_queued(move |t| {
+            if let (Some(error), Some(mut r)) = (error, t.invocation(&id)?) {
+                r.last_error = Some(error);
+                t.put_invocation(&r)?;
+            }
+            me.finish_in(t, &id, Some(attempts), outcome, flag)
+        });
+        if self.has_waiters(record) && !released.swap(true, Ordering::SeqCst) {
+            self.release(record);
+        }
+        if let Some(then) = committed
+            .await
+            .expect("the commit writer answers every job")
+        {
             then();
         }
     }
@@ -868,7 +910,7 @@ impl Invoker {
                     code: 409,
                     message: "killed".into(),
                 };
-                match me.finish_in(t, &id2, None, message)? {
+                match me.finish_in(t, &id2, None, message, Arc::default())? {
                     Some(then) => Ok(Ok(then)),
                     None if t.invocation(&id2)?.is_none() => {
                         Ok(Err(ControlError::NotFound(format!("invocation {id2}"))))

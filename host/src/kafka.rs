@@ -684,7 +684,11 @@ mod tests {
             "hex:6865783a3431",
             "a UTF-8 key that looks encoded is encoded"
         );
-        assert_eq!(object_key(None), "hex:");
+        assert_eq!(
+            object_key(None),
+            "",
+            "a record without a key goes to the empty key"
+        );
         assert_ne!(object_key(Some(b"")), object_key(Some(b"hex:")));
     }
 }
