@@ -8,6 +8,8 @@
 //! ```toml
 //! # Where the journal, state and modules live (one redb file).
 //! data_dir = "./cairn-data"
+//! # redb's page cache: more memory, fewer reads from disk.
+//! db_cache_bytes = 268435456
 //! # Restate-compatible ingress, and the admin API.
 //! ingress_addr = "127.0.0.1:8080"
 //! admin_addr = "127.0.0.1:9070"
@@ -65,6 +67,8 @@ pub struct Config {
     pub ingress_addr: SocketAddr,
     /// Address of the admin API.
     pub admin_addr: SocketAddr,
+    /// Size of redb's page cache, in bytes.
+    pub db_cache_bytes: usize,
     /// Largest accepted ingress request body, in bytes.
     pub max_body_bytes: usize,
     /// Largest accepted module upload, in bytes.
@@ -145,6 +149,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./cairn-data"),
             ingress_addr: ([127, 0, 0, 1], 8080).into(),
             admin_addr: ([127, 0, 0, 1], 9070).into(),
+            db_cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
             max_body_bytes: 10 * 1024 * 1024,
             max_module_bytes: 64 * 1024 * 1024,
             idempotency_retention: Duration::from_secs(24 * 3600),

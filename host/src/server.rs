@@ -20,7 +20,7 @@ use std::sync::Arc;
 /// Run a host until SIGINT or SIGTERM.
 pub async fn serve(config: Config, deploy: Vec<PathBuf>) -> anyhow::Result<()> {
     let store = Arc::new(
-        Store::open(&config.data_dir)
+        Store::open_with_cache(&config.data_dir, config.db_cache_bytes)
             .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
     );
     let committer = Committer::start(store.clone());

@@ -51,6 +51,9 @@ const SUBSCRIPTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("subscr
 /// counters
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
+/// The page cache size used by [`Store::open`] (the config's default).
+pub const DEFAULT_CACHE_BYTES: usize = 256 * 1024 * 1024;
+
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -93,10 +96,19 @@ pub struct Store {
 }
 
 impl Store {
-    /// Open (or create) `data_dir/cairn.redb` and its tables.
+    /// Open (or create) `data_dir/cairn.redb` and its tables, with redb's
+    /// default page cache.
     pub fn open(data_dir: &Path) -> StoreResult<Self> {
+        Self::open_with_cache(data_dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Open with a page cache of `cache_bytes`.
+    pub fn open_with_cache(data_dir: &Path, cache_bytes: usize) -> StoreResult<Self> {
         std::fs::create_dir_all(data_dir).map_err(StoreError::redb)?;
-        let db = Database::create(data_dir.join("cairn.redb")).map_err(StoreError::redb)?;
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(data_dir.join("cairn.redb"))
+            .map_err(StoreError::redb)?;
         let txn = db.begin_write().map_err(StoreError::redb)?;
         drop(Tables::open(&txn)?);
         txn.commit().map_err(StoreError::redb)?;
