@@ -55,11 +55,7 @@ async fn every_example_handler_answers_over_http() {
 
 #[tokio::test]
 async fn the_cli_deploys_invokes_and_describes() {
-    let host = Host::start_with(HostOptions {
-        deploy: vec![],
-        ..Default::default()
-    })
-    .await;
+    let host = Host::start_with(HostOptions::without_modules()).await;
     let cli = |args: &[&str]| {
         let mut cmd = std::process::Command::new(cairn_tests::cairn_bin());
         cmd.args(args)
@@ -224,11 +220,7 @@ async fn bad_requests_get_clear_errors_and_create_nothing() {
 
 #[tokio::test]
 async fn malformed_modules_are_refused_with_the_reason() {
-    let host = Host::start_with(HostOptions {
-        deploy: vec![],
-        ..Default::default()
-    })
-    .await;
+    let host = Host::start_with(HostOptions::without_modules()).await;
     let upload = |bytes: Vec<u8>| {
         let req = host
             .http

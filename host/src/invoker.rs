@@ -1035,16 +1035,8 @@ impl Invoker {
                 ),
                 Some(Err(message)) => Outcome::Failure { code: 404, message },
             };
-            let fire = me.clone();
-            let then = me
-                .committer
-                .commit(move |t| {
-                    fire.complete_in(t, &id, command, CompletionValue::Outcome(outcome))
-                })
-                .await;
-            if let Some(then) = then {
-                then();
-            }
+            let value = CompletionValue::Outcome(outcome);
+            me.complete_later(id, command, value, |_| Ok(true)).await;
         });
     }
 
@@ -1076,25 +1068,36 @@ impl Invoker {
         let wait = at_ms.saturating_sub(self.clock.now_ms());
         self.tokio.spawn(async move {
             tokio::time::sleep(Duration::from_millis(wait)).await;
-            let fire = me.clone();
-            let then = me
-                .committer
-                .commit(move |t| {
-                    if !t.take_timer(at_ms, &id, command)? {
-                        return Ok(None);
-                    }
-                    fire.complete_in(
-                        t,
-                        &id,
-                        command,
-                        CompletionValue::Outcome(Outcome::Success(b"null".to_vec())),
-                    )
-                })
-                .await;
-            if let Some(then) = then {
-                then();
-            }
+            let fired = CompletionValue::Outcome(Outcome::Success(b"null".to_vec()));
+            let timer = id.clone();
+            me.complete_later(id, command, fired, move |t| {
+                t.take_timer(at_ms, &timer, command)
+            })
+            .await;
         });
+    }
+
+    /// Complete command `command` of `id` with `value` in a transaction of
+    /// its own, if `guard` (run in the same transaction) allows it, and
+    /// deliver the completion after the commit.
+    async fn complete_later(
+        self: &Arc<Self>,
+        id: InvocationId,
+        command: u32,
+        value: CompletionValue,
+        guard: impl FnOnce(&mut Tables<'_>) -> StoreResult<bool> + Send + 'static,
+    ) {
+        let me = self.clone();
+        let then = self
+            .committer
+            .commit(move |t| match guard(t)? {
+                true => me.complete_in(t, &id, command, value),
+                false => Ok(None),
+            })
+            .await;
+        if let Some(then) = then {
+            then();
+        }
     }
 
     /// The continuation that arms a timer once its command is durable.

@@ -85,6 +85,16 @@ pub struct HostOptions {
     pub deploy: Vec<PathBuf>,
 }
 
+impl HostOptions {
+    /// A host with no module deployed at start.
+    pub fn without_modules() -> Self {
+        HostOptions {
+            config: String::new(),
+            deploy: Vec::new(),
+        }
+    }
+}
+
 impl Default for HostOptions {
     fn default() -> Self {
         HostOptions {
