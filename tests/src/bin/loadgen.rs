@@ -19,11 +19,11 @@ struct Args {
     /// Measured seconds per scenario (after a 1 s warm-up).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Scenarios to run: steps3, counter-keys, counter-hot (HTTP); kafka-object, kafka-service (Kafka).
+    /// Scenarios to run: steps3, counter-keys, counter-hot (HTTP); kafka-counter, kafka-object, kafka-service (Kafka).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "steps3,counter-keys,counter-hot,kafka-object,kafka-service"
+        default_value = "steps3,counter-keys,counter-hot,kafka-counter,kafka-object,kafka-service"
     )]
     scenarios: Vec<String>,
     /// Records per Kafka scenario (the broker is `CAIRN_KAFKA_BOOTSTRAP`, default 127.0.0.1:9092).
@@ -117,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
 fn kafka_sink(scenario: &str) -> Option<&'static str> {
     match scenario {
         "kafka-object" => Some("service://Latency/observe"),
+        "kafka-counter" => Some("service://Counter/add"),
         "kafka-service" => Some("service://Steps/steps3"),
         _ => None,
     }
