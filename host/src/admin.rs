@@ -13,6 +13,7 @@
 //! | `POST /subscriptions` `{"source": "kafka://c/topic", "sink": "service://S/h", "options"}` | 201 with the id; 409 for the same source and sink twice |
 //! | `GET /subscriptions`, `GET /subscriptions/{id}` | with ingested count, rate, in-flight invocations and lag per partition |
 //! | `POST /subscriptions/{id}/pause`, `.../resume`, `DELETE /subscriptions/{id}` | stop, restart, remove its consumer |
+//! | `GET /metrics` | group-commit counters: transactions and the jobs they carried |
 //! | `GET /health` | 200 once the host serves |
 
 use crate::deployments::UploadError;
@@ -56,6 +57,7 @@ pub fn router(
         .route("/services", get(list_services))
         .route("/invocations/{id}", get(describe_invocation))
         .route("/invocations/{id}/{action}", post(control_invocation))
+        .route("/metrics", get(metrics))
         .with_state(invoker.clone())
         .merge(kafka.route("/health", get(|| async { "ok" })))
         .layer(DefaultBodyLimit::max(max_module_bytes))
@@ -167,6 +169,11 @@ async fn deploy(State(invoker): State<Arc<Invoker>>, body: Bytes) -> Result<Resp
         Err(UploadError::Invalid(e)) => Err(ApiError::new(StatusCode::BAD_REQUEST, e.to_string())),
         Err(UploadError::Store(e)) => Err(e.into()),
     }
+}
+
+async fn metrics(State(invoker): State<Arc<Invoker>>) -> Json<Value> {
+    let (transactions, jobs) = invoker.committer().stats();
+    Json(json!({ "commit_transactions": transactions, "commit_jobs": jobs }))
 }
 
 async fn list_deployments(State(invoker): State<Arc<Invoker>>) -> Json<Value> {

@@ -121,10 +121,7 @@ impl DurableContext {
 
     /// The seed of the guest's random numbers: the same on every attempt.
     pub fn seed(&self) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        self.record.id.hash(&mut h);
-        h.finish()
+        self.record.id.seed()
     }
 
     fn key(&self) -> wasmtime::Result<(String, String)> {

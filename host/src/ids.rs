@@ -64,6 +64,14 @@ impl InvocationId {
     pub fn generate() -> Self {
         InvocationId(format!("inv_{}", uuid::Uuid::now_v7().simple()))
     }
+
+    /// A seed derived from the id by a fixed rule (FNV-1a), so a guest's
+    /// random numbers are the same on every replay, on any host version.
+    pub fn seed(&self) -> u64 {
+        self.0.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
 }
 
 impl DeploymentId {
@@ -104,6 +112,21 @@ mod tests {
         assert!("dp_abc".parse::<InvocationId>().is_err());
         assert!("inv_".parse::<InvocationId>().is_err());
         assert!("inv_a/b".parse::<InvocationId>().is_err());
+    }
+
+    #[test]
+    fn seeds_are_fixed_by_the_id() {
+        let id: InvocationId = "inv_0123abcd".parse().unwrap();
+        assert_eq!(id.seed(), id.clone().seed());
+        assert_eq!(
+            id.seed(),
+            0x6958_1930_1a2a_1a71,
+            "FNV-1a of the id; the rule never changes"
+        );
+        assert_ne!(
+            id.seed(),
+            "inv_0123abce".parse::<InvocationId>().unwrap().seed()
+        );
     }
 
     #[test]
