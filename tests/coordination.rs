@@ -625,3 +625,37 @@ async fn a_step_retries_in_place_and_a_handler_can_have_its_own_policy() {
         "the handler's override, not the default of 4"
     );
 }
+
+#[tokio::test]
+async fn killing_a_queued_invocation_leaves_the_key_to_its_holder() {
+    let server = TestServer::start(Duration::ZERO).await;
+    let host = start().await;
+    let hold = json!({ "n": 1, "url": format!("{}/hold", server.url) }).to_string();
+    let holder = send(&host, "/Events/q/handle", &hold).await;
+    host.wait_invocation(&holder, MINUTE, |v| v["status"] == "running")
+        .await;
+    let queued = send(&host, "/Events/q/handle", r#"{"n": 2}"#).await;
+    let next = send(&host, "/Events/q/handle", r#"{"n": 3}"#).await;
+    host.wait_invocation(&queued, MINUTE, |v| v["status"] == "pending")
+        .await;
+    let r = host
+        .http
+        .post(format!("{}/invocations/{queued}/kill", host.admin()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        host.get(&format!("/restate/attach/{queued}")).await.status,
+        409
+    );
+    let v = host.admin_get(&format!("/invocations/{next}")).await;
+    assert_eq!(
+        v["status"], "pending",
+        "the key still belongs to the running invocation"
+    );
+    server.release();
+    assert_eq!(host.get(&format!("/restate/attach/{next}")).await.body, "2");
+    let seen = host.post("/Events/q/seen", "", &[]).await.json();
+    assert_eq!(seen["numbers"], json!([1, 3]), "the killed one never ran");
+}

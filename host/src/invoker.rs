@@ -122,7 +122,9 @@ struct Live {
 
 #[derive(Default)]
 struct KeyQueue {
-    busy: bool,
+    /// The exclusive invocation that holds the key.
+    holder: Option<InvocationId>,
+    /// The ones waiting for it, in arrival order.
     waiting: BTreeMap<u64, Arc<InvocationRecord>>,
     /// Uncommitted state writes of the key's exclusive invocations.
     overlay: SharedOverlay,
@@ -501,12 +503,12 @@ impl Invoker {
             let queue = keys
                 .entry((record.target.service.clone(), key.clone()))
                 .or_default();
-            if queue.busy {
+            if queue.holder.is_some() {
                 self.set_status(&record.id, LiveStatus::Pending);
                 queue.waiting.insert(record.seq, record);
                 return;
             }
-            queue.busy = true;
+            queue.holder = Some(record.id.clone());
         }
         self.start(record);
     }
@@ -540,11 +542,12 @@ impl Invoker {
             let mut keys = self.keys.lock().unwrap();
             keys.entry((record.target.service.clone(), key.clone()))
                 .or_default()
-                .busy = true;
+                .holder = Some(record.id.clone());
         }
     }
 
-    /// The invocation holding `key` finished: start the next one.
+    /// `record` is done with its key: if it holds the key, start the next
+    /// invocation; if it was still waiting (killed in the queue), leave.
     fn release(self: &Arc<Self>, record: &InvocationRecord) {
         let (true, Some(key)) = (record.is_exclusive(), &record.target.key) else {
             return;
@@ -554,8 +557,15 @@ impl Invoker {
         let Some(queue) = keys.get_mut(&slot) else {
             return;
         };
+        if queue.holder.as_ref() != Some(&record.id) {
+            queue.waiting.remove(&record.seq);
+            return;
+        }
         match queue.waiting.pop_first() {
-            Some((_, next)) => self.start(next),
+            Some((_, next)) => {
+                queue.holder = Some(next.id.clone());
+                self.start(next);
+            }
             None => {
                 keys.remove(&slot);
             }
@@ -606,6 +616,11 @@ impl Invoker {
                         .await;
                 }
             };
+            if current.status != Status::Ready {
+                // Completed (killed) or paused while it was suspended or queued.
+                self.live.lock().unwrap().remove(&record.id);
+                return;
+            }
             if current.cancelled && journal.is_empty() {
                 let cancelled = Outcome::Failure {
                     code: 409,
