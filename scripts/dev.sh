@@ -8,4 +8,6 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 scripts/build-examples.sh >/dev/null
 cargo build --quiet -p cairn
 exec "$CARGO_TARGET_DIR/debug/cairn" serve --data-dir ./cairn-data \
-  --deploy "$CARGO_TARGET_DIR/examples-wasm/basics.wasm" --http-allow 127.0.0.1:* "$@"
+  --deploy "$CARGO_TARGET_DIR/examples-wasm/basics.wasm" \
+  --deploy "$CARGO_TARGET_DIR/examples-wasm/coordination.wasm" \
+  --http-allow '127.0.0.1:*' "$@"
