@@ -27,7 +27,7 @@ struct Args {
     )]
     scenarios: Vec<String>,
     /// Records per Kafka scenario (the broker is `CAIRN_KAFKA_BOOTSTRAP`, default 127.0.0.1:9092).
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 200_000)]
     kafka_records: usize,
     /// Use a running host's ingress instead of starting one (memory is then not reported).
     #[arg(long)]
@@ -133,6 +133,10 @@ async fn kafka(host: &Host, name: &str, sink: &str, n: usize) {
     let topic = unique_topic(name);
     create_topic(&topic, 4).await;
     let sub = subscribe(host, &broker, &topic, sink).await;
+    // Warm up: one record through, so the consumer has joined its group and
+    // holds its partitions before the clock starts.
+    produce(&topic, vec![Record::json("warm-up", &serde_json::json!(1))]).await;
+    wait_ingested(host, &sub, 1).await;
     let started = Instant::now();
     produce(
         &topic,
@@ -142,13 +146,7 @@ async fn kafka(host: &Host, name: &str, sink: &str, n: usize) {
     )
     .await;
     let produced = started.elapsed();
-    loop {
-        let v = host.admin_get(&format!("/subscriptions/{sub}")).await;
-        if v["ingested"].as_u64() == Some(n as u64) && v["in_flight"].as_u64() == Some(0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_ingested(host, &sub, n as u64 + 1).await;
     let elapsed = started.elapsed();
     let mut latency = String::new();
     if sink.contains("Latency") {
@@ -193,6 +191,17 @@ async fn kafka(host: &Host, name: &str, sink: &str, n: usize) {
         n as f64 / elapsed.as_secs_f64(),
         produced.as_secs_f64()
     );
+}
+
+/// Wait until `sub` has ingested `count` records and all of them finished.
+async fn wait_ingested(host: &Host, sub: &str, count: u64) {
+    loop {
+        let v = host.admin_get(&format!("/subscriptions/{sub}")).await;
+        if v["ingested"].as_u64() == Some(count) && v["in_flight"].as_u64() == Some(0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 struct Report {
