@@ -20,8 +20,7 @@
 use crate::ids::{awakeable_id, InvocationId};
 use crate::invoker::{Invoker, NewInvocation};
 use crate::journal::{
-    CallTarget, Command, Completion, CompletionValue, Entry, Issued, Journal, JournalMismatch,
-    Outcome,
+    Command, Completion, CompletionValue, Entry, Issued, Journal, JournalMismatch, Outcome,
 };
 use crate::records::{Caller, HandlerKind, InvocationRecord, Target};
 use crate::runtime::bindings::cairn::runtime::{context, types as wit};
@@ -365,18 +364,14 @@ impl DurableContext {
     /// A new invocation record for a call or send from this invocation.
     fn child(
         &self,
-        target: &CallTarget,
+        target: &Target,
         input: &[u8],
         delay: Option<Duration>,
         caller: Option<Caller>,
     ) -> Result<InvocationRecord, String> {
         self.invoker
             .new_record(NewInvocation {
-                target: Target {
-                    service: target.service.clone(),
-                    handler: target.handler.clone(),
-                    key: target.key.clone(),
-                },
+                target: target.clone(),
                 input: input.to_vec(),
                 headers: Vec::new(),
                 idempotency_key: None,
@@ -531,8 +526,8 @@ fn from_wit(outcome: wit::Outcome) -> Outcome {
     }
 }
 
-fn call_target(t: context::CallTarget) -> CallTarget {
-    CallTarget {
+fn call_target(t: context::CallTarget) -> Target {
+    Target {
         service: t.service,
         handler: t.handler,
         key: t.key,

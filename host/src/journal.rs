@@ -14,6 +14,7 @@
 //! stops and the journal is never overwritten. Past the end of the journal
 //! the handler runs live and new entries are appended.
 
+use crate::records::Target;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -37,13 +38,13 @@ pub enum Command {
     /// A request-response call to another handler; `callee` is the id of
     /// the invocation it created.
     Call {
-        target: CallTarget,
+        target: Target,
         input: Vec<u8>,
         callee: String,
     },
     /// A one-way invocation of another handler, optionally delayed.
     Send {
-        target: CallTarget,
+        target: Target,
         input: Vec<u8>,
         delay_ms: u64,
     },
@@ -66,26 +67,6 @@ pub enum Command {
         key: Option<Vec<u8>>,
         value: Vec<u8>,
     },
-}
-
-/// The target of a call or send.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CallTarget {
-    /// Service name.
-    pub service: String,
-    /// Handler name.
-    pub handler: String,
-    /// Object key or workflow id.
-    pub key: Option<String>,
-}
-
-impl std::fmt::Display for CallTarget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.key {
-            Some(key) => write!(f, "{}/{}/{}", self.service, key, self.handler),
-            None => write!(f, "{}/{}", self.service, self.handler),
-        }
-    }
 }
 
 /// The answer to a command.
