@@ -866,14 +866,10 @@ impl Invoker {
         let resumed = self
             .committer
             .commit(move |t| {
-                let Some(mut r) = t.invocation(&id2)? else {
-                    return Ok(Err(ControlError::NotFound(format!("invocation {id2}"))));
+                let mut r = match in_state(t, &id2, |s| s == Status::Paused, "is not paused")? {
+                    Ok(r) => r,
+                    Err(e) => return Ok(Err(e)),
                 };
-                if r.status != Status::Paused {
-                    return Ok(Err(ControlError::Conflict(format!(
-                        "invocation {id2} is not paused"
-                    ))));
-                }
                 r.status = Status::Ready;
                 r.attempts = 0;
                 if let Some(d) = deployment {
@@ -893,14 +889,11 @@ impl Invoker {
         let id2 = id.clone();
         self.committer
             .commit(move |t| {
-                let Some(mut r) = t.invocation(&id2)? else {
-                    return Ok(Err(ControlError::NotFound(format!("invocation {id2}"))));
-                };
-                if r.status != Status::Ready {
-                    return Ok(Err(ControlError::Conflict(format!(
-                        "invocation {id2} is not running or waiting"
-                    ))));
-                }
+                let mut r =
+                    match in_state(t, &id2, |s| s == Status::Ready, "is not running or waiting")? {
+                        Ok(r) => r,
+                        Err(e) => return Ok(Err(e)),
+                    };
                 r.status = Status::Paused;
                 r.last_error = Some("paused by an operator".into());
                 t.put_invocation(&r)?;
@@ -959,14 +952,9 @@ impl Invoker {
         let deliveries = self
             .committer
             .commit(move |t| {
-                match t.invocation(&id2)? {
-                    None => return Ok(Err(ControlError::NotFound(format!("invocation {id2}")))),
-                    Some(r) if r.status == Status::Completed => {
-                        return Ok(Err(ControlError::Conflict(format!(
-                            "invocation {id2} already completed"
-                        ))))
-                    }
-                    Some(_) => {}
+                if let Err(e) = in_state(t, &id2, |s| s != Status::Completed, "already completed")?
+                {
+                    return Ok(Err(e));
                 }
                 let mut deliveries = Vec::new();
                 me.cancel_in(t, &id2, &mut deliveries)?;
@@ -1230,4 +1218,21 @@ impl Invoker {
             tracing::info!(count, "forgot expired invocations");
         }
     }
+}
+
+/// The record of `id` if its status is `allowed`; else not found, or a
+/// conflict saying that it `otherwise`.
+fn in_state(
+    t: &Tables<'_>,
+    id: &InvocationId,
+    allowed: impl Fn(Status) -> bool,
+    otherwise: &str,
+) -> StoreResult<Result<InvocationRecord, ControlError>> {
+    Ok(match t.invocation(id)? {
+        None => Err(ControlError::NotFound(format!("invocation {id}"))),
+        Some(r) if allowed(r.status) => Ok(r),
+        Some(_) => Err(ControlError::Conflict(format!(
+            "invocation {id} {otherwise}"
+        ))),
+    })
 }
