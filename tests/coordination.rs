@@ -659,3 +659,40 @@ async fn killing_a_queued_invocation_leaves_the_key_to_its_holder() {
     let seen = host.post("/Events/q/seen", "", &[]).await.json();
     assert_eq!(seen["numbers"], json!([1, 3]), "the killed one never ran");
 }
+
+#[tokio::test]
+async fn cancelling_one_side_of_a_deadlock_releases_the_key() {
+    let host = start().await;
+    let stuck = send(&host, "/Tally/d/deadlock", "5").await;
+    host.wait_invocation(&stuck, MINUTE, |v| v["status"] == "suspended")
+        .await;
+    let journal = host.admin_get(&format!("/invocations/{stuck}")).await["journal"].clone();
+    let called_itself = journal
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["command"] == "call Tally/d/bump");
+    assert!(called_itself, "the handler called its own key");
+    assert_eq!(
+        host.post("/Tally/d/total", "", &[]).await.body,
+        "0",
+        "shared handlers still answer"
+    );
+    let r = host
+        .http
+        .post(format!("{}/invocations/{stuck}/cancel", host.admin()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = host.get(&format!("/restate/attach/{stuck}")).await;
+    assert_eq!(
+        (r.status, r.json()["message"].as_str()),
+        (409, Some("cancelled"))
+    );
+    assert_eq!(
+        host.post("/Tally/d/bump", "1", &[]).await.body,
+        "2",
+        "the key is free again; the cancelled call never ran"
+    );
+}

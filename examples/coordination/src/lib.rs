@@ -76,6 +76,19 @@ impl Tally {
         ctx.set("total", &total);
         Ok(total)
     }
+
+    /// Calls `bump` on its own key: a deadlock (the call waits for the key
+    /// this handler holds). Cancelling it gets the key back.
+    pub fn deadlock(ctx: &Context, x: i64) -> HandlerResult<i64> {
+        ctx.call(Target::object("Tally", ctx.key(), "bump"), &x)
+            .wait()
+    }
+
+    /// The total (shared: readable while the key is held).
+    #[shared]
+    pub fn total(ctx: &Context) -> HandlerResult<i64> {
+        Ok(ctx.get::<i64>("total")?.unwrap_or(0))
+    }
 }
 
 /// Calls between handlers.
