@@ -13,6 +13,7 @@
 //! | `POST /subscriptions` `{"source": "kafka://c/topic", "sink": "service://S/h", "options"}` | 201 with the id; 409 for the same source and sink twice |
 //! | `GET /subscriptions`, `GET /subscriptions/{id}` | with ingested count, rate, in-flight invocations and lag per partition |
 //! | `POST /subscriptions/{id}/pause`, `.../resume`, `DELETE /subscriptions/{id}` | stop, restart, remove its consumer |
+//! | `POST /schedules` `{"name", "cron", "target": "S/h" or "O/k/h", "input"}` | 201; `GET /schedules`; `DELETE /schedules/{name}` |
 //! | `GET /metrics` | group-commit counters: transactions and the jobs they carried |
 //! | `GET /health` | 200 once the host serves |
 
@@ -24,6 +25,7 @@ use crate::journal::{Command, CompletionValue, Entry, Outcome};
 use crate::kafka::{SubscriptionError, Subscriptions};
 use crate::records::ClusterRecord;
 use crate::records::{InvocationRecord, Status};
+use crate::schedules::{from_config, ScheduleError, Schedules};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
@@ -38,8 +40,13 @@ use std::sync::Arc;
 pub fn router(
     invoker: Arc<Invoker>,
     subscriptions: Arc<Subscriptions>,
+    schedules: Arc<Schedules>,
     max_module_bytes: usize,
 ) -> Router {
+    let cron = Router::new()
+        .route("/schedules", get(list_schedules).post(put_schedule))
+        .route("/schedules/{name}", axum::routing::delete(delete_schedule))
+        .with_state(schedules);
     let kafka = Router::new()
         .route("/kafka-clusters", get(list_clusters).post(put_cluster))
         .route(
@@ -60,7 +67,44 @@ pub fn router(
         .route("/metrics", get(metrics))
         .with_state(invoker.clone())
         .merge(kafka.route("/health", get(|| async { "ok" })))
+        .merge(cron)
         .layer(DefaultBodyLimit::max(max_module_bytes))
+}
+
+impl From<ScheduleError> for ApiError {
+    fn from(e: ScheduleError) -> Self {
+        let status = match e {
+            ScheduleError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ScheduleError::NotFound(_) => StatusCode::NOT_FOUND,
+            ScheduleError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+async fn put_schedule(
+    State(schedules): State<Arc<Schedules>>,
+    Json(config): Json<crate::config::ScheduleConfig>,
+) -> Result<Response, ApiError> {
+    let record = schedules.put(from_config(&config)?).await?;
+    Ok((StatusCode::CREATED, Json(schedule_json(&record))).into_response())
+}
+
+async fn list_schedules(State(schedules): State<Arc<Schedules>>) -> Result<Json<Value>, ApiError> {
+    let all: Vec<Value> = schedules.list()?.iter().map(schedule_json).collect();
+    Ok(Json(json!({ "schedules": all })))
+}
+
+async fn delete_schedule(
+    State(schedules): State<Arc<Schedules>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    schedules.delete(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn schedule_json(s: &crate::records::ScheduleRecord) -> Value {
+    json!({ "name": s.name, "cron": s.cron, "target": s.target.to_string(), "input": text(&s.input) })
 }
 
 impl From<SubscriptionError> for ApiError {

@@ -47,6 +47,13 @@
 //! # Unfinished invocations per subscription before its partitions pause.
 //! max_in_flight = 10000
 //!
+//! # A handler invoked on a cron expression (5 fields, or 6 with seconds), UTC.
+//! [[schedules]]
+//! name = "nightly-report"
+//! cron = "0 2 * * *"
+//! target = "Reports/nightly"
+//! input = { "format": "pdf" }
+//!
 //! # The policy of one handler (or "Service" for all its handlers).
 //! [retry_overrides."Payments/charge"]
 //! max_attempts = 5
@@ -92,6 +99,8 @@ pub struct Config {
     pub retry: RetryPolicy,
     /// Kafka ingest.
     pub kafka: KafkaConfig,
+    /// Cron schedules registered at start.
+    pub schedules: Vec<ScheduleConfig>,
     /// Retry policies of particular services (`"Service"`) or handlers
     /// (`"Service/handler"`); fields they omit take the built-in defaults.
     pub retry_overrides: std::collections::BTreeMap<String, RetryPolicy>,
@@ -108,6 +117,21 @@ pub struct Limits {
     pub cpu_per_attempt: Duration,
     /// Instances alive at once (size of the pooling allocator).
     pub max_instances: u32,
+}
+
+/// A cron schedule in the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Its name.
+    pub name: String,
+    /// Cron expression: 5 fields, or 6 with seconds first (UTC).
+    pub cron: String,
+    /// `Service/handler` or `Object/key/handler`.
+    pub target: String,
+    /// The JSON input of each tick (none: an empty body).
+    #[serde(default)]
+    pub input: Option<serde_json::Value>,
 }
 
 /// Kafka ingest settings.
@@ -160,6 +184,7 @@ impl Default for Config {
             retry: RetryPolicy::default(),
             retry_overrides: Default::default(),
             kafka: KafkaConfig::default(),
+            schedules: Vec::new(),
         }
     }
 }

@@ -377,7 +377,7 @@ impl DurableContext {
                 idempotency_key: None,
                 delay: delay.filter(|d| !d.is_zero()),
                 caller,
-                source: None,
+                ..Default::default()
             })
             .map_err(|e| e.to_string())
     }

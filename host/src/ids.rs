@@ -65,6 +65,15 @@ impl InvocationId {
         InvocationId(format!("inv_{}", uuid::Uuid::now_v7().simple()))
     }
 
+    /// The id derived from `seed` (SHA-256): the same seed, the same id.
+    pub fn derived(seed: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        InvocationId(format!(
+            "inv_{}",
+            hex::encode(&Sha256::digest(seed.as_bytes())[..16])
+        ))
+    }
+
     /// A seed derived from the id by a fixed rule (FNV-1a), so a guest's
     /// random numbers are the same on every replay, on any host version.
     pub fn seed(&self) -> u64 {

@@ -59,6 +59,8 @@ pub struct NewInvocation {
     pub caller: Option<Caller>,
     /// The subscription that created it, if any.
     pub source: Option<String>,
+    /// A fixed id (cron ticks derive theirs); a fresh one when `None`.
+    pub id: Option<InvocationId>,
 }
 
 /// The answer to a submission.
@@ -340,7 +342,7 @@ impl Invoker {
         };
         let now = self.clock.now_ms();
         Ok(InvocationRecord {
-            id: InvocationId::generate(),
+            id: request.id.unwrap_or_else(InvocationId::generate),
             handler_kind: handler.kind,
             target,
             deployment,

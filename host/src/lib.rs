@@ -14,7 +14,8 @@
 //!   side of the guest's `context` interface.
 //! - [`deployments`]: uploads and the service registry.
 //! - [`invoker`]: invocation lifecycle, per-key ordering, retries.
-//! - [`kafka`]: subscriptions that turn records into invocations.
+//! - [`kafka`]: subscriptions that turn records into invocations;
+//!   [`schedules`]: cron ticks that do the same.
 //! - [`ingress`], [`admin`]: the HTTP APIs; [`server`] wires a host.
 //!
 //! `docs/design.md` describes the journal, the tables and the replay rules.
@@ -32,5 +33,6 @@ pub mod journal;
 pub mod kafka;
 pub mod records;
 pub mod runtime;
+pub mod schedules;
 pub mod server;
 pub mod store;

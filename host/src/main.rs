@@ -68,6 +68,11 @@ enum Command {
         #[command(subcommand)]
         command: SubscriptionsCommand,
     },
+    /// Invoke handlers on cron schedules.
+    Schedules {
+        #[command(subcommand)]
+        command: SchedulesCommand,
+    },
     /// List the deployed services.
     Services {
         #[command(flatten)]
@@ -143,6 +148,33 @@ enum SubscriptionsCommand {
     Delete(Invocation),
 }
 
+#[derive(Subcommand)]
+enum SchedulesCommand {
+    /// Create or replace a schedule: `cairn schedules add nightly --cron "0 2 * * *" --target Reports/nightly`.
+    Add {
+        /// The schedule's name.
+        name: String,
+        /// Cron expression: 5 fields, or 6 with seconds first (UTC).
+        #[arg(long)]
+        cron: String,
+        /// `Service/handler` or `Object/key/handler`.
+        #[arg(long)]
+        target: String,
+        /// The JSON input of each tick.
+        #[arg(long)]
+        input: Option<String>,
+        #[command(flatten)]
+        admin: AdminUrl,
+    },
+    /// List the schedules.
+    List {
+        #[command(flatten)]
+        admin: AdminUrl,
+    },
+    /// Delete a schedule (its past invocations stay).
+    Delete(Invocation),
+}
+
 fn key_value(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -151,7 +183,7 @@ fn key_value(text: &str) -> Result<(String, String), String> {
 
 #[derive(Args)]
 struct Invocation {
-    /// The id (`inv_...` or `sub_...`).
+    /// The id (`inv_...`, `sub_...`) or schedule name.
     id: String,
     #[command(flatten)]
     admin: AdminUrl,
@@ -348,6 +380,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 SubscriptionsCommand::Delete(it) => (
                     client.delete(format!("{}/subscriptions/{}", it.admin.url, it.id)),
+                    it.admin,
+                ),
+            };
+            print_json(&request(req, &admin.url).await?)
+        }
+        Command::Schedules { command } => {
+            let client = reqwest::Client::new();
+            let (req, admin) = match command {
+                SchedulesCommand::Add {
+                    name,
+                    cron,
+                    target,
+                    input,
+                    admin,
+                } => {
+                    let input = input
+                        .map(|i| serde_json::from_str::<serde_json::Value>(&i))
+                        .transpose()
+                        .context("--input is not JSON")?;
+                    let body = serde_json::json!({ "name": name, "cron": cron, "target": target, "input": input });
+                    (
+                        client.post(format!("{}/schedules", admin.url)).json(&body),
+                        admin,
+                    )
+                }
+                SchedulesCommand::List { admin } => {
+                    (client.get(format!("{}/schedules", admin.url)), admin)
+                }
+                SchedulesCommand::Delete(it) => (
+                    client.delete(format!("{}/schedules/{}", it.admin.url, it.id)),
                     it.admin,
                 ),
             };

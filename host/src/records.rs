@@ -202,3 +202,16 @@ impl InvocationRecord {
         self.target.key.is_some() && self.handler_kind != HandlerKind::Shared
     }
 }
+
+/// A cron schedule: `target` is invoked with `input` on every tick.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleRecord {
+    /// Its name (letters, digits, `-`, `_`).
+    pub name: String,
+    /// The cron expression (5 fields, or 6 with seconds first), in UTC.
+    pub cron: String,
+    /// What each tick invokes.
+    pub target: Target,
+    /// The JSON input of each tick.
+    pub input: Vec<u8>,
+}

@@ -49,6 +49,13 @@ pub async fn serve(config: Config, deploy: Vec<PathBuf>) -> anyhow::Result<()> {
     tracing::info!(resumed, "recovered unfinished invocations");
     let subscriptions =
         crate::kafka::Subscriptions::start(invoker.clone(), config.kafka.max_in_flight)?;
+    let configured = config
+        .schedules
+        .iter()
+        .map(crate::schedules::from_config)
+        .collect::<Result<Vec<_>, _>>()
+        .context("invalid [[schedules]] in the config")?;
+    let schedules = crate::schedules::Schedules::start(invoker.clone(), configured).await?;
 
     let ingress = tokio::net::TcpListener::bind(config.ingress_addr)
         .await
@@ -68,7 +75,7 @@ pub async fn serve(config: Config, deploy: Vec<PathBuf>) -> anyhow::Result<()> {
     .with_graceful_shutdown(shutdown());
     let admin = axum::serve(
         admin,
-        crate::admin::router(invoker, subscriptions, config.max_module_bytes),
+        crate::admin::router(invoker, subscriptions, schedules, config.max_module_bytes),
     )
     .with_graceful_shutdown(shutdown());
     tokio::try_join!(async { ingress.await }, async { admin.await })?;

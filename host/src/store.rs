@@ -9,7 +9,8 @@
 use crate::ids::{DeploymentId, InvocationId};
 use crate::journal::{Completion, Entry, Outcome};
 use crate::records::{
-    ClusterRecord, DeploymentRecord, HandlerKind, InvocationRecord, SubscriptionRecord,
+    ClusterRecord, DeploymentRecord, HandlerKind, InvocationRecord, ScheduleRecord,
+    SubscriptionRecord,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
 use serde::{de::DeserializeOwned, Serialize};
@@ -48,6 +49,8 @@ const PROMISE_WAITERS: TableDefinition<(&str, &str, &str, &str, u32), ()> =
 const KAFKA_CLUSTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("kafka_clusters");
 /// id -> postcard(SubscriptionRecord)
 const SUBSCRIPTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("subscriptions");
+/// name -> postcard(ScheduleRecord)
+const SCHEDULES: TableDefinition<&str, &[u8]> = TableDefinition::new("schedules");
 /// counters
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -253,6 +256,11 @@ impl Store {
         self.all(KAFKA_CLUSTERS, "kafka_clusters")
     }
 
+    /// Every cron schedule.
+    pub fn schedules(&self) -> StoreResult<Vec<ScheduleRecord>> {
+        self.all(SCHEDULES, "schedules")
+    }
+
     /// Every subscription.
     pub fn subscriptions(&self) -> StoreResult<Vec<SubscriptionRecord>> {
         self.all(SUBSCRIPTIONS, "subscriptions")
@@ -342,6 +350,7 @@ pub struct Tables<'txn> {
     promise_waiters: Table<'txn, (&'static str, &'static str, &'static str, &'static str, u32), ()>,
     clusters: Table<'txn, &'static str, &'static [u8]>,
     subscriptions: Table<'txn, &'static str, &'static [u8]>,
+    schedules: Table<'txn, &'static str, &'static [u8]>,
     meta: Table<'txn, &'static str, u64>,
 }
 
@@ -366,6 +375,7 @@ impl<'txn> Tables<'txn> {
             promise_waiters: txn.open_table(PROMISE_WAITERS).map_err(open)?,
             clusters: txn.open_table(KAFKA_CLUSTERS).map_err(open)?,
             subscriptions: txn.open_table(SUBSCRIPTIONS).map_err(open)?,
+            schedules: txn.open_table(SCHEDULES).map_err(open)?,
             meta: txn.open_table(META).map_err(open)?,
         })
     }
@@ -699,6 +709,23 @@ impl<'txn> Tables<'txn> {
             all.push(decode("subscriptions", v.value())?);
         }
         Ok(all)
+    }
+
+    /// Store (or replace) a schedule.
+    pub fn put_schedule(&mut self, schedule: &ScheduleRecord) -> StoreResult<()> {
+        self.schedules
+            .insert(schedule.name.as_str(), encode(schedule).as_slice())
+            .map_err(StoreError::redb)?;
+        Ok(())
+    }
+
+    /// Delete a schedule; `false` if there was none.
+    pub fn remove_schedule(&mut self, name: &str) -> StoreResult<bool> {
+        Ok(self
+            .schedules
+            .remove(name)
+            .map_err(StoreError::redb)?
+            .is_some())
     }
 
     /// Delete a subscription; `false` if there was none.
