@@ -696,3 +696,42 @@ async fn cancelling_one_side_of_a_deadlock_releases_the_key() {
         "the key is free again; the cancelled call never ran"
     );
 }
+
+#[tokio::test]
+async fn a_concurrency_limit_caps_calls_to_a_downstream_and_drops_nothing() {
+    let server = TestServer::start(Duration::ZERO).await;
+    let host = start().await;
+    let mut cli = std::process::Command::new(cairn_tests::cairn_bin());
+    cli.args(["limits", "set", "Trip/fetch", "3", "--admin", &host.admin()]);
+    cairn_tests::run(&mut cli).unwrap();
+    let url = format!("\"{}/slow?ms=150\"", server.url);
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        ids.push(send(&host, "/Trip/fetch", &url).await);
+    }
+    for id in &ids {
+        assert_eq!(
+            host.get(&format!("/restate/attach/{id}")).await.body,
+            "\"ok\""
+        );
+    }
+    assert_eq!(
+        server.slow_max(),
+        3,
+        "never more than 3 at once, and the limit was used"
+    );
+    let limits = host.admin_get("/concurrency-limits").await;
+    assert_eq!(
+        limits["limits"],
+        json!([{ "scope": "Trip/fetch", "max": 3, "in_use": 0 }])
+    );
+    let bad = json!({ "scope": "Trip/fetch", "max": 0 });
+    let r = host
+        .http
+        .post(format!("{}/concurrency-limits", host.admin()))
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}

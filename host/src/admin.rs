@@ -14,6 +14,7 @@
 //! | `GET /subscriptions`, `GET /subscriptions/{id}` | with ingested count, rate, in-flight invocations and lag per partition |
 //! | `POST /subscriptions/{id}/pause`, `.../resume`, `DELETE /subscriptions/{id}` | stop, restart, remove its consumer |
 //! | `POST /schedules` `{"name", "cron", "target": "S/h" or "O/k/h", "input"}` | 201; `GET /schedules`; `DELETE /schedules/{name}` |
+//! | `POST /concurrency-limits` `{"scope", "max"}`; `GET`; `DELETE ?scope=` | flow control (see `limits`) |
 //! | `GET /metrics` | group-commit counters: transactions and the jobs they carried |
 //! | `GET /health` | 200 once the host serves |
 
@@ -65,6 +66,10 @@ pub fn router(
         .route("/invocations/{id}", get(describe_invocation))
         .route("/invocations/{id}/{action}", post(control_invocation))
         .route("/metrics", get(metrics))
+        .route(
+            "/concurrency-limits",
+            get(list_limits).post(set_limit).delete(remove_limit),
+        )
         .with_state(invoker.clone())
         .merge(kafka.route("/health", get(|| async { "ok" })))
         .merge(cron)
@@ -213,6 +218,35 @@ async fn deploy(State(invoker): State<Arc<Invoker>>, body: Bytes) -> Result<Resp
         Err(UploadError::Invalid(e)) => Err(ApiError::new(StatusCode::BAD_REQUEST, e.to_string())),
         Err(UploadError::Store(e)) => Err(e.into()),
     }
+}
+
+async fn set_limit(
+    State(invoker): State<Arc<Invoker>>,
+    Json(limit): Json<crate::config::ConcurrencyConfig>,
+) -> Result<Response, ApiError> {
+    invoker.set_limit(limit.scope.clone(), limit.max).await?;
+    Ok((StatusCode::CREATED, Json(limit)).into_response())
+}
+
+async fn list_limits(State(invoker): State<Arc<Invoker>>) -> Json<Value> {
+    let limits: Vec<Value> = invoker
+        .limits()
+        .into_iter()
+        .map(|(scope, max, in_use)| json!({ "scope": scope, "max": max, "in_use": in_use }))
+        .collect();
+    Json(json!({ "limits": limits }))
+}
+
+async fn remove_limit(
+    State(invoker): State<Arc<Invoker>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<StatusCode, ApiError> {
+    let scope = query
+        .get("scope")
+        .cloned()
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "give ?scope="))?;
+    invoker.remove_limit(scope).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn metrics(State(invoker): State<Arc<Invoker>>) -> Json<Value> {

@@ -54,6 +54,11 @@
 //! target = "Reports/nightly"
 //! input = { "format": "pdf" }
 //!
+//! # At most 5 attempts of Payments/charge at once (also "Service" or "Object/prefix*").
+//! [[concurrency]]
+//! scope = "Payments/charge"
+//! max = 5
+//!
 //! # The policy of one handler (or "Service" for all its handlers).
 //! [retry_overrides."Payments/charge"]
 //! max_attempts = 5
@@ -101,6 +106,8 @@ pub struct Config {
     pub kafka: KafkaConfig,
     /// Cron schedules registered at start.
     pub schedules: Vec<ScheduleConfig>,
+    /// Concurrency limits set at start.
+    pub concurrency: Vec<ConcurrencyConfig>,
     /// Retry policies of particular services (`"Service"`) or handlers
     /// (`"Service/handler"`); fields they omit take the built-in defaults.
     pub retry_overrides: std::collections::BTreeMap<String, RetryPolicy>,
@@ -117,6 +124,16 @@ pub struct Limits {
     pub cpu_per_attempt: Duration,
     /// Instances alive at once (size of the pooling allocator).
     pub max_instances: u32,
+}
+
+/// A concurrency limit in the config file.
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConcurrencyConfig {
+    /// `Service`, `Service/handler`, or `Object/keyprefix*`.
+    pub scope: String,
+    /// Attempts allowed at once.
+    pub max: usize,
 }
 
 /// A cron schedule in the config file.
@@ -185,6 +202,7 @@ impl Default for Config {
             retry_overrides: Default::default(),
             kafka: KafkaConfig::default(),
             schedules: Vec::new(),
+            concurrency: Vec::new(),
         }
     }
 }

@@ -79,6 +79,7 @@ impl From<ControlError> for ApiError {
         let status = match e {
             ControlError::NotFound(_) => StatusCode::NOT_FOUND,
             ControlError::Conflict(_) => StatusCode::CONFLICT,
+            ControlError::Invalid(_) => StatusCode::BAD_REQUEST,
         };
         ApiError(status, e.to_string())
     }

@@ -99,6 +99,9 @@ pub enum ControlError {
     /// The target is not in a state that allows this.
     #[error("{0}")]
     Conflict(String),
+    /// The request itself is malformed.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Where a not-yet-completed invocation is, as the host knows in memory.
@@ -149,6 +152,8 @@ pub struct Invoker {
     in_flight: Mutex<HashMap<String, usize>>,
     /// Producers for durable produce.
     producers: crate::kafka::Producers,
+    /// Concurrency limits.
+    limits: Arc<crate::limits::Limits>,
 }
 
 type Deliveries = Vec<(InvocationId, u32, Completion)>;
@@ -176,6 +181,7 @@ impl Invoker {
             watchers: Mutex::default(),
             in_flight: Mutex::default(),
             producers: crate::kafka::Producers::new(store.clone()),
+            limits: Arc::default(),
             store,
         })
     }
@@ -205,9 +211,46 @@ impl Invoker {
         self.config.suspend_after
     }
 
+    /// Set (or replace) a concurrency limit, durably; see [`crate::limits`].
+    pub async fn set_limit(&self, scope: String, max: usize) -> Result<(), ControlError> {
+        if scope.is_empty() || max == 0 {
+            return Err(ControlError::Invalid(
+                "a limit needs a scope and a max of at least 1".into(),
+            ));
+        }
+        let stored = scope.clone();
+        self.committer
+            .commit(move |t| t.put_limit(&stored, max as u64))
+            .await;
+        self.limits.set(&scope, max);
+        Ok(())
+    }
+
+    /// Remove a concurrency limit.
+    pub async fn remove_limit(&self, scope: String) -> Result<(), ControlError> {
+        let stored = scope.clone();
+        if !self
+            .committer
+            .commit(move |t| t.remove_limit(&stored))
+            .await
+        {
+            return Err(ControlError::NotFound(format!("limit {scope}")));
+        }
+        self.limits.remove(&scope);
+        Ok(())
+    }
+
+    /// Every concurrency limit: `(scope, max, in use)`.
+    pub fn limits(&self) -> Vec<(String, usize, usize)> {
+        self.limits.list()
+    }
+
     /// Resume every unfinished invocation in arrival order, re-arm the
     /// timers, and start the retention cleaner.
     pub fn recover(self: &Arc<Self>) -> Result<usize, StoreError> {
+        for (scope, max) in self.store.limits()? {
+            self.limits.set(&scope, max as usize);
+        }
         let mut resumed = 0;
         for record in self.store.unfinished()? {
             self.count_source(&record, 1);
@@ -691,6 +734,7 @@ impl Invoker {
         let Some(deployment) = self.registry.deployment(&record.deployment) else {
             return AttemptEnd::Stopped(format!("deployment {} is not loaded", record.deployment));
         };
+        let _limited = self.limits.acquire(&record.target).await;
         let _slot = self
             .instances
             .acquire()

@@ -13,7 +13,8 @@
 //! - [`runtime`]: wasmtime, sandboxing and limits; [`context`]: the host
 //!   side of the guest's `context` interface.
 //! - [`deployments`]: uploads and the service registry.
-//! - [`invoker`]: invocation lifecycle, per-key ordering, retries.
+//! - [`invoker`]: invocation lifecycle, per-key ordering, retries;
+//!   [`limits`]: concurrency limits (flow control).
 //! - [`kafka`]: subscriptions that turn records into invocations;
 //!   [`schedules`]: cron ticks that do the same.
 //! - [`ingress`], [`admin`]: the HTTP APIs; [`server`] wires a host.
@@ -31,6 +32,7 @@ pub mod ingress;
 pub mod invoker;
 pub mod journal;
 pub mod kafka;
+pub mod limits;
 pub mod records;
 pub mod runtime;
 pub mod schedules;

@@ -73,6 +73,11 @@ enum Command {
         #[command(subcommand)]
         command: SchedulesCommand,
     },
+    /// Concurrency limits (flow control).
+    Limits {
+        #[command(subcommand)]
+        command: LimitsCommand,
+    },
     /// List the deployed services.
     Services {
         #[command(flatten)]
@@ -173,6 +178,31 @@ enum SchedulesCommand {
     },
     /// Delete a schedule (its past invocations stay).
     Delete(Invocation),
+}
+
+#[derive(Subcommand)]
+enum LimitsCommand {
+    /// At most MAX attempts at once in SCOPE: `Service`, `Service/handler` or `Object/prefix*`.
+    Set {
+        /// The scope.
+        scope: String,
+        /// Attempts allowed at once.
+        max: usize,
+        #[command(flatten)]
+        admin: AdminUrl,
+    },
+    /// List the limits and the slots in use.
+    List {
+        #[command(flatten)]
+        admin: AdminUrl,
+    },
+    /// Remove a limit.
+    Remove {
+        /// The scope.
+        scope: String,
+        #[command(flatten)]
+        admin: AdminUrl,
+    },
 }
 
 fn key_value(text: &str) -> Result<(String, String), String> {
@@ -412,6 +442,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     client.delete(format!("{}/schedules/{}", it.admin.url, it.id)),
                     it.admin,
                 ),
+            };
+            print_json(&request(req, &admin.url).await?)
+        }
+        Command::Limits { command } => {
+            let client = reqwest::Client::new();
+            let (req, admin) = match command {
+                LimitsCommand::Set { scope, max, admin } => {
+                    let body = serde_json::json!({ "scope": scope, "max": max });
+                    (
+                        client
+                            .post(format!("{}/concurrency-limits", admin.url))
+                            .json(&body),
+                        admin,
+                    )
+                }
+                LimitsCommand::List { admin } => (
+                    client.get(format!("{}/concurrency-limits", admin.url)),
+                    admin,
+                ),
+                LimitsCommand::Remove { scope, admin } => {
+                    let req = client
+                        .delete(format!("{}/concurrency-limits", admin.url))
+                        .query(&[("scope", scope)]);
+                    (req, admin)
+                }
             };
             print_json(&request(req, &admin.url).await?)
         }

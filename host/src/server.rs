@@ -46,6 +46,12 @@ pub async fn serve(config: Config, deploy: Vec<PathBuf>) -> anyhow::Result<()> {
         tracing::info!(deployment = %record.id, services = ?names, "deployed {}", path.display());
     }
     let resumed = invoker.recover()?;
+    for limit in &config.concurrency {
+        invoker
+            .set_limit(limit.scope.clone(), limit.max)
+            .await
+            .map_err(|e| anyhow::anyhow!("invalid [[concurrency]] {}: {e}", limit.scope))?;
+    }
     tracing::info!(resumed, "recovered unfinished invocations");
     let subscriptions =
         crate::kafka::Subscriptions::start(invoker.clone(), config.kafka.max_in_flight)?;

@@ -51,6 +51,8 @@ const KAFKA_CLUSTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("kafka
 const SUBSCRIPTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("subscriptions");
 /// name -> postcard(ScheduleRecord)
 const SCHEDULES: TableDefinition<&str, &[u8]> = TableDefinition::new("schedules");
+/// scope -> max concurrent attempts (flow control)
+const LIMITS: TableDefinition<&str, u64> = TableDefinition::new("limits");
 /// counters
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -256,6 +258,19 @@ impl Store {
         self.all(KAFKA_CLUSTERS, "kafka_clusters")
     }
 
+    /// Every concurrency limit: `(scope, max)`.
+    pub fn limits(&self) -> StoreResult<Vec<(String, u64)>> {
+        self.read(|t| {
+            t.open_table(LIMITS)?
+                .iter()?
+                .map(|row| {
+                    let (k, v) = row?;
+                    Ok((k.value().to_string(), v.value()))
+                })
+                .collect()
+        })
+    }
+
     /// Every cron schedule.
     pub fn schedules(&self) -> StoreResult<Vec<ScheduleRecord>> {
         self.all(SCHEDULES, "schedules")
@@ -351,6 +366,7 @@ pub struct Tables<'txn> {
     clusters: Table<'txn, &'static str, &'static [u8]>,
     subscriptions: Table<'txn, &'static str, &'static [u8]>,
     schedules: Table<'txn, &'static str, &'static [u8]>,
+    limits: Table<'txn, &'static str, u64>,
     meta: Table<'txn, &'static str, u64>,
 }
 
@@ -376,6 +392,7 @@ impl<'txn> Tables<'txn> {
             clusters: txn.open_table(KAFKA_CLUSTERS).map_err(open)?,
             subscriptions: txn.open_table(SUBSCRIPTIONS).map_err(open)?,
             schedules: txn.open_table(SCHEDULES).map_err(open)?,
+            limits: txn.open_table(LIMITS).map_err(open)?,
             meta: txn.open_table(META).map_err(open)?,
         })
     }
@@ -709,6 +726,21 @@ impl<'txn> Tables<'txn> {
             all.push(decode("subscriptions", v.value())?);
         }
         Ok(all)
+    }
+
+    /// Set a concurrency limit.
+    pub fn put_limit(&mut self, scope: &str, max: u64) -> StoreResult<()> {
+        self.limits.insert(scope, max).map_err(StoreError::redb)?;
+        Ok(())
+    }
+
+    /// Remove a concurrency limit; `false` if there was none.
+    pub fn remove_limit(&mut self, scope: &str) -> StoreResult<bool> {
+        Ok(self
+            .limits
+            .remove(scope)
+            .map_err(StoreError::redb)?
+            .is_some())
     }
 
     /// Store (or replace) a schedule.

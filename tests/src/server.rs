@@ -19,6 +19,9 @@ struct Seen {
     holds: usize,
     /// key -> arrival times of `/flaky` requests
     flaky: HashMap<String, Vec<std::time::Instant>>,
+    /// `/slow` requests in progress, and the most at once.
+    slow_now: usize,
+    slow_max: usize,
 }
 
 /// The server's shared state.
@@ -46,6 +49,7 @@ impl TestServer {
             .route("/token", get(token))
             .route("/hold", get(hold))
             .route("/flaky", get(flaky))
+            .route("/slow", get(slow))
             .with_state(server.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         server
@@ -85,6 +89,11 @@ impl TestServer {
             .get(key)
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// The most `/slow` requests that were in progress at once.
+    pub fn slow_max(&self) -> usize {
+        self.seen.lock().unwrap().slow_max
     }
 
     /// Let every held and future `/hold` request answer.
@@ -131,4 +140,20 @@ async fn flaky(
     } else {
         (axum::http::StatusCode::OK, "ok")
     }
+}
+
+/// `/slow?ms=N`: answers "ok" after N ms, counting how many run at once.
+async fn slow(
+    State(s): State<TestServer>,
+    Query(q): Query<HashMap<String, String>>,
+) -> &'static str {
+    let ms: u64 = q.get("ms").and_then(|m| m.parse().ok()).unwrap_or(100);
+    {
+        let mut seen = s.seen.lock().unwrap();
+        seen.slow_now += 1;
+        seen.slow_max = seen.slow_max.max(seen.slow_now);
+    }
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    s.seen.lock().unwrap().slow_now -= 1;
+    "ok"
 }
