@@ -735,3 +735,39 @@ async fn a_concurrency_limit_caps_calls_to_a_downstream_and_drops_nothing() {
         .unwrap();
     assert_eq!(r.status(), 400);
 }
+
+#[tokio::test]
+async fn host_side_http_calls_run_concurrently_while_their_invocations_are_suspended() {
+    let server = TestServer::start(Duration::ZERO).await;
+    let host = start().await;
+    let url = format!("\"{}/slow?ms=1500\"", server.url);
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(send(&host, "/Enrich/lookup", &url).await);
+    }
+    host.wait_invocation(&ids[19], MINUTE, |v| v["status"] == "suspended")
+        .await;
+    for id in &ids {
+        assert_eq!(
+            host.get(&format!("/restate/attach/{id}")).await.json(),
+            json!([200, "ok"])
+        );
+        let v = host.admin_get(&format!("/invocations/{id}")).await;
+        assert_eq!(completions(&v), 1, "one journaled response: {v:#}");
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "20 calls of 1.5 s each: {elapsed:?}, at most {} at once",
+        server.slow_max()
+    );
+    assert_eq!(server.slow_total(), 20, "each request was sent once");
+    assert!(
+        server.slow_max() >= 10,
+        "the calls overlapped: throughput follows concurrency, not latency"
+    );
+    let r = host
+        .post("/Enrich/lookup", "\"http://localhost:9/not-allowed\"", &[])
+        .await;
+    assert_eq!(r.status, 403, "the allow-list applies: {}", r.body);
+}

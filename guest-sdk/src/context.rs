@@ -101,6 +101,72 @@ impl<T: DeserializeOwned> Pending<T> {
     }
 }
 
+/// An HTTP request that the host makes durably: see [`Context::http_call`].
+#[derive(Debug, Clone)]
+pub struct HttpCall {
+    method: String,
+    url: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    timeout: Duration,
+    max_attempts: u32,
+}
+
+impl HttpCall {
+    /// A request with this method (tried up to 3 times, 30 s each).
+    pub fn new(method: &str, url: &str) -> Self {
+        HttpCall {
+            method: method.to_string(),
+            url: url.to_string(),
+            headers: Vec::new(),
+            body: Vec::new(),
+            timeout: Duration::from_secs(30),
+            max_attempts: 3,
+        }
+    }
+
+    /// `GET url`.
+    pub fn get(url: &str) -> Self {
+        Self::new("GET", url)
+    }
+
+    /// `POST url` with a JSON body.
+    pub fn post_json<T: Serialize>(url: &str, body: &T) -> Self {
+        let mut call = Self::new("POST", url).header("content-type", "application/json");
+        call.body = serde_json::to_vec(body).expect("request bodies serialize to JSON");
+        call
+    }
+
+    /// Add a header.
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// Time limit of one try.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Tries before a connection error or a 5xx answer is final.
+    pub fn attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = max_attempts;
+        self
+    }
+}
+
+/// The response of an [`HttpCall`].
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Headers.
+    pub headers: Vec<(String, String)>,
+    /// Body (UTF-8, lossy).
+    pub body: String,
+}
+
 /// Where a durably produced record landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 pub struct Produced {
@@ -361,6 +427,26 @@ impl Context {
     ) -> Pending<Produced> {
         let bytes = serde_json::to_vec(value).expect("record values serialize to JSON");
         Pending::new(host::kafka_produce(cluster, topic, key, &bytes))
+    }
+
+    /// Have the host make an HTTP request, durably: journaled before it is
+    /// sent, retried on connection errors and 5xx answers, and its response
+    /// journaled, so a replay never sends it again. The invocation may be
+    /// suspended while the request is in flight.
+    pub fn http_call(&self, call: HttpCall) -> Pending<HttpResponse> {
+        let request = host::HttpRequest {
+            method: call.method,
+            url: call.url,
+            headers: call
+                .headers
+                .into_iter()
+                .map(|(name, value)| wit::Header { name, value })
+                .collect(),
+            body: call.body,
+            timeout_millis: call.timeout.as_millis() as u64,
+            max_attempts: call.max_attempts,
+        };
+        Pending::new(host::http_call(&request))
     }
 
     /// Wait for the first of several pending operations; returns its

@@ -71,7 +71,9 @@ pub mod bindings {
 }
 
 pub use cairn_sdk_macros::{object, service, workflow};
-pub use context::{join_all, Context, Pending, Produced, Selectable, StepRetry, Target};
+pub use context::{
+    join_all, Context, HttpCall, HttpResponse, Pending, Produced, Selectable, StepRetry, Target,
+};
 pub use error::{HandlerError, HandlerResult, TerminalError};
 
 /// What most handler crates need: `use cairn_sdk::prelude::*;`.

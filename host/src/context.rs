@@ -153,13 +153,15 @@ impl DurableContext {
             )));
         }
         match self.journal.issue(&command)? {
-            Issued::Replayed(None) if matches!(command, Command::Produce { .. }) => {
+            Issued::Replayed(None)
+                if matches!(command, Command::Produce { .. } | Command::HttpCall(_)) =>
+            {
                 // Journaled but not acknowledged: the host may have died
                 // before the broker answered. Send again (same produce id).
                 let index = self.journal.issued() - 1;
                 if let Some(send) =
                     self.invoker
-                        .produce_after_commit(self.record.id.clone(), index, &command)
+                        .send_after_commit(self.record.id.clone(), index, &command)
                 {
                     send();
                 }
@@ -253,10 +255,10 @@ impl DurableContext {
                 });
                 return Ok(None);
             }
-            Command::Produce { .. } => {
+            Command::Produce { .. } | Command::HttpCall(_) => {
                 let send = command.clone();
                 self.append_with(command, None, index, move |_, inv| {
-                    Ok(inv.produce_after_commit(id, index, &send))
+                    Ok(inv.send_after_commit(id, index, &send))
                 });
                 return Ok(None);
             }
@@ -758,6 +760,24 @@ impl context::Host for GuestState {
             value,
         })
         .await?;
+        Ok(d.journal.issued() - 1)
+    }
+
+    async fn http_call(&mut self, request: context::HttpRequest) -> wasmtime::Result<u32> {
+        let d = self.durable()?;
+        let request = crate::journal::HttpRequest {
+            method: request.method,
+            url: request.url,
+            headers: request
+                .headers
+                .into_iter()
+                .map(|h| (h.name, h.value))
+                .collect(),
+            body: request.body,
+            timeout_ms: request.timeout_millis,
+            max_attempts: request.max_attempts,
+        };
+        d.durable(Command::HttpCall(request)).await?;
         Ok(d.journal.issued() - 1)
     }
 

@@ -154,6 +154,8 @@ pub struct Invoker {
     producers: crate::kafka::Producers,
     /// Concurrency limits.
     limits: Arc<crate::limits::Limits>,
+    /// Durable HTTP calls made by the host.
+    outbound: crate::outbound::Outbound,
 }
 
 type Deliveries = Vec<(InvocationId, u32, Completion)>;
@@ -170,7 +172,6 @@ impl Invoker {
     ) -> Arc<Self> {
         Arc::new(Invoker {
             instances: Semaphore::new(config.limits.max_instances as usize),
-            config,
             committer,
             runtime,
             registry,
@@ -182,6 +183,8 @@ impl Invoker {
             in_flight: Mutex::default(),
             producers: crate::kafka::Producers::new(store.clone()),
             limits: Arc::default(),
+            outbound: crate::outbound::Outbound::new(&config.http_allow, config.retry.clone()),
+            config,
             store,
         })
     }
@@ -1089,26 +1092,48 @@ impl Invoker {
         });
     }
 
-    /// The continuation that sends a produce once its command is durable.
-    pub fn produce_after_commit(
+    /// The continuation that performs an outside effect (a Kafka produce,
+    /// an HTTP call) once its command is durable; `None` for other commands.
+    pub fn send_after_commit(
         self: &Arc<Self>,
         id: InvocationId,
         command: u32,
-        produce: &Command,
+        effect: &Command,
     ) -> Option<Continuation> {
-        let Command::Produce {
-            cluster,
-            topic,
-            key,
-            value,
-        } = produce.clone()
-        else {
-            return None;
-        };
         let me = self.clone();
-        Some(Box::new(move || {
-            me.produce(id, command, cluster, topic, key, value)
-        }))
+        match effect.clone() {
+            Command::Produce {
+                cluster,
+                topic,
+                key,
+                value,
+            } => Some(Box::new(move || {
+                me.produce(id, command, cluster, topic, key, value)
+            })),
+            Command::HttpCall(request) => {
+                Some(Box::new(move || me.http_call(id, command, request)))
+            }
+            _ => None,
+        }
+    }
+
+    /// Make the HTTP call of `HttpCall` command `command` of `id` and
+    /// journal its response.
+    fn http_call(
+        self: &Arc<Self>,
+        id: InvocationId,
+        command: u32,
+        request: crate::journal::HttpRequest,
+    ) {
+        let me = self.clone();
+        self.tokio.spawn(async move {
+            let call_id = format!("{id}:{command}");
+            let Some(outcome) = me.outbound.call(&call_id, &request).await else {
+                return;
+            };
+            me.complete_later(id, command, CompletionValue::Outcome(outcome), |_| Ok(true))
+                .await;
+        });
     }
 
     /// Arm a stored timer: fire it at `at_ms` (at once if it is past due).

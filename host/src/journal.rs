@@ -67,6 +67,25 @@ pub enum Command {
         key: Option<Vec<u8>>,
         value: Vec<u8>,
     },
+    /// An HTTP request made by the host.
+    HttpCall(HttpRequest),
+}
+
+/// An HTTP request the host makes for a guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpRequest {
+    /// Method.
+    pub method: String,
+    /// URL.
+    pub url: String,
+    /// Headers.
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: Vec<u8>,
+    /// Per-try timeout in ms (0: 30 s).
+    pub timeout_ms: u64,
+    /// Tries before a failure is final.
+    pub max_attempts: u32,
 }
 
 /// The answer to a command.
@@ -146,6 +165,7 @@ impl Command {
             Command::CompletePromise { name, .. } => format!("complete-promise {name:?}"),
             Command::Now => "now".into(),
             Command::Produce { cluster, topic, .. } => format!("produce kafka://{cluster}/{topic}"),
+            Command::HttpCall(r) => format!("http {} {}", r.method, r.url),
         }
     }
 
@@ -158,6 +178,7 @@ impl Command {
                 | Command::Awakeable
                 | Command::GetPromise { .. }
                 | Command::Produce { .. }
+                | Command::HttpCall(_)
         )
     }
 }

@@ -14,7 +14,8 @@
 //!   side of the guest's `context` interface.
 //! - [`deployments`]: uploads and the service registry.
 //! - [`invoker`]: invocation lifecycle, per-key ordering, retries;
-//!   [`limits`]: concurrency limits (flow control).
+//!   [`limits`]: concurrency limits (flow control); [`outbound`]: durable
+//!   HTTP calls made by the host.
 //! - [`kafka`]: subscriptions that turn records into invocations;
 //!   [`schedules`]: cron ticks that do the same.
 //! - [`ingress`], [`admin`]: the HTTP APIs; [`server`] wires a host.
@@ -33,6 +34,7 @@ pub mod invoker;
 pub mod journal;
 pub mod kafka;
 pub mod limits;
+pub mod outbound;
 pub mod records;
 pub mod runtime;
 pub mod schedules;

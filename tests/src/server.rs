@@ -22,6 +22,7 @@ struct Seen {
     /// `/slow` requests in progress, and the most at once.
     slow_now: usize,
     slow_max: usize,
+    slow_total: usize,
 }
 
 /// The server's shared state.
@@ -91,6 +92,11 @@ impl TestServer {
             .unwrap_or_default()
     }
 
+    /// `/slow` requests received.
+    pub fn slow_total(&self) -> usize {
+        self.seen.lock().unwrap().slow_total
+    }
+
     /// The most `/slow` requests that were in progress at once.
     pub fn slow_max(&self) -> usize {
         self.seen.lock().unwrap().slow_max
@@ -151,6 +157,7 @@ async fn slow(
     {
         let mut seen = s.seen.lock().unwrap();
         seen.slow_now += 1;
+        seen.slow_total += 1;
         seen.slow_max = seen.slow_max.max(seen.slow_now);
     }
     tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -304,6 +304,19 @@ impl Events {
     }
 }
 
+/// Enrichment through a slow outside API, called by the host.
+pub struct Enrich;
+
+#[cairn_sdk::service]
+impl Enrich {
+    /// GET `url` through the host (the invocation may suspend meanwhile);
+    /// returns the status and the body.
+    pub fn lookup(ctx: &Context, url: String) -> HandlerResult<(u16, String)> {
+        let response = ctx.http_call(cairn_sdk::HttpCall::get(&url)).wait()?;
+        Ok((response.status, response.body))
+    }
+}
+
 /// Durable produce to Kafka.
 pub struct Emitter;
 
@@ -323,5 +336,5 @@ impl Emitter {
 }
 
 cairn_sdk::export!(
-    Sleeper, Log, Doubler, Tally, Chain, Approval, Signup, Trip, Steps2, Events, Emitter
+    Sleeper, Log, Doubler, Tally, Chain, Approval, Signup, Trip, Steps2, Events, Emitter, Enrich
 );
