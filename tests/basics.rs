@@ -56,46 +56,28 @@ async fn every_example_handler_answers_over_http() {
 #[tokio::test]
 async fn the_cli_deploys_invokes_and_describes() {
     let host = Host::start_with(HostOptions::without_modules()).await;
-    let cli = |args: &[&str]| {
-        let mut cmd = std::process::Command::new(cairn_tests::cairn_bin());
-        cmd.args(args)
-            .env("CAIRN_ADMIN_URL", host.admin())
-            .env("CAIRN_INGRESS_URL", host.ingress());
-        cmd
-    };
+    let json = |args: &[&str]| -> Value { serde_json::from_str(&host.cli(args).unwrap()).unwrap() };
     let module = example("basics");
-    let deployed: Value = serde_json::from_str(
-        &cairn_tests::run(
-            cli(&["deploy", module.to_str().unwrap()])
-                .arg("--admin")
-                .arg(host.admin()),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let deployed = json(&["deploy", module.to_str().unwrap(), "--admin", &host.admin()]);
     assert!(deployed["id"].as_str().unwrap().starts_with("dp_"));
-    let out = cairn_tests::run(&mut cli(&["invoke", "Counter/cli/add", "7"])).unwrap();
-    assert_eq!(out.trim(), "7");
-    let sent: Value = serde_json::from_str(
-        &cairn_tests::run(&mut cli(&["invoke", "Counter/cli/add", "1", "--send"])).unwrap(),
-    )
-    .unwrap();
+    assert_eq!(
+        host.cli(&["invoke", "Counter/cli/add", "7"])
+            .unwrap()
+            .trim(),
+        "7"
+    );
+    let sent = json(&["invoke", "Counter/cli/add", "1", "--send"]);
     let id = sent["invocationId"].as_str().unwrap();
     host.wait_invocation(id, Duration::from_secs(30), |v| v["status"] == "succeeded")
         .await;
-    let described: Value = serde_json::from_str(
-        &cairn_tests::run(&mut cli(&["invocations", "describe", id])).unwrap(),
-    )
-    .unwrap();
+    let described = json(&["invocations", "describe", id]);
     assert_eq!(described["outcome"]["success"], "8");
-    let err = cairn_tests::run(&mut cli(&["invoke", "Nope/x"]))
-        .unwrap_err()
-        .to_string();
+    let err = host.cli(&["invoke", "Nope/x"]).unwrap_err().to_string();
     assert!(
         err.contains("404") && err.contains("service Nope not found"),
         "{err}"
     );
-    let help = cairn_tests::run(&mut cli(&["serve", "--help"])).unwrap();
+    let help = host.cli(&["serve", "--help"]).unwrap();
     assert!(help.contains("--data-dir") && help.contains("--ingress") && help.contains("--admin"));
 }
 

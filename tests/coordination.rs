@@ -376,9 +376,7 @@ async fn retries_back_off_then_pause_and_an_operator_resumes() {
         "{v:#}"
     );
     assert_eq!(server.flaky_requests("b").len(), 4);
-    let mut cli = std::process::Command::new(cairn_tests::cairn_bin());
-    cli.args(["invocations", "resume", &id, "--admin", &host.admin()]);
-    cairn_tests::run(&mut cli).unwrap();
+    host.cli(&["invocations", "resume", &id]).unwrap();
     assert_eq!(
         host.get(&format!("/restate/attach/{id}")).await.body,
         "\"ok\""
@@ -418,9 +416,7 @@ async fn cancel_runs_compensation_and_kill_stops_at_once() {
     let nap = send(&host, "/Sleeper/nap", "3600000").await;
     host.wait_invocation(&nap, MINUTE, |v| v["status"] == "suspended")
         .await;
-    let mut cli = std::process::Command::new(cairn_tests::cairn_bin());
-    cli.args(["invocations", "kill", &nap, "--admin", &host.admin()]);
-    cairn_tests::run(&mut cli).unwrap();
+    host.cli(&["invocations", "kill", &nap]).unwrap();
     let r = host.get(&format!("/restate/attach/{nap}")).await;
     assert_eq!(
         (r.status, r.json()["message"].as_str()),
@@ -701,9 +697,7 @@ async fn cancelling_one_side_of_a_deadlock_releases_the_key() {
 async fn a_concurrency_limit_caps_calls_to_a_downstream_and_drops_nothing() {
     let server = TestServer::start(Duration::ZERO).await;
     let host = start().await;
-    let mut cli = std::process::Command::new(cairn_tests::cairn_bin());
-    cli.args(["limits", "set", "Trip/fetch", "3", "--admin", &host.admin()]);
-    cairn_tests::run(&mut cli).unwrap();
+    host.cli(&["limits", "set", "Trip/fetch", "3"]).unwrap();
     let url = format!("\"{}/slow?ms=150\"", server.url);
     let mut ids = Vec::new();
     for _ in 0..12 {

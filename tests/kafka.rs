@@ -342,13 +342,8 @@ async fn subscriptions_pause_resume_refuse_duplicates_and_survive_restarts() {
         counter(&host, "p").await == 10
     })
     .await;
-    let r = host
-        .http
-        .post(format!("{admin}/subscriptions/{sub}/pause"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let paused = host.cli(&["subscriptions", "pause", &sub]).unwrap();
+    assert!(paused.contains("\"paused\": true"), "{paused}");
     produce(
         &topic,
         (0..10).map(|_| Record::json("p", &json!(1))).collect(),
@@ -389,13 +384,8 @@ async fn subscriptions_pause_resume_refuse_duplicates_and_survive_restarts() {
         v["lag"].as_object().unwrap().values().all(|l| l == 0),
         "no lag left: {v:#}"
     );
-    let r = host
-        .http
-        .delete(format!("{}/subscriptions/{sub}", host.admin()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    assert!(host.cli(&["subscriptions", "list"]).unwrap().contains(&sub));
+    host.cli(&["subscriptions", "delete", &sub]).unwrap();
     assert_eq!(
         host.admin_get("/subscriptions").await["subscriptions"],
         json!([])

@@ -42,8 +42,7 @@ async fn fired(host: &Host, name: &str, from: u64, to: u64) -> u64 {
 async fn cron_ticks_fire_once_each_with_deterministic_ids_across_a_kill() {
     let mut host = Host::start().await;
     let started = now_s();
-    let mut cli = std::process::Command::new(cairn_tests::cairn_bin());
-    cli.args([
+    let add = [
         "schedules",
         "add",
         "tick",
@@ -53,9 +52,8 @@ async fn cron_ticks_fire_once_each_with_deterministic_ids_across_a_kill() {
         "Counter/cron/add",
         "--input",
         "1",
-    ]);
-    cli.args(["--admin", &host.admin()]);
-    cairn_tests::run(&mut cli).unwrap();
+    ];
+    host.cli(&add).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while count(&host).await < 3 {
         assert!(Instant::now() < deadline, "the schedule did not tick");

@@ -231,6 +231,15 @@ impl Host {
         self.spawn().await;
     }
 
+    /// Run the `cairn` CLI against this host; its output, or an error with it.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut cmd = Command::new(cairn_bin());
+        cmd.args(args)
+            .env("CAIRN_ADMIN_URL", self.admin())
+            .env("CAIRN_INGRESS_URL", self.ingress());
+        run(&mut cmd)
+    }
+
     /// Peak resident memory of the host process, in KiB (VmHWM).
     pub fn peak_rss_kib(&self) -> u64 {
         proc_status_kib(self.pid(), "VmHWM:")
