@@ -156,6 +156,8 @@ pub struct Invoker {
     limits: Arc<crate::limits::Limits>,
     /// Durable HTTP calls made by the host.
     outbound: crate::outbound::Outbound,
+    /// Outside effects (produce, HTTP) being performed, as `{id}:{command}`.
+    effects_in_flight: Mutex<std::collections::HashSet<String>>,
 }
 
 type Deliveries = Vec<(InvocationId, u32, Completion)>;
@@ -184,6 +186,7 @@ impl Invoker {
             producers: crate::kafka::Producers::new(store.clone()),
             limits: Arc::default(),
             outbound: crate::outbound::Outbound::new(&config.http_allow, config.retry.clone()),
+            effects_in_flight: Mutex::default(),
             config,
             store,
         })
@@ -1060,38 +1063,6 @@ impl Invoker {
 
     // ----- timers, awakeables, promises, produce -----
 
-    /// Send the record of `Produce` command `command` of `id` (journaled
-    /// already) and journal its completion once the broker has it.
-    pub fn produce(
-        self: &Arc<Self>,
-        id: InvocationId,
-        command: u32,
-        cluster: String,
-        topic: String,
-        key: Option<Vec<u8>>,
-        value: Vec<u8>,
-    ) {
-        let me = self.clone();
-        self.tokio.spawn(async move {
-            let produce_id = format!("{id}:{command}");
-            let sent = me
-                .producers
-                .send(&produce_id, &cluster, &topic, key.as_deref(), &value)
-                .await;
-            let outcome = match sent {
-                None => return,
-                Some(Ok((partition, offset))) => Outcome::Success(
-                    serde_json::json!({ "partition": partition, "offset": offset })
-                        .to_string()
-                        .into_bytes(),
-                ),
-                Some(Err(message)) => Outcome::Failure { code: 404, message },
-            };
-            let value = CompletionValue::Outcome(outcome);
-            me.complete_later(id, command, value, |_| Ok(true)).await;
-        });
-    }
-
     /// The continuation that performs an outside effect (a Kafka produce,
     /// an HTTP call) once its command is durable; `None` for other commands.
     pub fn send_after_commit(
@@ -1100,39 +1071,45 @@ impl Invoker {
         command: u32,
         effect: &Command,
     ) -> Option<Continuation> {
-        let me = self.clone();
-        match effect.clone() {
-            Command::Produce {
-                cluster,
-                topic,
-                key,
-                value,
-            } => Some(Box::new(move || {
-                me.produce(id, command, cluster, topic, key, value)
-            })),
-            Command::HttpCall(request) => {
-                Some(Box::new(move || me.http_call(id, command, request)))
-            }
-            _ => None,
+        if !matches!(effect, Command::Produce { .. } | Command::HttpCall(_)) {
+            return None;
         }
+        let (me, effect) = (self.clone(), effect.clone());
+        Some(Box::new(move || me.perform(id, command, effect)))
     }
 
-    /// Make the HTTP call of `HttpCall` command `command` of `id` and
-    /// journal its response.
-    fn http_call(
-        self: &Arc<Self>,
-        id: InvocationId,
-        command: u32,
-        request: crate::journal::HttpRequest,
-    ) {
+    /// Perform the outside effect of command `command` of `id` and journal
+    /// its result. A replay may ask again while the first try is still in
+    /// flight; only one runs.
+    fn perform(self: &Arc<Self>, id: InvocationId, command: u32, effect: Command) {
+        let effect_id = format!("{id}:{command}");
+        if !self
+            .effects_in_flight
+            .lock()
+            .unwrap()
+            .insert(effect_id.clone())
+        {
+            return;
+        }
         let me = self.clone();
         self.tokio.spawn(async move {
-            let call_id = format!("{id}:{command}");
-            let Some(outcome) = me.outbound.call(&call_id, &request).await else {
-                return;
+            let outcome = match &effect {
+                Command::Produce {
+                    cluster,
+                    topic,
+                    key,
+                    value,
+                } => {
+                    me.producers
+                        .send(&effect_id, cluster, topic, key.as_deref(), value)
+                        .await
+                }
+                Command::HttpCall(request) => me.outbound.call(request).await,
+                _ => unreachable!("send_after_commit passes outside effects only"),
             };
             me.complete_later(id, command, CompletionValue::Outcome(outcome), |_| Ok(true))
                 .await;
+            me.effects_in_flight.lock().unwrap().remove(&effect_id);
         });
     }
 

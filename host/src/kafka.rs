@@ -402,7 +402,6 @@ pub const PRODUCE_ID: &str = "cairn-produce-id";
 pub struct Producers {
     store: Arc<crate::store::Store>,
     cache: Mutex<HashMap<String, rdkafka::producer::FutureProducer>>,
-    in_flight: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Producers {
@@ -411,7 +410,6 @@ impl Producers {
         Producers {
             store,
             cache: Mutex::default(),
-            in_flight: Mutex::default(),
         }
     }
 
@@ -442,8 +440,8 @@ impl Producers {
         Ok(producer)
     }
 
-    /// Send one record until the broker acknowledges it; `None` if the same
-    /// produce is already in flight. An unknown cluster is an error.
+    /// Send one record, tagged `produce_id`, until the broker acknowledges
+    /// it: `{"partition", "offset"}`, or a failure for an unknown cluster.
     pub async fn send(
         &self,
         produce_id: &str,
@@ -451,31 +449,12 @@ impl Producers {
         topic: &str,
         key: Option<&[u8]>,
         value: &[u8],
-    ) -> Option<Result<(i32, i64), String>> {
-        if !self
-            .in_flight
-            .lock()
-            .unwrap()
-            .insert(produce_id.to_string())
-        {
-            return None;
-        }
-        let result = self
-            .send_until_acknowledged(produce_id, cluster, topic, key, value)
-            .await;
-        self.in_flight.lock().unwrap().remove(produce_id);
-        Some(result)
-    }
-
-    async fn send_until_acknowledged(
-        &self,
-        produce_id: &str,
-        cluster: &str,
-        topic: &str,
-        key: Option<&[u8]>,
-        value: &[u8],
-    ) -> Result<(i32, i64), String> {
-        let producer = self.producer(cluster)?;
+    ) -> crate::journal::Outcome {
+        use crate::journal::Outcome;
+        let producer = match self.producer(cluster) {
+            Ok(p) => p,
+            Err(message) => return Outcome::Failure { code: 404, message },
+        };
         loop {
             let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
                 key: PRODUCE_ID,
@@ -488,7 +467,10 @@ impl Producers {
                 record = record.key(key);
             }
             match producer.send(record, Duration::from_secs(30)).await {
-                Ok(delivery) => return Ok((delivery.partition, delivery.offset)),
+                Ok(delivery) => {
+                    let at = serde_json::json!({ "partition": delivery.partition, "offset": delivery.offset });
+                    return Outcome::Success(at.to_string().into_bytes());
+                }
                 Err((e, _)) => {
                     tracing::warn!(%produce_id, "produce to {cluster}/{topic} failed: {e}; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -13,8 +13,6 @@
 use crate::config::RetryPolicy;
 use crate::journal::{HttpRequest, Outcome};
 use crate::runtime::AllowList;
-use std::collections::HashSet;
-use std::sync::Mutex;
 use std::time::Duration;
 
 /// The host's HTTP client for guests.
@@ -22,7 +20,6 @@ pub struct Outbound {
     client: reqwest::Client,
     allow: AllowList,
     retry: RetryPolicy,
-    in_flight: Mutex<HashSet<String>>,
 }
 
 impl Outbound {
@@ -32,22 +29,12 @@ impl Outbound {
             client: reqwest::Client::new(),
             allow: AllowList::new(allow),
             retry,
-            in_flight: Mutex::default(),
         }
     }
 
-    /// Send `request` (tagged `call_id`) until it gets a final answer; `None`
-    /// if the same call is already in flight.
-    pub async fn call(&self, call_id: &str, request: &HttpRequest) -> Option<Outcome> {
-        if !self.in_flight.lock().unwrap().insert(call_id.to_string()) {
-            return None;
-        }
-        let outcome = self.send_with_retries(request).await;
-        self.in_flight.lock().unwrap().remove(call_id);
-        Some(outcome)
-    }
-
-    async fn send_with_retries(&self, request: &HttpRequest) -> Outcome {
+    /// Send `request` until it gets a final answer (a response, or a
+    /// failure after its last try).
+    pub async fn call(&self, request: &HttpRequest) -> Outcome {
         let url = match reqwest::Url::parse(&request.url) {
             Ok(url) => url,
             Err(e) => return failure(400, format!("invalid URL {}: {e}", request.url)),
