@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Start a host with the example handlers deployed: embedded redb in
-# ./cairn-data, ingress on 127.0.0.1:8080, admin API on 127.0.0.1:9070.
+# Start a host with the example handlers deployed (basics, coordination and
+# the seven patterns of docs/patterns.md): embedded redb in ./cairn-data,
+# ingress on 127.0.0.1:8080, admin API on 127.0.0.1:9070.
 # Extra arguments go to `cairn serve` (see `cairn serve --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 scripts/build-examples.sh >/dev/null
 cargo build --quiet -p cairn
-exec "$CARGO_TARGET_DIR/debug/cairn" serve --data-dir ./cairn-data \
-  --deploy "$CARGO_TARGET_DIR/examples-wasm/basics.wasm" \
-  --deploy "$CARGO_TARGET_DIR/examples-wasm/coordination.wasm" \
+modules=()
+for m in basics coordination burst reminders inventory dispatcher enrichment payments signup; do
+  modules+=(--deploy "$CARGO_TARGET_DIR/examples-wasm/$m.wasm")
+done
+exec "$CARGO_TARGET_DIR/debug/cairn" serve --data-dir ./cairn-data "${modules[@]}" \
   --http-allow '127.0.0.1:*' "$@"

@@ -8,7 +8,7 @@ use cairn_tests::kafka::{
     unique_topic, Record,
 };
 use cairn_tests::server::TestServer;
-use cairn_tests::{example, Host, HostOptions};
+use cairn_tests::{example, until, Host, HostOptions};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -17,21 +17,6 @@ fn options(extra: &str) -> HostOptions {
     HostOptions {
         config: format!("http_allow = [\"127.0.0.1:*\"]\n{extra}"),
         deploy: vec![example("basics"), example("coordination")],
-    }
-}
-
-async fn until<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -149,7 +149,7 @@ impl HttpCall {
         self
     }
 
-    /// Tries before a connection error or a 5xx answer is final.
+    /// Tries before a connection error, a 429 or a 5xx answer is final.
     pub fn attempts(mut self, max_attempts: u32) -> Self {
         self.max_attempts = max_attempts;
         self
@@ -370,6 +370,15 @@ impl Context {
         )
     }
 
+    /// Cancel an invocation by id, typically a delayed [`Context::send`]
+    /// that should no longer fire. An invocation that has not started
+    /// completes as cancelled without running; a running one sees its
+    /// pending operations fail with "cancelled" (409) and may compensate.
+    /// Unknown or finished invocations are left alone.
+    pub fn cancel(&self, invocation_id: &str) {
+        host::cancel(invocation_id);
+    }
+
     /// An awakeable: give the id to an outside system, which completes it
     /// with `POST /restate/awakeables/{id}/resolve` (or `/reject`).
     pub fn awakeable<T: DeserializeOwned>(&self) -> (String, Pending<T>) {
@@ -430,7 +439,7 @@ impl Context {
     }
 
     /// Have the host make an HTTP request, durably: journaled before it is
-    /// sent, retried on connection errors and 5xx answers, and its response
+    /// sent, retried on connection errors, 429 and 5xx answers, and its response
     /// journaled, so a replay never sends it again. The invocation may be
     /// suspended while the request is in flight.
     pub fn http_call(&self, call: HttpCall) -> Pending<HttpResponse> {

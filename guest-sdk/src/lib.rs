@@ -79,11 +79,34 @@ pub use error::{HandlerError, HandlerResult, TerminalError};
 /// What most handler crates need: `use cairn_sdk::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        Context, HandlerError, HandlerResult, Pending, StepRetry, Target, TerminalError,
+        Context, HandlerError, HandlerResult, HttpCall, Pending, StepRetry, Target, TerminalError,
     };
 }
 
 use bindings::cairn::runtime::types as wit;
+
+/// A setting from the host's `[guest_env]` table (an environment variable
+/// of every guest), or a terminal error (500) that names the missing one.
+/// Use it for what differs between deployments of the same code: the URLs
+/// of outside APIs, topic names, delays.
+pub fn env(name: &str) -> Result<String, HandlerError> {
+    std::env::var(name).map_err(|_| {
+        TerminalError::new(format!(
+            "{name} is not set: add it to the host's [guest_env]"
+        ))
+        .into()
+    })
+}
+
+/// Like [`env`], parsed, with a default when the setting is absent.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T, HandlerError> {
+    match std::env::var(name) {
+        Err(_) => Ok(default),
+        Ok(v) => v.parse().map_err(|_| {
+            TerminalError::new(format!("[guest_env] {name} = {v:?} does not parse")).into()
+        }),
+    }
+}
 
 /// The kind of a service; decides keying and concurrency.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

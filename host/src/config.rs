@@ -27,6 +27,13 @@
 //! # wasi:http from inside `run` steps. Empty: no outgoing HTTP at all.
 //! http_allow = ["api.example.com", "127.0.0.1:*"]
 //!
+//! # Environment variables every guest sees (std::env::var in a handler):
+//! # endpoints and settings that differ between deployments of the same code.
+//! # Replays see the values of the host that runs them, so change them as you
+//! # would change code.
+//! [guest_env]
+//! PAYMENTS_API = "https://payments.example.com"
+//!
 //! [limits]
 //! # Linear memory per instance; a guest that grows past it traps.
 //! memory_bytes = 67108864
@@ -98,6 +105,8 @@ pub struct Config {
     pub suspend_after: Duration,
     /// Outgoing HTTP allow-list for guests.
     pub http_allow: Vec<String>,
+    /// Environment variables of every guest.
+    pub guest_env: std::collections::BTreeMap<String, String>,
     /// Per-instance resource limits.
     pub limits: Limits,
     /// Default retry policy.
@@ -197,6 +206,7 @@ impl Default for Config {
             completed_retention: Duration::from_secs(24 * 3600),
             suspend_after: Duration::from_secs(60),
             http_allow: Vec::new(),
+            guest_env: Default::default(),
             limits: Limits::default(),
             retry: RetryPolicy::default(),
             retry_overrides: Default::default(),

@@ -279,6 +279,13 @@ impl DurableContext {
                 });
                 return Ok(None);
             }
+            Command::Cancel { id: target } => {
+                let target = target.clone();
+                self.append_with(command, None, index, move |t, inv| {
+                    inv.cancel_from_handler_in(t, &target)
+                });
+                return Ok(None);
+            }
             Command::GetPromise { name } => {
                 let name = name.clone();
                 self.append_with(command, None, index, move |t, inv| {
@@ -684,6 +691,13 @@ impl context::Host for GuestState {
             }
             other => Err(unexpected("an invocation id", other)),
         }
+    }
+
+    async fn cancel(&mut self, invocation_id: String) -> wasmtime::Result<()> {
+        let d = self.durable()?;
+        d.durable(Command::Cancel { id: invocation_id })
+            .await
+            .map(drop)
     }
 
     async fn awakeable(&mut self) -> wasmtime::Result<(String, u32)> {

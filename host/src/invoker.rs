@@ -1017,6 +1017,22 @@ impl Invoker {
         Ok(())
     }
 
+    /// Cancel `id` for a handler's `cancel` (unknown or finished: nothing
+    /// happens); returns what delivers the resulting completions.
+    pub fn cancel_from_handler_in(
+        self: &Arc<Self>,
+        t: &mut Tables<'_>,
+        id: &str,
+    ) -> StoreResult<Option<Continuation>> {
+        let Ok(id) = id.parse::<InvocationId>() else {
+            return Ok(None);
+        };
+        let mut deliveries = Vec::new();
+        self.cancel_in(t, &id, &mut deliveries)?;
+        let me = self.clone();
+        Ok(Some(Box::new(move || me.deliver_all(deliveries))))
+    }
+
     fn cancel_in(
         self: &Arc<Self>,
         t: &mut Tables<'_>,

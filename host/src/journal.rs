@@ -69,6 +69,8 @@ pub enum Command {
     },
     /// An HTTP request made by the host.
     HttpCall(HttpRequest),
+    /// Cancel another invocation.
+    Cancel { id: String },
 }
 
 /// An HTTP request the host makes for a guest.
@@ -166,6 +168,7 @@ impl Command {
             Command::Now => "now".into(),
             Command::Produce { cluster, topic, .. } => format!("produce kafka://{cluster}/{topic}"),
             Command::HttpCall(r) => format!("http {} {}", r.method, r.url),
+            Command::Cancel { id } => format!("cancel {id}"),
         }
     }
 

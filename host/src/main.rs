@@ -83,6 +83,21 @@ enum Command {
         #[command(flatten)]
         admin: AdminUrl,
     },
+    /// Produce records to a Kafka topic, one per VALUE (for tutorials and
+    /// trying subscriptions out); prints where each landed.
+    Produce {
+        /// The topic.
+        topic: String,
+        /// Record values (JSON for Cairn handlers).
+        #[arg(required = true)]
+        values: Vec<String>,
+        /// The records' key (the object key of a Virtual Object sink).
+        #[arg(short, long)]
+        key: Option<String>,
+        /// The broker.
+        #[arg(long, env = "CAIRN_KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+        bootstrap: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -470,6 +485,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             print_json(&request(req, &admin.url).await?)
         }
+        Command::Produce {
+            topic,
+            values,
+            key,
+            bootstrap,
+        } => produce(&bootstrap, &topic, key.as_deref(), &values).await,
         Command::Services { admin } => print_json(
             &request(
                 reqwest::Client::new().get(format!("{}/services", admin.url)),
@@ -478,6 +499,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await?,
         ),
     }
+}
+
+/// Produce `values` to `topic` with an idempotent producer, in order.
+async fn produce(
+    bootstrap: &str,
+    topic: &str,
+    key: Option<&str>,
+    values: &[String],
+) -> anyhow::Result<()> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .create()?;
+    for value in values {
+        let mut record = FutureRecord::to(topic).payload(value);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        let delivery = producer
+            .send(record, std::time::Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("producing to {topic} at {bootstrap}: {e}"))?;
+        println!("{topic}/{}@{}", delivery.partition, delivery.offset);
+    }
+    Ok(())
 }
 
 /// Send a request; a non-2xx answer becomes an error with the server's message.

@@ -3,7 +3,7 @@
 //! The request is journaled (as a pending `HttpCall` command) before it is
 //! sent. The host sends it with its own client, so the guest's instance can
 //! be suspended while a slow API answers; ten thousand slow calls do not
-//! hold ten thousand instances. Connection errors and 5xx answers are
+//! hold ten thousand instances. Connection errors, 429 and 5xx answers are
 //! retried with the host's backoff up to the request's `max_attempts`. The
 //! response (or the final failure) is journaled as the completion, so a
 //! replay never sends a completed request again. A request whose completion
@@ -48,7 +48,9 @@ impl Outbound {
         let mut last = failure(502, "no attempt was made".into());
         for attempt in 1..=attempts {
             match self.send_once(&url, request).await {
-                Ok((status, response)) if status < 500 || attempt == attempts => return response,
+                Ok((status, response)) if !retryable(status) || attempt == attempts => {
+                    return response
+                }
                 Ok((status, _)) => {
                     last = failure(502, format!("{} answered {status}", request.url))
                 }
@@ -92,6 +94,11 @@ impl Outbound {
         let json = serde_json::json!({ "status": status, "headers": headers, "body": body });
         Ok((status, Outcome::Success(json.to_string().into_bytes())))
     }
+}
+
+/// Answers worth another try: too many requests, and server errors.
+fn retryable(status: u16) -> bool {
+    status == 429 || status >= 500
 }
 
 fn failure(code: u16, message: String) -> Outcome {

@@ -80,12 +80,14 @@ pub struct Runtime {
     linker: Linker<GuestState>,
     limits: Limits,
     http_allow: Arc<AllowList>,
+    guest_env: Vec<(String, String)>,
 }
 
 impl Runtime {
     /// Build the engine (async, epoch interruption, pooling allocator) and
     /// start its epoch ticker.
-    pub fn new(limits: Limits, http_allow: &[String]) -> anyhow::Result<Self> {
+    pub fn new(host: &crate::config::Config) -> anyhow::Result<Self> {
+        let limits = host.limits.clone();
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(limits.max_instances)
             .total_core_instances(limits.max_instances * 8)
@@ -125,7 +127,8 @@ impl Runtime {
             engine,
             linker,
             limits,
-            http_allow: Arc::new(AllowList::new(http_allow)),
+            http_allow: Arc::new(AllowList::new(&host.http_allow)),
+            guest_env: host.guest_env.clone().into_iter().collect(),
         })
     }
 
@@ -223,7 +226,8 @@ impl Runtime {
             .monotonic_clock(FrozenClock(Duration::ZERO))
             .secure_random(seeded(seed))
             .insecure_random(seeded(seed ^ 1))
-            .insecure_random_seed(u128::from(seed));
+            .insecure_random_seed(u128::from(seed))
+            .envs(&self.guest_env);
         let state = GuestState {
             wasi: wasi.build(),
             table: ResourceTable::new(),

@@ -24,7 +24,7 @@ pub async fn serve(config: Config, deploy: Vec<PathBuf>) -> anyhow::Result<()> {
             .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
     );
     let committer = Committer::start(store.clone());
-    let runtime = Arc::new(Runtime::new(config.limits.clone(), &config.http_allow)?);
+    let runtime = Arc::new(Runtime::new(&config)?);
     let registry =
         Arc::new(Registry::load(runtime.clone(), store.clone(), committer.clone()).await?);
     let invoker = Invoker::new(

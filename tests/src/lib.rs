@@ -303,6 +303,22 @@ impl Drop for Host {
     }
 }
 
+/// Poll `check` every 100 ms until it holds; fail naming `what` after `timeout`.
+pub async fn until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A buffered HTTP response.
 #[derive(Debug)]
 pub struct Response {

@@ -1,5 +1,7 @@
-//! A test HTTP server that handlers call from their `run` steps: it counts
-//! requests, hands out unique tokens, and can hold requests until released.
+//! A test HTTP server that handlers call from their `run` steps or through
+//! the host: it counts requests, hands out unique tokens, can hold requests
+//! until released, and plays outside APIs for the pattern examples
+//! (`/record/{channel}`: each channel can be slow, down or concurrency-capped).
 
 use axum::extract::{Query, State};
 use axum::routing::get;
@@ -23,6 +25,35 @@ struct Seen {
     slow_now: usize,
     slow_max: usize,
     slow_total: usize,
+    /// `/record/{channel}` channels.
+    channels: HashMap<String, Channel>,
+}
+
+/// One `/record/{channel}` channel: what it received and how it behaves.
+#[derive(Default)]
+struct Channel {
+    received: Vec<Received>,
+    /// Answer 503 (and record nothing) while down.
+    down: bool,
+    /// Answer 429 (and record nothing) above this many requests at once.
+    max_concurrent: Option<usize>,
+    /// Delay before answering, unless the request gives `?ms=`.
+    delay_ms: u64,
+    in_flight: usize,
+    max_in_flight: usize,
+    /// Requests answered 503 or 429.
+    refused: usize,
+}
+
+/// A request a channel accepted.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The body, as text.
+    pub body: String,
+    /// The `idempotency-key` header, if any.
+    pub idempotency_key: Option<String>,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 /// The server's shared state.
@@ -51,6 +82,7 @@ impl TestServer {
             .route("/hold", get(hold))
             .route("/flaky", get(flaky))
             .route("/slow", get(slow))
+            .route("/record/{channel}", axum::routing::any(record))
             .with_state(server.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         server
@@ -100,6 +132,59 @@ impl TestServer {
     /// The most `/slow` requests that were in progress at once.
     pub fn slow_max(&self) -> usize {
         self.seen.lock().unwrap().slow_max
+    }
+
+    fn channel<T>(&self, name: &str, f: impl FnOnce(&mut Channel) -> T) -> T {
+        f(self
+            .seen
+            .lock()
+            .unwrap()
+            .channels
+            .entry(name.to_string())
+            .or_default())
+    }
+
+    /// Requests `/record/{name}` accepted, in arrival order.
+    pub fn received(&self, name: &str) -> Vec<Received> {
+        self.channel(name, |c| c.received.clone())
+    }
+
+    /// How many requests `/record/{name}` accepted.
+    pub fn received_count(&self, name: &str) -> usize {
+        self.channel(name, |c| c.received.len())
+    }
+
+    /// Bodies `/record/{name}` accepted, parsed as JSON, in arrival order.
+    pub fn received_json(&self, name: &str) -> Vec<serde_json::Value> {
+        self.received(name)
+            .iter()
+            .map(|r| serde_json::from_str(&r.body).unwrap_or(serde_json::Value::Null))
+            .collect()
+    }
+
+    /// Requests `/record/{name}` refused (503 while down, 429 over its cap).
+    pub fn refused(&self, name: &str) -> usize {
+        self.channel(name, |c| c.refused)
+    }
+
+    /// The most requests `/record/{name}` had in progress at once.
+    pub fn max_in_flight(&self, name: &str) -> usize {
+        self.channel(name, |c| c.max_in_flight)
+    }
+
+    /// Take `/record/{name}` down (503) or bring it back up.
+    pub fn set_down(&self, name: &str, down: bool) {
+        self.channel(name, |c| c.down = down);
+    }
+
+    /// Refuse (429) requests to `/record/{name}` above `max` at once.
+    pub fn set_max_concurrent(&self, name: &str, max: usize) {
+        self.channel(name, |c| c.max_concurrent = Some(max));
+    }
+
+    /// Make `/record/{name}` answer after `ms` milliseconds.
+    pub fn set_delay(&self, name: &str, ms: u64) {
+        self.channel(name, |c| c.delay_ms = ms);
     }
 
     /// Let every held and future `/hold` request answer.
@@ -163,4 +248,47 @@ async fn slow(
     tokio::time::sleep(Duration::from_millis(ms)).await;
     s.seen.lock().unwrap().slow_now -= 1;
     "ok"
+}
+
+/// `ANY /record/{channel}[?ms=N]`: accept and record the request (answering
+/// `{"n": its index, "echo": the body}` after the channel's delay), or refuse
+/// it with 503 while the channel is down and 429 above its concurrency cap.
+async fn record(
+    State(s): State<TestServer>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> (axum::http::StatusCode, String) {
+    use axum::http::StatusCode;
+    let accepted = s.channel(&name, |c| {
+        if c.down || c.max_concurrent.is_some_and(|max| c.in_flight >= max) {
+            c.refused += 1;
+            return Err(if c.down {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::TOO_MANY_REQUESTS
+            });
+        }
+        c.in_flight += 1;
+        c.max_in_flight = c.max_in_flight.max(c.in_flight);
+        c.received.push(Received {
+            body: body.clone(),
+            idempotency_key: headers
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            at: std::time::Instant::now(),
+        });
+        Ok((c.received.len() - 1, c.delay_ms))
+    });
+    let (n, delay_ms) = match accepted {
+        Ok(accepted) => accepted,
+        Err(status) => return (status, "refused".into()),
+    };
+    let ms = q.get("ms").and_then(|m| m.parse().ok()).unwrap_or(delay_ms);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    s.channel(&name, |c| c.in_flight -= 1);
+    let answer = serde_json::json!({ "n": n, "echo": body });
+    (StatusCode::OK, answer.to_string())
 }
