@@ -11,13 +11,25 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-/// A host with one pattern module deployed, allowed to reach loopback APIs.
-async fn pattern_host(module: &str, config: &str) -> Host {
-    Host::start_with(HostOptions {
+/// A host with one pattern module deployed, allowed to reach loopback APIs,
+/// and `sink` subscribed to a fresh topic of `partitions` partitions:
+/// (host, topic, subscription id).
+async fn subscribed(
+    module: &str,
+    config: &str,
+    sink: &str,
+    partitions: i32,
+) -> (Host, String, String) {
+    let bootstrap = require_broker();
+    let host = Host::start_with(HostOptions {
         config: format!("http_allow = [\"127.0.0.1:*\"]\n{config}"),
         deploy: vec![example(module)],
     })
-    .await
+    .await;
+    let topic = unique_topic(module);
+    create_topic(&topic, partitions).await;
+    let subscription = subscribe(&host, &bootstrap, &topic, sink).await;
+    (host, topic, subscription)
 }
 
 /// Call a (shared) handler with no input and parse its JSON answer.
@@ -57,7 +69,6 @@ impl Lcg {
 async fn burst_is_absorbed_by_the_journal_and_the_downstream_cap_is_never_exceeded() {
     const RECORDS: u64 = 100_000;
     const CAP: usize = 8;
-    let bootstrap = require_broker();
     let api = TestServer::start(Duration::ZERO).await;
     api.set_max_concurrent("orders", CAP);
     api.set_delay("orders", 1);
@@ -66,10 +77,7 @@ async fn burst_is_absorbed_by_the_journal_and_the_downstream_cap_is_never_exceed
          [[concurrency]]\nscope = \"Burst/forward\"\nmax = {CAP}\n",
         api.url
     );
-    let host = pattern_host("burst", &config).await;
-    let topic = unique_topic("burst");
-    create_topic(&topic, 4).await;
-    let sub = subscribe(&host, &bootstrap, &topic, "service://Burst/forward").await;
+    let (host, topic, sub) = subscribed("burst", &config, "service://Burst/forward", 4).await;
     let records = (0..RECORDS)
         .map(|i| {
             Record::json(
@@ -127,16 +135,12 @@ async fn cart(host: &Host, key: &str) -> Value {
 
 #[tokio::test]
 async fn reminders_fire_after_the_quiet_period_unless_a_later_event_cancels_them() {
-    let bootstrap = require_broker();
     let api = TestServer::start(Duration::ZERO).await;
     let config = format!(
         "[guest_env]\nNOTIFY_URL = \"{}/record/notify\"\nREMINDER_DELAY_MS = \"3000\"\n",
         api.url
     );
-    let mut host = pattern_host("reminders", &config).await;
-    let topic = unique_topic("carts");
-    create_topic(&topic, 2).await;
-    subscribe(&host, &bootstrap, &topic, "service://Cart/on_event").await;
+    let (mut host, topic, _) = subscribed("reminders", &config, "service://Cart/on_event", 2).await;
     let add = |item: &str| json!({ "type": "add_item", "item": item });
     let events = [
         ("cart-a", add("apple")),
@@ -197,11 +201,7 @@ async fn reminders_fire_after_the_quiet_period_unless_a_later_event_cancels_them
 async fn inventory_invariants_hold_after_a_shuffled_duplicated_stream_and_a_kill() {
     const SKUS: usize = 40;
     const ORDERS: usize = 12;
-    let bootstrap = require_broker();
-    let mut host = pattern_host("inventory", "").await;
-    let topic = unique_topic("stock");
-    create_topic(&topic, 4).await;
-    subscribe(&host, &bootstrap, &topic, "service://Sku/apply").await;
+    let (mut host, topic, _) = subscribed("inventory", "", "service://Sku/apply", 4).await;
     // Per SKU: 3 restocks of 4 units, 12 orders of 1-3 units each reserved
     // then confirmed (two in three) or released, shuffled, ~15% repeated.
     let mut rng = Lcg(7);
@@ -304,20 +304,17 @@ async fn dispatcher_delivers_each_event_once_in_order_to_every_subscriber() {
     const EVENTS: usize = 10;
     const SLOW: usize = 7;
     const DOWN: usize = 13;
-    let bootstrap = require_broker();
     let api = TestServer::start(Duration::ZERO).await;
     let channel = |n: usize| format!("sub-{n}");
     api.set_delay(&channel(SLOW), 1000);
     api.set_down(&channel(DOWN), true);
-    let host = pattern_host("dispatcher", "[retry]\nmax_interval = \"200ms\"\n").await;
+    let config = "[retry]\nmax_interval = \"200ms\"\n";
+    let (host, topic, _) = subscribed("dispatcher", config, "service://Topic/publish", 1).await;
     for n in 0..SUBSCRIBERS {
         let url = json!(format!("{}/record/{}", api.url, channel(n))).to_string();
         let r = host.post("/Topic/orders/subscribe", &url, &[]).await;
         assert_eq!(r.body, (n + 1).to_string());
     }
-    let topic = unique_topic("dispatch");
-    create_topic(&topic, 1).await;
-    subscribe(&host, &bootstrap, &topic, "service://Topic/publish").await;
     let records = (0..EVENTS)
         .map(|i| Record::json("orders", &json!({ "n": i })))
         .collect();
@@ -396,10 +393,7 @@ async fn enrichment_throughput_scales_with_concurrency_not_with_call_latency() {
         "suspend_after = \"100ms\"\n[guest_env]\nPROFILE_API = \"{}/record/profile\"\nENRICHED_TOPIC = \"{out}\"\n",
         api.url
     );
-    let host = pattern_host("enrichment", &config).await;
-    let topic = unique_topic("clicks");
-    create_topic(&topic, 4).await;
-    subscribe(&host, &bootstrap, &topic, "service://Enricher/enrich").await;
+    let (_host, topic, _) = subscribed("enrichment", &config, "service://Enricher/enrich", 4).await;
     let records = (0..ROUNDS)
         .flat_map(|round| {
             (0..KEYS).map(move |k| Record::json(&format!("c{k}"), &json!({ "round": round })))
@@ -482,16 +476,12 @@ const SCENARIOS: [Scenario; 7] = [
 async fn payments_end_right_under_every_interleaving_of_events_webhooks_and_deadlines() {
     use Scenario::*;
     const ORDERS: usize = 28;
-    let bootstrap = require_broker();
     let api = TestServer::start(Duration::ZERO).await;
     let config = format!(
         "[guest_env]\nPAYMENTS_API = \"{}/record\"\nPAYMENT_TIMEOUT_MS = \"3000\"\nPAYMENT_GRACE_MS = \"60000\"\n",
         api.url
     );
-    let host = pattern_host("payments", &config).await;
-    let topic = unique_topic("orders");
-    create_topic(&topic, 4).await;
-    subscribe(&host, &bootstrap, &topic, "service://Order/on_event").await;
+    let (host, topic, _) = subscribed("payments", &config, "service://Order/on_event", 4).await;
     let scenario = |i: usize| SCENARIOS[i % SCENARIOS.len()];
     let order = |i: usize| format!("order-{i}");
     let event =
@@ -679,10 +669,7 @@ async fn signup_workflow_verifies_reminds_expires_and_announces_once_across_a_ki
          REMIND_AFTER_MS = \"6000\"\nEXPIRE_AFTER_MS = \"3000\"\n",
         api.url
     );
-    let mut host = pattern_host("signup", &config).await;
-    let topic = unique_topic("signups");
-    create_topic(&topic, 2).await;
-    subscribe(&host, &bootstrap, &topic, "service://Onboarding/run").await;
+    let (mut host, topic, _) = subscribed("signup", &config, "service://Onboarding/run", 2).await;
     let users = ["u-fast", "u-late", "u-never"];
     let records = users
         .iter()

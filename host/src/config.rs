@@ -8,8 +8,10 @@
 //! ```toml
 //! # Where the journal, state and modules live (one redb file).
 //! data_dir = "./cairn-data"
-//! # redb's page cache: more memory, fewer reads from disk.
-//! db_cache_bytes = 268435456
+//! # redb's page cache: more memory, fewer reads from disk. It fills as the
+//! # database grows; throughput drops once the working set (recent journals,
+//! # state, queues) no longer fits, so lower it only on small machines.
+//! db_cache_bytes = 1073741824
 //! # Restate-compatible ingress, and the admin API.
 //! ingress_addr = "127.0.0.1:8080"
 //! admin_addr = "127.0.0.1:9070"

@@ -57,7 +57,7 @@ const LIMITS: TableDefinition<&str, u64> = TableDefinition::new("limits");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// The page cache size used by [`Store::open`] (the config's default).
-pub const DEFAULT_CACHE_BYTES: usize = 256 * 1024 * 1024;
+pub const DEFAULT_CACHE_BYTES: usize = 1024 * 1024 * 1024;
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -124,41 +124,41 @@ impl Stock {
                 }
                 Some(_) => true,
             },
-            StockEvent::Confirm { order } => match self.orders.get(order).copied() {
-                None => {
-                    self.orders.insert(order.clone(), ConfirmedEarly);
-                    false
-                }
-                Some(Reserved { qty }) => {
-                    self.orders.insert(order.clone(), Confirmed { qty });
-                    false
-                }
-                Some(Rejected { closed: false }) => {
-                    self.orders.insert(order.clone(), Rejected { closed: true });
-                    false
-                }
-                Some(_) => true,
-            },
-            StockEvent::Release { order } => match self.orders.get(order).copied() {
-                None => {
-                    self.orders.insert(order.clone(), ReleasedEarly);
-                    false
-                }
-                Some(Reserved { qty }) => {
-                    self.available += qty;
-                    self.orders.insert(order.clone(), Released);
-                    false
-                }
-                Some(Rejected { closed: false }) => {
-                    self.orders.insert(order.clone(), Rejected { closed: true });
-                    false
-                }
-                Some(_) => true,
-            },
+            StockEvent::Confirm { order } => {
+                self.close(order, ConfirmedEarly, |qty| (Confirmed { qty }, 0))
+            }
+            StockEvent::Release { order } => {
+                self.close(order, ReleasedEarly, |qty| (Released, qty))
+            }
         };
         if duplicate {
             self.duplicates += 1;
         }
+    }
+
+    /// Apply an order's closing event (confirm or release): remembered as
+    /// `early` when it comes before the reserve, applied to a reservation by
+    /// `apply` (its next state, and the units that go back to stock), or
+    /// recognised as a repeat (returns true).
+    fn close(
+        &mut self,
+        order: &str,
+        early: Reservation,
+        apply: impl FnOnce(u32) -> (Reservation, u32),
+    ) -> bool {
+        use Reservation::*;
+        let next = match self.orders.get(order).copied() {
+            None => early,
+            Some(Reserved { qty }) => {
+                let (next, back) = apply(qty);
+                self.available += back;
+                next
+            }
+            Some(Rejected { closed: false }) => Rejected { closed: true },
+            Some(_) => return true,
+        };
+        self.orders.insert(order.to_string(), next);
+        false
     }
 }
 

@@ -29,6 +29,9 @@ struct Args {
     /// Records per Kafka scenario (the broker is `CAIRN_KAFKA_BOOTSTRAP`, default 127.0.0.1:9092).
     #[arg(long, default_value_t = 200_000)]
     kafka_records: usize,
+    /// Top-level TOML settings for the host it starts, e.g. `db_cache_bytes = 1073741824`.
+    #[arg(long, default_value = "")]
+    host_config: String,
     /// Use a running host's ingress instead of starting one (memory is then not reported).
     #[arg(long)]
     ingress: Option<String>,
@@ -65,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
         Some(_) => None,
         None => Some(
             Host::start_with(cairn_tests::HostOptions {
-                config: "[kafka]\nmax_in_flight = 20000\n".into(),
+                config: format!("{}\n[kafka]\nmax_in_flight = 20000\n", args.host_config),
                 ..Default::default()
             })
             .await,
