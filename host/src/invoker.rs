@@ -651,19 +651,19 @@ impl Invoker {
                 entry.status = LiveStatus::Running;
                 entry.mailbox = Some(mailbox.clone());
             }
-            let current = self
-                .store
-                .invocation(&record.id)
-                .ok()
-                .flatten()
-                .map(Arc::new)
-                .unwrap_or_else(|| record.clone());
-            let journal = match self.store.journal(&record.id) {
-                Ok(entries) => entries,
+            let (current, journal) = match self.store.invocation_with_journal(&record.id) {
+                Ok((current, entries)) => (
+                    current.map(Arc::new).unwrap_or_else(|| record.clone()),
+                    entries,
+                ),
                 Err(e) => {
-                    tracing::error!(invocation = %record.id, "cannot read the journal: {e}");
+                    tracing::error!(invocation = %record.id, "cannot read the invocation: {e}");
                     return self
-                        .pause(&record, attempts, format!("cannot read the journal: {e}"))
+                        .pause(
+                            &record,
+                            attempts,
+                            format!("cannot read the invocation: {e}"),
+                        )
                         .await;
                 }
             };

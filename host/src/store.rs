@@ -143,26 +143,25 @@ impl Store {
     }
 
     /// An invocation's journal: `(entry index, entry)` in order.
-    pub fn journal(&self, id: &InvocationId) -> StoreResult<Vec<(u32, Entry)>> {
-        let raw = self.read(|t| {
-            let table = t.open_table(JOURNAL)?;
-            let range = table.range((id.as_str(), 0)..=(id.as_str(), u32::MAX))?;
-            range
-                .map(|row| {
-                    let (k, v) = row?;
-                    Ok((k.value().1, v.value().to_vec()))
-                })
-                .collect::<Result<Vec<_>, redb::Error>>()
+    pub fn journal(&self, id: &InvocationId) -> StoreResult<JournalEntries> {
+        decode_journal(self.read(|t| journal_in(t, id))?)
+    }
+
+    /// An invocation and its journal, read together (one read transaction,
+    /// as an attempt starts).
+    pub fn invocation_with_journal(
+        &self,
+        id: &InvocationId,
+    ) -> StoreResult<(Option<InvocationRecord>, JournalEntries)> {
+        let (record, journal) = self.read(|t| {
+            let record = t
+                .open_table(INVOCATIONS)?
+                .get(id.as_str())?
+                .map(|v| v.value().to_vec());
+            Ok((record, journal_in(t, id)?))
         })?;
-        raw.iter()
-            .map(|(i, b)| {
-                let entry = Entry::decode(b).map_err(|e| StoreError::Corrupt {
-                    table: "journal",
-                    reason: e.to_string(),
-                })?;
-                Ok((*i, entry))
-            })
-            .collect()
+        let record = record.map(|b| decode("invocations", &b)).transpose()?;
+        Ok((record, decode_journal(journal)?))
     }
 
     /// Every pending timer: `(wake-up ms, invocation, command index)`.
@@ -332,6 +331,35 @@ impl Store {
             .filter_map(|(at, id)| Some((at, id.parse().ok()?)))
             .collect())
     }
+}
+
+/// The raw rows of an invocation's journal, in order.
+fn journal_in(t: &redb::ReadTransaction, id: &InvocationId) -> Result<RawJournal, redb::Error> {
+    let table = t.open_table(JOURNAL)?;
+    let range = table.range((id.as_str(), 0)..=(id.as_str(), u32::MAX))?;
+    range
+        .map(|row| {
+            let (k, v) = row?;
+            Ok((k.value().1, v.value().to_vec()))
+        })
+        .collect()
+}
+
+type RawJournal = Vec<(u32, Vec<u8>)>;
+
+/// A journal as read: `(entry index, entry)` in order.
+pub type JournalEntries = Vec<(u32, Entry)>;
+
+fn decode_journal(raw: RawJournal) -> StoreResult<JournalEntries> {
+    raw.iter()
+        .map(|(i, b)| {
+            let entry = Entry::decode(b).map_err(|e| StoreError::Corrupt {
+                table: "journal",
+                reason: e.to_string(),
+            })?;
+            Ok((*i, entry))
+        })
+        .collect()
 }
 
 fn state_names_in(
