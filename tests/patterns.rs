@@ -151,8 +151,28 @@ async fn reminders_fire_after_the_quiet_period_unless_a_later_event_cancels_them
         ("cart-d", add("apple")),
         ("cart-d", json!({ "type": "remove_item", "item": "apple" })),
     ];
-    let records = events.iter().map(|(k, v)| Record::json(k, v)).collect();
-    produce(&topic, records).await;
+    // Through `cairn produce`, as in the README's quick start: one call per
+    // cart, its events in order.
+    for cart in ["cart-a", "cart-b", "cart-c", "cart-d"] {
+        let mut args = vec![
+            "produce".to_string(),
+            topic.clone(),
+            "--key".into(),
+            cart.into(),
+        ];
+        args.extend(
+            events
+                .iter()
+                .filter(|(k, _)| *k == cart)
+                .map(|(_, v)| v.to_string()),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = host.cli(&args).expect("cairn produce");
+        assert!(
+            out.starts_with(&format!("{topic}/")),
+            "where the records landed: {out}"
+        );
+    }
     until(
         "every event to be applied",
         Duration::from_secs(60),

@@ -303,6 +303,16 @@ mod tests {
     }
 
     #[test]
+    fn guest_env_is_a_table_of_strings() {
+        let c: Config =
+            toml::from_str("[guest_env]\nAPI = \"http://127.0.0.1:1\"\nDELAY_MS = \"5\"\n")
+                .unwrap();
+        assert_eq!(c.guest_env["API"], "http://127.0.0.1:1");
+        assert_eq!(c.guest_env.len(), 2);
+        assert!(toml::from_str::<Config>("[guest_env]\nDELAY_MS = 5\n").is_err());
+    }
+
+    #[test]
     fn toml_overrides_defaults_and_rejects_unknown_keys() {
         let c: Config = toml::from_str(
             "http_allow = [\"127.0.0.1:*\"]\n[limits]\ncpu_per_attempt = \"250ms\"\n",
