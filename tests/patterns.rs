@@ -11,6 +11,22 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
+/// What a subscriber channel received, `(idempotency key, body)` in order,
+/// with a request sent again right after itself (as after a crash between
+/// the answer and its journal entry) counted once, as the subscriber would.
+fn delivered(api: &TestServer, channel: &str) -> Vec<(String, Value)> {
+    let mut deliveries: Vec<(String, Value)> = api
+        .received(channel)
+        .iter()
+        .map(|r| {
+            let key = r.idempotency_key.clone().unwrap_or_default();
+            (key, serde_json::from_str(&r.body).unwrap_or(Value::Null))
+        })
+        .collect();
+    deliveries.dedup();
+    deliveries
+}
+
 /// A host with one pattern module deployed, allowed to reach loopback APIs,
 /// and `sink` subscribed to a fresh topic of `partitions` partitions:
 /// (host, topic, subscription id).
@@ -319,7 +335,7 @@ async fn inventory_invariants_hold_after_a_shuffled_duplicated_stream_and_a_kill
 }
 
 #[tokio::test]
-async fn dispatcher_delivers_each_event_once_in_order_to_every_subscriber() {
+async fn dispatcher_delivers_each_event_in_order_to_every_subscriber_across_a_kill() {
     const SUBSCRIBERS: usize = 50;
     const EVENTS: usize = 10;
     const SLOW: usize = 7;
@@ -329,7 +345,7 @@ async fn dispatcher_delivers_each_event_once_in_order_to_every_subscriber() {
     api.set_delay(&channel(SLOW), 1000);
     api.set_down(&channel(DOWN), true);
     let config = "[retry]\nmax_interval = \"200ms\"\n";
-    let (host, topic, _) = subscribed("dispatcher", config, "service://Topic/publish", 1).await;
+    let (mut host, topic, _) = subscribed("dispatcher", config, "service://Topic/publish", 1).await;
     for n in 0..SUBSCRIBERS {
         let url = json!(format!("{}/record/{}", api.url, channel(n))).to_string();
         let r = host.post("/Topic/orders/subscribe", &url, &[]).await;
@@ -364,6 +380,9 @@ async fn dispatcher_delivers_each_event_once_in_order_to_every_subscriber() {
         api.refused(&channel(DOWN)) > 0,
         "the failing subscriber was tried"
     );
+    // SIGKILL while the slow subscriber has a request in flight and the
+    // failing one is being retried.
+    host.restart().await;
     api.set_down(&channel(DOWN), false);
     until(
         "the slow and recovered subscribers to catch up",
@@ -371,7 +390,7 @@ async fn dispatcher_delivers_each_event_once_in_order_to_every_subscriber() {
         || async {
             [SLOW, DOWN]
                 .iter()
-                .all(|n| api.received_count(&channel(*n)) >= EVENTS)
+                .all(|n| delivered(&api, &channel(*n)).len() >= EVENTS)
         },
     )
     .await;
@@ -382,21 +401,26 @@ async fn dispatcher_delivers_each_event_once_in_order_to_every_subscriber() {
         started.elapsed()
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let expected: Vec<Value> = (0..EVENTS).map(|i| json!({ "n": i })).collect();
-    let keys: Vec<String> = (0..EVENTS).map(|i| format!("orders-{i}")).collect();
+    let expected: Vec<(String, Value)> = (0..EVENTS)
+        .map(|i| (format!("orders-{i}"), json!({ "n": i })))
+        .collect();
+    let mut again = 0;
     for n in 0..SUBSCRIBERS {
-        let received = api.received(&channel(n));
+        let sent = api.received_count(&channel(n));
         assert_eq!(
-            api.received_json(&channel(n)),
+            delivered(&api, &channel(n)),
             expected,
-            "subscriber {n}: once each, in order"
+            "subscriber {n}: each event, in order"
         );
-        let got: Vec<String> = received
-            .iter()
-            .filter_map(|r| r.idempotency_key.clone())
-            .collect();
-        assert_eq!(got, keys, "subscriber {n}");
+        assert!(
+            sent <= EVENTS + 1,
+            "subscriber {n}: only a request in flight at the kill may come again ({sent} sent)"
+        );
+        again += sent - EVENTS;
     }
+    println!(
+        "{again} request(s) in flight at the kill were sent again, with the same idempotency key"
+    );
 }
 
 #[tokio::test]
@@ -463,6 +487,11 @@ async fn enrichment_throughput_scales_with_concurrency_not_with_call_latency() {
     }
 }
 
+/// Order `i`'s state.
+async fn order_status(host: &Host, i: usize) -> Value {
+    query(host, &format!("/Order/order-{i}/status")).await
+}
+
 /// What the test, playing the payment provider, does with order `i`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Scenario {
@@ -493,23 +522,19 @@ const SCENARIOS: [Scenario; 7] = [
 ];
 
 #[tokio::test]
-async fn payments_end_right_under_every_interleaving_of_events_webhooks_and_deadlines() {
+async fn payments_end_right_under_every_interleaving_of_events_webhooks_deadlines_and_a_kill() {
     use Scenario::*;
     const ORDERS: usize = 28;
     let api = TestServer::start(Duration::ZERO).await;
     let config = format!(
-        "[guest_env]\nPAYMENTS_API = \"{}/record\"\nPAYMENT_TIMEOUT_MS = \"3000\"\nPAYMENT_GRACE_MS = \"60000\"\n",
+        "[guest_env]\nPAYMENTS_API = \"{}/record\"\nPAYMENT_TIMEOUT_MS = \"8000\"\nPAYMENT_GRACE_MS = \"60000\"\n",
         api.url
     );
-    let (host, topic, _) = subscribed("payments", &config, "service://Order/on_event", 4).await;
+    let (mut host, topic, _) = subscribed("payments", &config, "service://Order/on_event", 4).await;
     let scenario = |i: usize| SCENARIOS[i % SCENARIOS.len()];
     let order = |i: usize| format!("order-{i}");
     let event =
         |i: usize, kind: &str| Record::json(&order(i), &json!({ "type": kind, "amount": 100 + i }));
-    let status = |i: usize| {
-        let host = &host;
-        async move { query(host, &format!("/Order/order-{i}/status")).await }
-    };
     // Phase 1: every order placed; some shipped or cancelled before paying.
     let mut first = Vec::new();
     for i in 0..ORDERS {
@@ -536,7 +561,11 @@ async fn payments_end_right_under_every_interleaving_of_events_webhooks_and_dead
                 Duplicates => 3, // placed, placed, "ignored"
                 _ => 1,
             };
-            if status(i).await["history"].as_array().map(Vec::len) != Some(expected) {
+            if order_status(&host, i).await["history"]
+                .as_array()
+                .map(Vec::len)
+                != Some(expected)
+            {
                 return false;
             }
         }
@@ -558,6 +587,9 @@ async fn payments_end_right_under_every_interleaving_of_events_webhooks_and_dead
         ORDERS,
         "one charge per order, duplicates included"
     );
+    // The worst moment for a webhook: the charges are out, the awakeables
+    // wait, and the host dies.
+    host.restart().await;
     let pay = |i: usize| {
         let (host, callbacks) = (&host, &callbacks);
         async move {
@@ -588,7 +620,7 @@ async fn payments_end_right_under_every_interleaving_of_events_webhooks_and_dead
         Duration::from_secs(60),
         || async {
             for i in 0..ORDERS {
-                let paid = status(i).await["payment"].is_string();
+                let paid = order_status(&host, i).await["payment"].is_string();
                 if paid
                     != matches!(
                         scenario(i),
@@ -618,7 +650,7 @@ async fn payments_end_right_under_every_interleaving_of_events_webhooks_and_dead
         Duration::from_secs(60),
         || async {
             for i in (0..ORDERS).filter(|i| matches!(scenario(*i), NeverPay | LatePay)) {
-                if status(i).await["stage"] != json!("cancelled") {
+                if order_status(&host, i).await["stage"] != json!("cancelled") {
                     return false;
                 }
             }
@@ -639,7 +671,7 @@ async fn payments_end_right_under_every_interleaving_of_events_webhooks_and_dead
         Duration::from_secs(60),
         || async {
             for i in 0..ORDERS {
-                let s = status(i).await;
+                let s = order_status(&host, i).await;
                 let (stage, refunded) = expected(i);
                 if s["stage"] != json!(stage) || s["refunded"] != json!(refunded) {
                     return false;
@@ -665,7 +697,7 @@ async fn payments_end_right_under_every_interleaving_of_events_webhooks_and_dead
         "each paid-but-cancelled order refunded once, no other"
     );
     for i in 0..ORDERS {
-        let s = status(i).await;
+        let s = order_status(&host, i).await;
         assert_eq!(
             s["refunded"],
             json!(expected(i).1),

@@ -348,6 +348,10 @@ fn consumer(
     }
     config
         .set("group.id", format!("cairn-{}", sub.id))
+        // Static membership: a host that restarts (even after SIGKILL) takes
+        // its partitions back at once instead of waiting for the broker to
+        // expire the dead member's session.
+        .set("group.instance.id", format!("cairn-{}", sub.id))
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false");
     for (k, v) in &sub.options {
