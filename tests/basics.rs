@@ -203,15 +203,9 @@ async fn bad_requests_get_clear_errors_and_create_nothing() {
 #[tokio::test]
 async fn malformed_modules_are_refused_with_the_reason() {
     let host = Host::start_with(HostOptions::without_modules()).await;
-    let upload = |bytes: Vec<u8>| {
-        let req = host
-            .http
-            .post(format!("{}/deployments", host.admin()))
-            .body(bytes);
-        async move {
-            let r = req.send().await.unwrap();
-            (r.status().as_u16(), r.text().await.unwrap())
-        }
+    let upload = |bytes: Vec<u8>| async {
+        let r = host.upload(bytes).await;
+        (r.status, r.body)
     };
     let (status, body) = upload(b"definitely not wasm".to_vec()).await;
     assert_eq!(status, 400);

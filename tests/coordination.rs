@@ -396,12 +396,9 @@ async fn cancel_runs_compensation_and_kill_stops_at_once() {
     host.wait_invocation(&plan, MINUTE, |v| v["status"] == "suspended")
         .await;
     let r = host
-        .http
-        .post(format!("{}/invocations/{plan}/cancel", host.admin()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+        .admin_post(&format!("/invocations/{plan}/cancel"), None)
+        .await;
+    assert_eq!(r.status, 200);
     let r = host.get(&format!("/restate/attach/{plan}")).await;
     assert_eq!(
         (r.status, r.json()["message"].as_str()),
@@ -423,12 +420,9 @@ async fn cancel_runs_compensation_and_kill_stops_at_once() {
         (409, Some("killed"))
     );
     let twice = host
-        .http
-        .post(format!("{}/invocations/{nap}/kill", host.admin()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(twice.status(), 409);
+        .admin_post(&format!("/invocations/{nap}/kill"), None)
+        .await;
+    assert_eq!(twice.status, 409);
 }
 
 #[tokio::test]
@@ -509,31 +503,15 @@ async fn a_new_version_that_reorders_steps_is_stopped_with_a_journal_mismatch() 
     let id = send(&host, "/Steps2/two", "600000").await;
     host.wait_invocation(&id, MINUTE, |v| v["status"] == "suspended")
         .await;
-    let upload = host
-        .http
-        .post(format!("{}/deployments", host.admin()))
-        .body(read(&example("coordination-v2")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(upload.status(), 201);
-    let v2 = upload.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let admin = host.admin();
-    let post = |path: String| host.http.post(format!("{admin}{path}")).send();
-    assert_eq!(
-        post(format!("/invocations/{id}/pause"))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let resumed = post(format!("/invocations/{id}/resume?deployment={v2}"))
-        .await
-        .unwrap();
-    assert_eq!(resumed.status(), 200);
+    let upload = host.upload(read(&example("coordination-v2"))).await;
+    assert_eq!(upload.status, 201);
+    let v2 = upload.json()["id"].as_str().unwrap().to_string();
+    let pause = host
+        .admin_post(&format!("/invocations/{id}/pause"), None)
+        .await;
+    assert_eq!(pause.status, 200);
+    let resume = format!("/invocations/{id}/resume?deployment={v2}");
+    assert_eq!(host.admin_post(&resume, None).await.status, 200);
     let v = host
         .wait_invocation(&id, MINUTE, |v| {
             v["status"] == "paused" && v["deployment"] == v2.as_str()
@@ -635,12 +613,9 @@ async fn killing_a_queued_invocation_leaves_the_key_to_its_holder() {
     host.wait_invocation(&queued, MINUTE, |v| v["status"] == "pending")
         .await;
     let r = host
-        .http
-        .post(format!("{}/invocations/{queued}/kill", host.admin()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+        .admin_post(&format!("/invocations/{queued}/kill"), None)
+        .await;
+    assert_eq!(r.status, 200);
     assert_eq!(
         host.get(&format!("/restate/attach/{queued}")).await.status,
         409
@@ -675,12 +650,9 @@ async fn cancelling_one_side_of_a_deadlock_releases_the_key() {
         "shared handlers still answer"
     );
     let r = host
-        .http
-        .post(format!("{}/invocations/{stuck}/cancel", host.admin()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+        .admin_post(&format!("/invocations/{stuck}/cancel"), None)
+        .await;
+    assert_eq!(r.status, 200);
     let r = host.get(&format!("/restate/attach/{stuck}")).await;
     assert_eq!(
         (r.status, r.json()["message"].as_str()),
@@ -720,14 +692,8 @@ async fn a_concurrency_limit_caps_calls_to_a_downstream_and_drops_nothing() {
         json!([{ "scope": "Trip/fetch", "max": 3, "in_use": 0 }])
     );
     let bad = json!({ "scope": "Trip/fetch", "max": 0 });
-    let r = host
-        .http
-        .post(format!("{}/concurrency-limits", host.admin()))
-        .json(&bad)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
+    let r = host.admin_post("/concurrency-limits", Some(&bad)).await;
+    assert_eq!(r.status, 400);
 }
 
 #[tokio::test]

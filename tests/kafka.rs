@@ -295,26 +295,13 @@ async fn subscriptions_pause_resume_refuse_duplicates_and_survive_restarts() {
     create_topic(&topic, 2).await;
     let mut host = Host::start_with(options("")).await;
     let sub = subscribe(&host, &broker, &topic, "service://Counter/add").await;
-    let admin = host.admin();
     let dup =
         json!({ "source": format!("kafka://local/{topic}"), "sink": "service://Counter/add" });
-    let r = host
-        .http
-        .post(format!("{admin}/subscriptions"))
-        .json(&dup)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 409, "the same source and sink twice");
+    let r = host.admin_post("/subscriptions", Some(&dup)).await;
+    assert_eq!(r.status, 409, "the same source and sink twice");
     let bad = json!({ "source": "kafka://nowhere/t", "sink": "service://Counter/add" });
     assert_eq!(
-        host.http
-            .post(format!("{admin}/subscriptions"))
-            .json(&bad)
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        host.admin_post("/subscriptions", Some(&bad)).await.status,
         400
     );
 
@@ -351,12 +338,9 @@ async fn subscriptions_pause_resume_refuse_duplicates_and_survive_restarts() {
         "the pause survives a restart"
     );
     let r = host
-        .http
-        .post(format!("{}/subscriptions/{sub}/resume", host.admin()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+        .admin_post(&format!("/subscriptions/{sub}/resume"), None)
+        .await;
+    assert_eq!(r.status, 200);
     until(
         "the records produced while paused",
         Duration::from_secs(120),

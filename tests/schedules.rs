@@ -26,12 +26,9 @@ async fn fired(host: &Host, name: &str, from: u64, to: u64) -> u64 {
     for s in from..=to {
         let id = InvocationId::derived(&format!("cron:{name}:{}", s * 1000));
         let r = host
-            .http
-            .get(format!("{}/invocations/{id}", host.admin()))
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
+            .admin_send(reqwest::Method::GET, &format!("/invocations/{id}"), None)
+            .await;
+        if r.status == 200 {
             n += 1;
         }
     }
@@ -70,12 +67,9 @@ async fn cron_ticks_fire_once_each_with_deterministic_ids_across_a_kill() {
     );
 
     let r = host
-        .http
-        .delete(format!("{}/schedules/tick", host.admin()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+        .admin_send(reqwest::Method::DELETE, "/schedules/tick", None)
+        .await;
+    assert_eq!(r.status, 204);
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let total = count(&host).await;
     let ended = now_s();
@@ -88,12 +82,6 @@ async fn cron_ticks_fire_once_each_with_deterministic_ids_across_a_kill() {
     );
     assert!(ticks >= 5, "ticked before and after the restart ({ticks})");
     let bad = serde_json::json!({ "name": "bad", "cron": "every day", "target": "Counter/x/add" });
-    let r = host
-        .http
-        .post(format!("{}/schedules", host.admin()))
-        .json(&bad)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
+    let r = host.admin_post("/schedules", Some(&bad)).await;
+    assert_eq!(r.status, 400);
 }

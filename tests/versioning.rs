@@ -32,15 +32,9 @@ async fn an_invocation_in_flight_during_an_upload_finishes_on_its_original_deplo
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    let upload = host
-        .http
-        .post(format!("{}/deployments", host.admin()))
-        .body(read(&example("basics-v2")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(upload.status(), 201);
-    let v2: serde_json::Value = upload.json().await.unwrap();
+    let upload = host.upload(read(&example("basics-v2"))).await;
+    assert_eq!(upload.status, 201);
+    let v2 = upload.json();
     assert_ne!(v2["id"], v1);
     assert_eq!(
         host.admin_get("/services").await["services"][4]["deployment"],

@@ -137,29 +137,13 @@ pub async fn produce(topic: &str, records: Vec<Record>) {
 
 /// Register the broker as cluster "local" and subscribe `topic` to `sink`.
 pub async fn subscribe(host: &Host, bootstrap: &str, topic: &str, sink: &str) -> String {
-    let admin = host.admin();
     let cluster = json!({ "name": "local", "properties": { "bootstrap.servers": bootstrap } });
-    let r = host
-        .http
-        .post(format!("{admin}/kafka-clusters"))
-        .json(&cluster)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
+    let r = host.admin_post("/kafka-clusters", Some(&cluster)).await;
+    assert_eq!(r.status, 201);
     let sub = json!({ "source": format!("kafka://local/{topic}"), "sink": sink });
-    let r = host
-        .http
-        .post(format!("{admin}/subscriptions"))
-        .json(&sub)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    let r = host.admin_post("/subscriptions", Some(&sub)).await;
+    assert_eq!(r.status, 201);
+    r.json()["id"].as_str().unwrap().to_string()
 }
 
 /// Every record of partition 0 of `topic`: (key, value, headers).

@@ -264,15 +264,39 @@ impl Host {
         Response::from(req.send().await.expect("the ingress answers")).await
     }
 
+    /// Send `method path` to the admin API, with a JSON body if given.
+    pub async fn admin_send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Response {
+        let mut req = self.http.request(method, format!("{}{path}", self.admin()));
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        Response::from(req.send().await.expect("the admin API answers")).await
+    }
+
+    /// POST to an admin path, with a JSON body if given.
+    pub async fn admin_post(&self, path: &str, body: Option<&Value>) -> Response {
+        self.admin_send(reqwest::Method::POST, path, body).await
+    }
+
     /// GET an admin path as JSON.
     pub async fn admin_get(&self, path: &str) -> Value {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.admin()))
-            .send()
+        self.admin_send(reqwest::Method::GET, path, None)
             .await
-            .unwrap();
-        Response::from(r).await.json()
+            .json()
+    }
+
+    /// Upload a module's bytes (`POST /deployments`).
+    pub async fn upload(&self, module: Vec<u8>) -> Response {
+        let req = self
+            .http
+            .post(format!("{}/deployments", self.admin()))
+            .body(module);
+        Response::from(req.send().await.expect("the admin API answers")).await
     }
 
     /// Poll an invocation's admin view until `done` holds (bounded).
