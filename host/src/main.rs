@@ -3,6 +3,9 @@
 use anyhow::{bail, Context as _};
 use cairn::config::Config;
 use clap::{Args, Parser, Subcommand};
+use reqwest::Method;
+use serde_json::json;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -349,155 +352,109 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_json(&request(req, &ingress).await?)
         }
         Command::Invocations { command } => {
-            let client = reqwest::Client::new();
-            let (action, it) = match command {
-                InvocationsCommand::Describe(it) => (None, it),
-                InvocationsCommand::Cancel(it) => (Some("cancel".to_string()), it),
-                InvocationsCommand::Kill(it) => (Some("kill".to_string()), it),
-                InvocationsCommand::Pause(it) => (Some("pause".to_string()), it),
+            let (method, action, it) = match command {
+                InvocationsCommand::Describe(it) => (Method::GET, String::new(), it),
+                InvocationsCommand::Cancel(it) => (Method::POST, "/cancel".into(), it),
+                InvocationsCommand::Kill(it) => (Method::POST, "/kill".into(), it),
+                InvocationsCommand::Pause(it) => (Method::POST, "/pause".into(), it),
                 InvocationsCommand::Resume { it, deployment } => {
                     let query = deployment
                         .map(|d| format!("?deployment={d}"))
                         .unwrap_or_default();
-                    (Some(format!("resume{query}")), it)
+                    (Method::POST, format!("/resume{query}"), it)
                 }
             };
-            let url = format!("{}/invocations/{}", it.admin.url, it.id);
-            let req = match action {
-                None => client.get(url),
-                Some(action) => client.post(format!("{url}/{action}")),
-            };
-            print_json(&request(req, &it.admin.url).await?)
+            let path = format!("/invocations/{}{action}", it.id);
+            admin_call(&it.admin, method, &path, None).await
         }
-        Command::KafkaClusters { command } => {
-            let client = reqwest::Client::new();
-            let (req, admin) = match command {
-                ClustersCommand::Add {
-                    name,
-                    properties,
-                    admin,
-                } => {
-                    let properties: std::collections::BTreeMap<_, _> =
-                        properties.into_iter().collect();
-                    let body = serde_json::json!({ "name": name, "properties": properties });
-                    (
-                        client
-                            .post(format!("{}/kafka-clusters", admin.url))
-                            .json(&body),
-                        admin,
-                    )
-                }
-                ClustersCommand::List { admin } => {
-                    (client.get(format!("{}/kafka-clusters", admin.url)), admin)
-                }
-            };
-            print_json(&request(req, &admin.url).await?)
-        }
-        Command::Subscriptions { command } => {
-            let client = reqwest::Client::new();
-            let (req, admin) = match command {
-                SubscriptionsCommand::Create {
-                    source,
-                    sink,
-                    options,
-                    admin,
-                } => {
-                    let options: std::collections::BTreeMap<_, _> = options.into_iter().collect();
-                    let body =
-                        serde_json::json!({ "source": source, "sink": sink, "options": options });
-                    (
-                        client
-                            .post(format!("{}/subscriptions", admin.url))
-                            .json(&body),
-                        admin,
-                    )
-                }
-                SubscriptionsCommand::List { admin } => {
-                    (client.get(format!("{}/subscriptions", admin.url)), admin)
-                }
-                SubscriptionsCommand::Pause(it) => (
-                    client.post(format!("{}/subscriptions/{}/pause", it.admin.url, it.id)),
-                    it.admin,
-                ),
-                SubscriptionsCommand::Resume(it) => (
-                    client.post(format!("{}/subscriptions/{}/resume", it.admin.url, it.id)),
-                    it.admin,
-                ),
-                SubscriptionsCommand::Delete(it) => (
-                    client.delete(format!("{}/subscriptions/{}", it.admin.url, it.id)),
-                    it.admin,
-                ),
-            };
-            print_json(&request(req, &admin.url).await?)
-        }
-        Command::Schedules { command } => {
-            let client = reqwest::Client::new();
-            let (req, admin) = match command {
-                SchedulesCommand::Add {
-                    name,
-                    cron,
-                    target,
-                    input,
-                    admin,
-                } => {
-                    let input = input
-                        .map(|i| serde_json::from_str::<serde_json::Value>(&i))
-                        .transpose()
-                        .context("--input is not JSON")?;
-                    let body = serde_json::json!({ "name": name, "cron": cron, "target": target, "input": input });
-                    (
-                        client.post(format!("{}/schedules", admin.url)).json(&body),
-                        admin,
-                    )
-                }
-                SchedulesCommand::List { admin } => {
-                    (client.get(format!("{}/schedules", admin.url)), admin)
-                }
-                SchedulesCommand::Delete(it) => (
-                    client.delete(format!("{}/schedules/{}", it.admin.url, it.id)),
-                    it.admin,
-                ),
-            };
-            print_json(&request(req, &admin.url).await?)
-        }
-        Command::Limits { command } => {
-            let client = reqwest::Client::new();
-            let (req, admin) = match command {
-                LimitsCommand::Set { scope, max, admin } => {
-                    let body = serde_json::json!({ "scope": scope, "max": max });
-                    (
-                        client
-                            .post(format!("{}/concurrency-limits", admin.url))
-                            .json(&body),
-                        admin,
-                    )
-                }
-                LimitsCommand::List { admin } => (
-                    client.get(format!("{}/concurrency-limits", admin.url)),
-                    admin,
-                ),
-                LimitsCommand::Remove { scope, admin } => {
-                    let req = client
-                        .delete(format!("{}/concurrency-limits", admin.url))
-                        .query(&[("scope", scope)]);
-                    (req, admin)
-                }
-            };
-            print_json(&request(req, &admin.url).await?)
-        }
+        Command::KafkaClusters { command } => match command {
+            ClustersCommand::Add {
+                name,
+                properties,
+                admin,
+            } => {
+                let properties: BTreeMap<_, _> = properties.into_iter().collect();
+                let body = json!({ "name": name, "properties": properties });
+                admin_call(&admin, Method::POST, "/kafka-clusters", Some(body)).await
+            }
+            ClustersCommand::List { admin } => {
+                admin_call(&admin, Method::GET, "/kafka-clusters", None).await
+            }
+        },
+        Command::Subscriptions { command } => match command {
+            SubscriptionsCommand::Create {
+                source,
+                sink,
+                options,
+                admin,
+            } => {
+                let options: BTreeMap<_, _> = options.into_iter().collect();
+                let body = json!({ "source": source, "sink": sink, "options": options });
+                admin_call(&admin, Method::POST, "/subscriptions", Some(body)).await
+            }
+            SubscriptionsCommand::List { admin } => {
+                admin_call(&admin, Method::GET, "/subscriptions", None).await
+            }
+            SubscriptionsCommand::Pause(it) => {
+                let path = format!("/subscriptions/{}/pause", it.id);
+                admin_call(&it.admin, Method::POST, &path, None).await
+            }
+            SubscriptionsCommand::Resume(it) => {
+                let path = format!("/subscriptions/{}/resume", it.id);
+                admin_call(&it.admin, Method::POST, &path, None).await
+            }
+            SubscriptionsCommand::Delete(it) => {
+                let path = format!("/subscriptions/{}", it.id);
+                admin_call(&it.admin, Method::DELETE, &path, None).await
+            }
+        },
+        Command::Schedules { command } => match command {
+            SchedulesCommand::Add {
+                name,
+                cron,
+                target,
+                input,
+                admin,
+            } => {
+                let input = input
+                    .map(|i| serde_json::from_str::<serde_json::Value>(&i))
+                    .transpose()
+                    .context("--input is not JSON")?;
+                let body = json!({ "name": name, "cron": cron, "target": target, "input": input });
+                admin_call(&admin, Method::POST, "/schedules", Some(body)).await
+            }
+            SchedulesCommand::List { admin } => {
+                admin_call(&admin, Method::GET, "/schedules", None).await
+            }
+            SchedulesCommand::Delete(it) => {
+                let path = format!("/schedules/{}", it.id);
+                admin_call(&it.admin, Method::DELETE, &path, None).await
+            }
+        },
+        Command::Limits { command } => match command {
+            LimitsCommand::Set { scope, max, admin } => {
+                let body = json!({ "scope": scope, "max": max });
+                admin_call(&admin, Method::POST, "/concurrency-limits", Some(body)).await
+            }
+            LimitsCommand::List { admin } => {
+                admin_call(&admin, Method::GET, "/concurrency-limits", None).await
+            }
+            LimitsCommand::Remove { scope, admin } => {
+                let scope = percent_encoding::utf8_percent_encode(
+                    &scope,
+                    percent_encoding::NON_ALPHANUMERIC,
+                );
+                let path = format!("/concurrency-limits?scope={scope}");
+                admin_call(&admin, Method::DELETE, &path, None).await
+            }
+        },
         Command::Produce {
             topic,
             values,
             key,
             bootstrap,
         } => produce(&bootstrap, &topic, key.as_deref(), &values).await,
-        Command::Services { admin } => print_json(
-            &request(
-                reqwest::Client::new().get(format!("{}/services", admin.url)),
-                &admin.url,
-            )
-            .await?,
-        ),
+        Command::Services { admin } => admin_call(&admin, Method::GET, "/services", None).await,
     }
 }
 
@@ -525,6 +482,21 @@ async fn produce(
         println!("{topic}/{}@{}", delivery.partition, delivery.offset);
     }
     Ok(())
+}
+
+/// Send `method path` (with a JSON body, if given) to the admin API and print
+/// the answer.
+async fn admin_call(
+    admin: &AdminUrl,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<()> {
+    let mut req = reqwest::Client::new().request(method, format!("{}{path}", admin.url));
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    print_json(&request(req, &admin.url).await?)
 }
 
 /// Send a request; a non-2xx answer becomes an error with the server's message.
