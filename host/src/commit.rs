@@ -104,6 +104,34 @@ impl Committer {
         rx
     }
 
+    /// Queue `f` now for the next transaction; the continuation it returns runs
+    /// on the writer, in commit order, before the result is answered. Use
+    /// this for every continuation that delivers a completion: deliveries
+    /// then reach a running attempt in journal order, so a live
+    /// `await-any` picks the same winner as a replay.
+    pub fn commit_in_order<R, F>(&self, f: F) -> impl std::future::Future<Output = R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Tables<'_>) -> StoreResult<(R, Option<Continuation>)> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(Box::new(move |tables| {
+            let (result, then) = f(tables)?;
+            Ok(Box::new(move || {
+                if let Some(then) = then {
+                    then();
+                }
+                let _ = tx.send(result);
+            }) as Continuation)
+        }));
+        async { rx.await.expect("the commit writer answers every job") }
+    }
+
+    /// Wait until everything queued so far is durable.
+    pub async fn barrier(&self) {
+        self.commit(|_| Ok(())).await
+    }
+
     /// Apply `f` in the next transaction without waiting. Later jobs commit
     /// in the same or a later transaction, so waiting for any later job
     /// also waits for this one.

@@ -17,6 +17,7 @@
 //! `suspend_after` suspends the invocation: the guest is unwound, its
 //! instance dropped, and it is replayed when a completion arrives.
 
+use crate::fence::Epoch;
 use crate::ids::{awakeable_id, InvocationId};
 use crate::invoker::{Invoker, NewInvocation};
 use crate::journal::{
@@ -47,6 +48,9 @@ pub enum HostTrap {
     /// The guest waited longer than `suspend_after`: drop the instance.
     #[error("suspended while waiting")]
     Suspend,
+    /// The attempt was superseded (killed, paused): its writes are refused.
+    #[error("the attempt was fenced off")]
+    Fenced,
 }
 
 /// A [`StateOverlay`] shared between the attempts of a key.
@@ -92,6 +96,8 @@ pub struct DurableContext {
     overlay: SharedOverlay,
     /// The live `run` step between `run-enter` and `run-exit`, if any.
     step: Option<(u32, String)>,
+    /// This attempt's epoch: its writes apply only while it is current.
+    epoch: Epoch,
 }
 
 impl DurableContext {
@@ -102,6 +108,7 @@ impl DurableContext {
         invoker: Arc<Invoker>,
         mailbox: Arc<Mailbox>,
         overlay: SharedOverlay,
+        epoch: Epoch,
     ) -> Self {
         DurableContext {
             record,
@@ -110,7 +117,14 @@ impl DurableContext {
             mailbox,
             overlay,
             step: None,
+            epoch,
         }
+    }
+
+    /// Whether the handler returned while journaled commands were still
+    /// unconsumed: its code no longer matches its journal.
+    pub fn unconsumed(&self) -> Option<JournalMismatch> {
+        self.journal.unconsumed()
     }
 
     /// The invocation.
@@ -152,21 +166,9 @@ impl DurableContext {
                 command.signature()
             )));
         }
+        // A replayed outside effect without its answer is still in the
+        // outbox, which performs it; nothing to do here.
         match self.journal.issue(&command)? {
-            Issued::Replayed(None)
-                if matches!(command, Command::Produce { .. } | Command::HttpCall(_)) =>
-            {
-                // Journaled but not acknowledged: the host may have died
-                // before the broker answered. Send again (same produce id).
-                let index = self.journal.issued() - 1;
-                if let Some(send) =
-                    self.invoker
-                        .send_after_commit(self.record.id.clone(), index, &command)
-                {
-                    send();
-                }
-                Ok(None)
-            }
             Issued::Replayed(completion) => Ok(completion),
             Issued::Live(index) => self.execute(index, command).await,
         }
@@ -251,14 +253,15 @@ impl DurableContext {
                 let at = *wake_at_ms;
                 self.append_with(command, None, index, move |t, inv| {
                     t.put_timer(at, &id, index)?;
-                    Ok(inv.arm_timer_after_commit(at, id, index))
+                    Ok(Some(inv.arm_timer_after_commit(at, id, index)))
                 });
                 return Ok(None);
             }
             Command::Produce { .. } | Command::HttpCall(_) => {
-                let send = command.clone();
-                self.append_with(command, None, index, move |_, inv| {
-                    Ok(inv.send_after_commit(id, index, &send))
+                let effect = command.clone();
+                self.append_with(command, None, index, move |t, inv| {
+                    t.put_outbox(&id, index)?;
+                    Ok(Some(inv.perform_after_commit(id, index, effect)))
                 });
                 return Ok(None);
             }
@@ -302,11 +305,14 @@ impl DurableContext {
             }
             Command::CompletePromise { name, outcome } => {
                 let (name, outcome) = (name.clone(), outcome.clone());
-                let invoker = self.invoker.clone();
+                let (invoker, epoch) = (self.invoker.clone(), self.epoch);
                 let value = self
                     .invoker
                     .committer()
-                    .commit(move |t| {
+                    .commit_in_order(move |t| {
+                        if !invoker.admits(&id, epoch) {
+                            return Ok((None, None));
+                        }
                         t.append(&id, &Entry::Command(command))?;
                         let (value, then) =
                             invoker.complete_promise_in(t, &service, &key, &name, outcome)?;
@@ -317,17 +323,25 @@ impl DurableContext {
                                 value: value.clone(),
                             }),
                         )?;
-                        Ok((value, then))
+                        Ok((Some(value), Some(then)))
                     })
                     .await;
-                let (value, then) = value;
-                then();
-                return Ok(Some(value));
+                return match value {
+                    Some(value) => Ok(Some(value)),
+                    None => Err(wasmtime::Error::new(HostTrap::Fenced)),
+                };
             }
             Command::SetState { .. } | Command::ClearState { .. } | Command::ClearAllState => None,
             Command::Run { .. } => unreachable!("run steps are journaled by run-exit"),
         };
-        self.overlay.lock().unwrap().apply(&command);
+        {
+            // Under the overlay's lock, so a fence that closes now either
+            // sees this write (and retires it) or refuses it.
+            let mut overlay = self.overlay.lock().unwrap();
+            if self.invoker.admits(&self.record.id, self.epoch) {
+                overlay.apply(self.epoch, &command);
+            }
+        }
         let effect_key = self.record.target.key.clone();
         self.append_with(command.clone(), completion.clone(), index, move |t, _| {
             if let Some(key) = &effect_key {
@@ -352,9 +366,12 @@ impl DurableContext {
             + Send
             + 'static,
     ) {
-        let id = self.record.id.clone();
+        let (id, epoch) = (self.record.id.clone(), self.epoch);
         let invoker = self.invoker.clone();
         self.invoker.committer().submit(Box::new(move |t| {
+            if !invoker.admits(&id, epoch) {
+                return Ok(Box::new(|| ()));
+            }
             t.append(&id, &Entry::Command(command))?;
             if let Some(value) = completion {
                 t.append(
@@ -408,7 +425,7 @@ impl DurableContext {
             &self.record.target.service,
             self.record.target.key.as_deref().unwrap_or_default(),
         );
-        let cleared = self.overlay.lock().unwrap().cleared;
+        let cleared = self.overlay.lock().unwrap().cleared();
         let stored = if cleared {
             Vec::new()
         } else {
@@ -471,45 +488,77 @@ fn apply_effect(
 /// State writes that may still be in the commit queue: reads consult them
 /// first. Exclusive invocations of one key share it while the key is busy,
 /// so the next one can start before the previous one's commit lands.
+///
+/// Each attempt writes its own layer (by epoch). A layer goes when its
+/// writes are committed, or when its attempt was fenced off and its writes
+/// will never commit; the layers below it stay visible.
 #[derive(Default)]
 pub struct StateOverlay {
+    layers: Vec<(Epoch, Layer)>,
+}
+
+#[derive(Default)]
+struct Layer {
     cleared: bool,
     values: BTreeMap<String, Option<Vec<u8>>>,
 }
 
 impl StateOverlay {
-    fn apply(&mut self, command: &Command) {
+    fn apply(&mut self, epoch: Epoch, command: &Command) {
+        if self.layers.last().is_none_or(|(e, _)| *e != epoch) {
+            self.layers.push((epoch, Layer::default()));
+        }
+        let (_, layer) = self.layers.last_mut().expect("pushed above");
         match command {
             Command::SetState { name, value } => {
-                self.values.insert(name.clone(), Some(value.clone()));
+                layer.values.insert(name.clone(), Some(value.clone()));
             }
             Command::ClearState { name } => {
-                self.values.insert(name.clone(), None);
+                layer.values.insert(name.clone(), None);
             }
             Command::ClearAllState => {
-                self.cleared = true;
-                self.values.clear();
+                layer.cleared = true;
+                layer.values.clear();
             }
             _ => {}
         }
     }
 
-    /// `Some(value)` when this attempt decided the value, `None` to ask the store.
+    /// Forget attempt `epoch`'s writes.
+    pub fn retire(&mut self, epoch: Epoch) {
+        self.layers.retain(|(e, _)| *e != epoch);
+    }
+
+    /// `Some(value)` when a layer decided the value, `None` to ask the store.
     fn get(&self, name: &str) -> Option<Option<Vec<u8>>> {
-        match self.values.get(name) {
-            Some(v) => Some(v.clone()),
-            None if self.cleared => Some(None),
-            None => None,
+        for (_, layer) in self.layers.iter().rev() {
+            if let Some(v) = layer.values.get(name) {
+                return Some(v.clone());
+            }
+            if layer.cleared {
+                return Some(None);
+            }
         }
+        None
+    }
+
+    /// Whether some layer cleared everything (the stored names are hidden).
+    fn cleared(&self) -> bool {
+        self.layers.iter().any(|(_, l)| l.cleared)
     }
 
     fn names(&self, stored: Vec<String>) -> Vec<String> {
         let mut names: BTreeSet<String> = stored.into_iter().collect();
-        for (name, value) in &self.values {
-            if value.is_some() {
-                names.insert(name.clone());
-            } else {
-                names.remove(name);
+        for (_, layer) in &self.layers {
+            if layer.cleared {
+                names.clear();
+            }
+            for (name, value) in &layer.values {
+                if value.is_some() {
+                    names.insert(name.clone());
+                } else {
+                    names.remove(name);
+                }
             }
         }
         names.into_iter().collect()
@@ -631,15 +680,23 @@ impl context::Host for GuestState {
             .take()
             .ok_or_else(|| terminal("run-exit without a matching run-enter"))?;
         let value = CompletionValue::Outcome(from_wit(step_outcome));
-        let id = d.record.id.clone();
-        d.invoker
+        let (id, epoch, invoker) = (d.record.id.clone(), d.epoch, d.invoker.clone());
+        let journaled = d
+            .invoker
             .committer()
             .commit(move |t| {
+                if !invoker.admits(&id, epoch) {
+                    return Ok(false);
+                }
                 t.append(&id, &Entry::Command(Command::Run { name }))?;
-                t.append(&id, &Entry::Completion(Completion { command, value }))
+                t.append(&id, &Entry::Completion(Completion { command, value }))?;
+                Ok(true)
             })
             .await;
-        Ok(())
+        match journaled {
+            true => Ok(()),
+            false => Err(wasmtime::Error::new(HostTrap::Fenced)),
+        }
     }
 
     async fn now(&mut self) -> wasmtime::Result<u64> {
@@ -829,15 +886,39 @@ mod tests {
     fn the_overlay_shadows_the_store_until_commit() {
         let mut o = StateOverlay::default();
         assert_eq!(o.get("a"), None, "unknown names are read from the store");
-        o.apply(&Command::SetState {
-            name: "a".into(),
-            value: b"1".to_vec(),
-        });
-        o.apply(&Command::ClearState { name: "b".into() });
+        o.apply(
+            1,
+            &Command::SetState {
+                name: "a".into(),
+                value: b"1".to_vec(),
+            },
+        );
+        o.apply(1, &Command::ClearState { name: "b".into() });
         assert_eq!(o.get("a"), Some(Some(b"1".to_vec())));
         assert_eq!(o.get("b"), Some(None));
         assert_eq!(o.names(vec!["b".into(), "c".into()]), vec!["a", "c"]);
-        o.apply(&Command::ClearAllState);
+        o.apply(2, &Command::ClearAllState);
         assert_eq!(o.get("c"), Some(None), "clear-all hides stored values");
+        assert_eq!(o.names(vec!["c".into()]), Vec::<String>::new());
+    }
+
+    #[test]
+    fn retiring_a_fenced_attempt_uncovers_the_writes_below() {
+        let mut o = StateOverlay::default();
+        let set = |v: &[u8]| Command::SetState {
+            name: "n".into(),
+            value: v.to_vec(),
+        };
+        o.apply(1, &set(b"1"));
+        o.apply(2, &set(b"2"));
+        assert_eq!(o.get("n"), Some(Some(b"2".to_vec())));
+        o.retire(2);
+        assert_eq!(
+            o.get("n"),
+            Some(Some(b"1".to_vec())),
+            "attempt 1's write stays"
+        );
+        o.retire(1);
+        assert_eq!(o.get("n"), None, "committed: read the store");
     }
 }

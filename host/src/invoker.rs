@@ -5,34 +5,49 @@
 //! Lifecycle of an invocation:
 //!
 //! ```text
-//! submit/call/send ──▶ (delayed? wait) ──▶ key queue (exclusive only) ──▶ attempt ◀─────────┐
+//! submit/call/send ──▶ (delayed? timer) ──▶ key queue (exclusive only) ──▶ attempt ◀─────────┐
 //!                                                                          │               │
-//!        retryable error: backoff, replay ◀──────────────────────────────┤               │
+//!        retryable error: commit barrier, backoff, replay ◀──────────────┤               │
 //!        attempts exhausted, journal mismatch, operator: paused ◀───────────┤  resume ──────┤
 //!        waited longer than suspend_after: suspended ◀────────────────────┤  completion ──┘
 //!        output or terminal error: completed ◀─────────────────────────────┘
 //!          └─ commit, then wake attach/HTTP waiters and deliver to the caller
 //! ```
 //!
-//! Exclusive handlers of one key run one at a time in arrival (sequence)
-//! order, and a suspended or paused invocation keeps its key. The queue is
-//! durable (`inbox` table) and rebuilt at start by [`Invoker::recover`].
-//! Completions for other invocations (a call's result, a timer, an
-//! awakeable, a promise) are appended to their journal by the writer and
-//! delivered after the commit ([`Invoker::deliver`]): into the mailbox of a
-//! running attempt, or by resuming a suspended invocation.
+//! The rules that make this safe under any schedule:
+//!
+//! - **One attempt at a time, fenced.** Every attempt has an epoch
+//!   ([`crate::fence`]); its writes are applied only while it is current.
+//!   Kill, pause and completion close the fence inside their transaction,
+//!   so a superseded attempt can never write after them.
+//! - **A new attempt starts from the committed journal.** After an attempt
+//!   ends (retry, suspension) the invoker waits for a commit barrier before
+//!   the next attempt reads the journal, so nothing the previous attempt
+//!   queued is issued twice.
+//! - **Completions are delivered in commit order.** Every continuation that
+//!   delivers a completion runs on the writer ([`Committer::commit_in_order`]),
+//!   so a live `await-any` sees completions in journal order, as a replay does.
+//! - **Key queues** ([`crate::keys`]) are pure bookkeeping; whoever sees an
+//!   invocation finish makes it leave its key, and leaving is idempotent.
+//! - **Outside effects** (Kafka produce, host HTTP) are driven from the
+//!   durable `outbox` table, which recovery resumes, so an effect whose
+//!   handler never waited for it is still performed.
+//! - **Timers** (sleeps and delayed starts) live in one [`TimerQueue`].
 
 use crate::clock::SharedClock;
 use crate::commit::{Committer, Continuation};
 use crate::config::Config;
 use crate::context::{DurableContext, Mailbox, SharedOverlay};
 use crate::deployments::Registry;
+use crate::fence::{Epoch, Fence};
 use crate::ids::{parse_awakeable_id, DeploymentId, InvocationId};
-use crate::journal::{Command, Completion, CompletionValue, Journal, Outcome};
+use crate::journal::{Command, Completion, CompletionValue, Entry, Journal, Outcome};
+use crate::keys::{KeyQueues, KeySlot};
 use crate::records::{Caller, HandlerKind, InvocationRecord, ServiceKind, Status, Target};
 use crate::runtime::{AttemptEnd, Runtime};
 use crate::store::{Store, StoreError, StoreResult, Tables};
-use std::collections::{BTreeMap, HashMap};
+use crate::timers::{Due, TimerQueue};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -125,16 +140,6 @@ struct Live {
     task: Option<tokio::task::AbortHandle>,
 }
 
-#[derive(Default)]
-struct KeyQueue {
-    /// The exclusive invocation that holds the key.
-    holder: Option<InvocationId>,
-    /// The ones waiting for it, in arrival order.
-    waiting: BTreeMap<u64, Arc<InvocationRecord>>,
-    /// Uncommitted state writes of the key's exclusive invocations.
-    overlay: SharedOverlay,
-}
-
 /// The invoker; one per host, shared as `Arc<Invoker>`.
 pub struct Invoker {
     config: Config,
@@ -145,22 +150,32 @@ pub struct Invoker {
     clock: SharedClock,
     tokio: tokio::runtime::Handle,
     instances: Semaphore,
-    keys: Mutex<HashMap<(String, String), KeyQueue>>,
+    keys: Mutex<KeyQueues>,
     live: Mutex<HashMap<InvocationId, Live>>,
     watchers: Mutex<HashMap<InvocationId, Vec<oneshot::Sender<Outcome>>>>,
     /// Unfinished invocations per subscription (Kafka backpressure).
     in_flight: Mutex<HashMap<String, usize>>,
+    /// Sleeps and delayed starts.
+    timers: TimerQueue,
+    /// The current attempt of every running invocation.
+    fence: Fence,
     /// Producers for durable produce.
     producers: crate::kafka::Producers,
     /// Concurrency limits.
     limits: Arc<crate::limits::Limits>,
     /// Durable HTTP calls made by the host.
     outbound: crate::outbound::Outbound,
-    /// Outside effects (produce, HTTP) being performed, as `{id}:{command}`.
-    effects_in_flight: Mutex<std::collections::HashSet<String>>,
 }
 
 type Deliveries = Vec<(InvocationId, u32, Completion)>;
+
+/// The key slot of an exclusive handler of a keyed service.
+fn exclusive_slot(record: &InvocationRecord) -> Option<KeySlot> {
+    match (record.is_exclusive(), &record.target.key) {
+        (true, Some(key)) => Some((record.target.service.clone(), key.clone())),
+        _ => None,
+    }
+}
 
 impl Invoker {
     /// An invoker over the given parts; call [`Invoker::recover`] next.
@@ -177,16 +192,17 @@ impl Invoker {
             committer,
             runtime,
             registry,
+            timers: TimerQueue::new(clock.clone()),
             clock,
             tokio: tokio::runtime::Handle::current(),
             keys: Mutex::default(),
             live: Mutex::default(),
             watchers: Mutex::default(),
             in_flight: Mutex::default(),
+            fence: Fence::default(),
             producers: crate::kafka::Producers::new(store.clone()),
             limits: Arc::default(),
             outbound: crate::outbound::Outbound::new(&config.http_allow, config.retry.clone()),
-            effects_in_flight: Mutex::default(),
             config,
             store,
         })
@@ -252,7 +268,8 @@ impl Invoker {
     }
 
     /// Resume every unfinished invocation in arrival order, re-arm the
-    /// timers, and start the retention cleaner.
+    /// timers, perform the outbox, and start the timer task and the
+    /// retention cleaner.
     pub fn recover(self: &Arc<Self>) -> Result<usize, StoreError> {
         for (scope, max) in self.store.limits()? {
             self.limits.set(&scope, max as usize);
@@ -263,17 +280,32 @@ impl Invoker {
             match record.status {
                 Status::Ready => {
                     resumed += 1;
-                    self.schedule(Arc::new(record));
+                    self.route(Arc::new(record));
                 }
-                Status::Paused => self.hold_key(&record),
+                // A paused invocation keeps its place in its key's queue.
+                Status::Paused => {
+                    if let Some(slot) = exclusive_slot(&record) {
+                        self.keys
+                            .lock()
+                            .unwrap()
+                            .arrive(&slot, record.seq, &record.id);
+                    }
+                }
                 Status::Completed => {}
             }
         }
         for (at, id, command) in self.store.timers()? {
-            self.arm_timer(at, id, command);
+            self.timers.add(at, Due::Sleep(id, command));
+        }
+        for (id, command) in self.store.outbox()? {
+            self.perform_stored(id, command);
         }
         let me = self.clone();
-        self.tokio.spawn(async move { me.clean_expired().await });
+        self.tokio
+            .spawn(async move { me.timers.run(|at, due| me.fire(at, due)).await });
+        let me = self.clone();
+        self.tokio
+            .spawn(async move { crate::retention::clean(&me).await });
         Ok(resumed)
     }
 
@@ -356,7 +388,7 @@ impl Invoker {
         record.seq = t.next_seq()?;
         t.put_invocation(&record)?;
         self.count_source(&record, 1);
-        self.schedule(Arc::new(record));
+        self.route(Arc::new(record));
         Ok(None)
     }
 
@@ -445,16 +477,44 @@ impl Invoker {
             .entry(id.clone())
             .or_default()
             .push(tx);
-        match self.store.invocation(id)? {
-            None => Ok(None),
-            Some(r) if r.status == Status::Completed => Ok(r.outcome),
-            Some(_) => Ok(rx.await.ok()),
+        let known = match self.store.invocation(id) {
+            Ok(None) => Ok(None),
+            Ok(Some(r)) if r.status == Status::Completed => Ok(r.outcome),
+            Ok(Some(_)) => return Ok(rx.await.ok()),
+            Err(e) => Err(e),
+        };
+        drop(rx);
+        self.drop_closed_watchers(id);
+        known
+    }
+
+    /// Forget the watchers of `id` that nobody waits on any more.
+    fn drop_closed_watchers(&self, id: &InvocationId) {
+        let mut watchers = self.watchers.lock().unwrap();
+        if let Some(list) = watchers.get_mut(id) {
+            list.retain(|w| !w.is_closed());
+            if list.is_empty() {
+                watchers.remove(id);
+            }
         }
     }
 
     /// The in-memory status of an unfinished invocation, if it has one.
     pub fn live_status(&self, id: &InvocationId) -> Option<LiveStatus> {
         self.live.lock().unwrap().get(id).map(|l| l.status)
+    }
+
+    /// Sizes of the in-memory structures: `(live, busy keys, timers,
+    /// fenced attempts, watched ids)`; each is bounded by what is
+    /// unfinished, and the tests check that they drain.
+    pub fn footprint(&self) -> [usize; 5] {
+        [
+            self.live.lock().unwrap().len(),
+            self.keys.lock().unwrap().len(),
+            self.timers.len(),
+            self.fence.len(),
+            self.watchers.lock().unwrap().len(),
+        ]
     }
 
     fn set_status(&self, id: &InvocationId, status: LiveStatus) {
@@ -471,7 +531,8 @@ impl Invoker {
     }
 
     /// Deliver a committed completion to invocation `id`: into the mailbox
-    /// of its running attempt, or by resuming it if it is suspended.
+    /// of its running attempt, or by resuming it if it is suspended. Runs
+    /// on the writer, in commit order.
     pub fn deliver(self: &Arc<Self>, id: &InvocationId, entry: u32, completion: Completion) {
         let resume = {
             let mut live = self.live.lock().unwrap();
@@ -492,16 +553,7 @@ impl Invoker {
             }
         };
         if resume {
-            self.resume_stored(id);
-        }
-    }
-
-    /// Start an attempt of a suspended or paused invocation from its stored record.
-    fn resume_stored(self: &Arc<Self>, id: &InvocationId) {
-        match self.store.invocation(id) {
-            Ok(Some(record)) => self.start(Arc::new(record)),
-            Ok(None) => tracing::warn!(invocation = %id, "cannot resume: not found"),
-            Err(e) => tracing::error!(invocation = %id, "cannot resume: {e}"),
+            self.start(id.clone(), None);
         }
     }
 
@@ -511,8 +563,9 @@ impl Invoker {
         }
     }
 
-    /// Append the completion of `command` of `id` (unless it has one) and
-    /// return the continuation that delivers it.
+    /// Append the completion of `command` of `id` (unless it has one, or
+    /// the invocation is finished) and return the continuation that
+    /// delivers it.
     pub fn complete_in(
         self: &Arc<Self>,
         t: &mut Tables<'_>,
@@ -530,120 +583,132 @@ impl Invoker {
 
     /// Route a durable, unfinished invocation: wait for its start time,
     /// then queue it behind its key or run it.
-    fn schedule(self: &Arc<Self>, record: Arc<InvocationRecord>) {
-        let wait = record
-            .start_at_ms
-            .map(|at| at.saturating_sub(self.clock.now_ms()))
-            .filter(|&ms| ms > 0);
-        match wait {
-            Some(ms) => {
+    fn route(self: &Arc<Self>, record: Arc<InvocationRecord>) {
+        match record.start_at_ms.filter(|&at| at > self.clock.now_ms()) {
+            Some(at) => {
                 self.set_status(&record.id, LiveStatus::Scheduled);
-                let me = self.clone();
-                self.tokio.spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                    me.enqueue(record);
-                });
+                self.timers.add(at, Due::Start(record.id.clone()));
             }
-            None => self.enqueue(record),
+            None => self.admit(record),
         }
     }
 
-    fn enqueue(self: &Arc<Self>, record: Arc<InvocationRecord>) {
-        if let (true, Some(key)) = (record.is_exclusive(), &record.target.key) {
-            let mut keys = self.keys.lock().unwrap();
-            let queue = keys
-                .entry((record.target.service.clone(), key.clone()))
-                .or_default();
-            if queue.holder.is_some() {
+    /// A due invocation: take its key (or wait for it), then run.
+    fn admit(self: &Arc<Self>, record: Arc<InvocationRecord>) {
+        if let Some(slot) = exclusive_slot(&record) {
+            if !self
+                .keys
+                .lock()
+                .unwrap()
+                .arrive(&slot, record.seq, &record.id)
+            {
                 self.set_status(&record.id, LiveStatus::Pending);
-                queue.waiting.insert(record.seq, record);
                 return;
             }
-            queue.holder = Some(record.id.clone());
         }
-        self.start(record);
+        self.start(record.id.clone(), Some(record));
+    }
+
+    /// A timer fell due (called by the timer task).
+    fn fire(self: &Arc<Self>, at_ms: u64, due: Due) {
+        match due {
+            Due::Sleep(id, command) => {
+                let fired = CompletionValue::Outcome(Outcome::Success(b"null".to_vec()));
+                let timer = id.clone();
+                self.complete_outside(id, command, fired, move |t| {
+                    t.take_timer(at_ms, &timer, command)
+                });
+            }
+            Due::Start(id) => {
+                // Killed or paused meanwhile: it is no longer scheduled.
+                if self.live_status(&id) != Some(LiveStatus::Scheduled) {
+                    return;
+                }
+                let me = self.clone();
+                self.tokio.spawn(async move {
+                    match me.store.invocation(&id) {
+                        Ok(Some(r)) if r.status == Status::Ready => me.admit(Arc::new(r)),
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(invocation = %id, "cannot start: {e}"),
+                    }
+                });
+            }
+        }
     }
 
     /// The state overlay an attempt of `record` uses: its key's while the
     /// key is busy (exclusive handlers), else its own.
     fn overlay_for(&self, record: &InvocationRecord) -> SharedOverlay {
-        if let (true, Some(key)) = (record.is_exclusive(), &record.target.key) {
-            let mut keys = self.keys.lock().unwrap();
-            return keys
-                .entry((record.target.service.clone(), key.clone()))
-                .or_default()
-                .overlay
-                .clone();
+        match exclusive_slot(record) {
+            Some(slot) => self.keys.lock().unwrap().overlay(&slot),
+            None => SharedOverlay::default(),
         }
-        SharedOverlay::default()
     }
 
     fn has_waiters(&self, record: &InvocationRecord) -> bool {
-        let (true, Some(key)) = (record.is_exclusive(), &record.target.key) else {
-            return false;
-        };
-        let keys = self.keys.lock().unwrap();
-        keys.get(&(record.target.service.clone(), key.clone()))
-            .is_some_and(|q| !q.waiting.is_empty())
+        exclusive_slot(record).is_some_and(|slot| self.keys.lock().unwrap().has_waiters(&slot))
     }
 
-    /// A paused exclusive invocation keeps its key across restarts.
-    fn hold_key(&self, record: &InvocationRecord) {
-        if let (true, Some(key)) = (record.is_exclusive(), &record.target.key) {
-            let mut keys = self.keys.lock().unwrap();
-            keys.entry((record.target.service.clone(), key.clone()))
-                .or_default()
-                .holder = Some(record.id.clone());
+    /// `record` is done with its key (see [`KeyQueues::leave`]): start the
+    /// next holder, if it held the key.
+    fn leave_key(self: &Arc<Self>, record: &InvocationRecord) {
+        let Some(slot) = exclusive_slot(record) else {
+            return;
+        };
+        let next = self
+            .keys
+            .lock()
+            .unwrap()
+            .leave(&slot, record.seq, &record.id);
+        if let Some(next) = next {
+            self.start(next, None);
         }
     }
 
-    /// `record` is done with its key: if it holds the key, start the next
-    /// invocation; if it was still waiting (killed in the queue), leave.
-    fn release(self: &Arc<Self>, record: &InvocationRecord) {
-        let (true, Some(key)) = (record.is_exclusive(), &record.target.key) else {
-            return;
-        };
-        let slot = (record.target.service.clone(), key.clone());
-        let mut keys = self.keys.lock().unwrap();
-        let Some(queue) = keys.get_mut(&slot) else {
-            return;
-        };
-        if queue.holder.as_ref() != Some(&record.id) {
-            queue.waiting.remove(&record.seq);
-            return;
-        }
-        match queue.waiting.pop_first() {
-            Some((_, next)) => {
-                queue.holder = Some(next.id.clone());
-                self.start(next);
-            }
-            None => {
-                keys.remove(&slot);
-            }
-        }
-    }
-
-    fn start(self: &Arc<Self>, record: Arc<InvocationRecord>) {
-        self.set_status(&record.id, LiveStatus::Running);
+    /// Run attempts of `id`; `record` is the in-memory copy when the
+    /// caller has one (it may not be committed yet).
+    fn start(self: &Arc<Self>, id: InvocationId, record: Option<Arc<InvocationRecord>>) {
+        self.set_status(&id, LiveStatus::Running);
         let me = self.clone();
-        let id = record.id.clone();
-        let task = self.tokio.spawn(async move { me.run(record).await });
+        let task = self.tokio.spawn({
+            let id = id.clone();
+            async move { me.run(id, record).await }
+        });
         if let Some(live) = self.live.lock().unwrap().get_mut(&id) {
             live.task = Some(task.abort_handle());
         }
     }
 
+    /// The invocation and its journal as committed; falls back to the
+    /// in-memory `record` of an invocation whose creation is still in the
+    /// commit queue, or waits for that commit.
+    async fn load(
+        &self,
+        id: &InvocationId,
+        record: Option<&Arc<InvocationRecord>>,
+    ) -> StoreResult<Option<(Arc<InvocationRecord>, Vec<(u32, Entry)>)>> {
+        let (stored, journal) = self.store.invocation_with_journal(id)?;
+        if let Some(r) = stored {
+            return Ok(Some((Arc::new(r), journal)));
+        }
+        if let Some(r) = record {
+            return Ok(Some((r.clone(), journal)));
+        }
+        self.committer.barrier().await;
+        let (stored, journal) = self.store.invocation_with_journal(id)?;
+        Ok(stored.map(|r| (Arc::new(r), journal)))
+    }
+
     /// Attempts until the invocation completes, pauses or suspends.
-    async fn run(self: Arc<Self>, record: Arc<InvocationRecord>) {
-        let policy = self
-            .config
-            .retry_policy(&record.target.service, &record.target.handler);
-        let mut attempts = record.attempts;
+    async fn run(self: Arc<Self>, id: InvocationId, first: Option<Arc<InvocationRecord>>) {
         loop {
+            let Some(epoch) = self.fence.begin(&id) else {
+                return; // being killed or paused right now: that path cleans up
+            };
             let mailbox = Arc::new(Mailbox::default());
             {
                 let mut live = self.live.lock().unwrap();
-                let entry = live.entry(record.id.clone()).or_insert(Live {
+                let entry = live.entry(id.clone()).or_insert(Live {
                     status: LiveStatus::Running,
                     mailbox: None,
                     task: None,
@@ -651,68 +716,112 @@ impl Invoker {
                 entry.status = LiveStatus::Running;
                 entry.mailbox = Some(mailbox.clone());
             }
-            let (current, journal) = match self.store.invocation_with_journal(&record.id) {
-                Ok((current, entries)) => (
-                    current.map(Arc::new).unwrap_or_else(|| record.clone()),
-                    entries,
-                ),
+            let (record, journal) = match self.load(&id, first.as_ref()).await {
+                Ok(Some(loaded)) => loaded,
+                Ok(None) => {
+                    tracing::error!(invocation = %id, "cannot run: not found");
+                    return self.stop_running(&id, epoch);
+                }
                 Err(e) => {
-                    tracing::error!(invocation = %record.id, "cannot read the invocation: {e}");
-                    return self
-                        .pause(
-                            &record,
-                            attempts,
-                            format!("cannot read the invocation: {e}"),
-                        )
+                    tracing::error!(invocation = %id, "cannot read the invocation: {e}");
+                    self.pause(&id, None, format!("cannot read the invocation: {e}"))
                         .await;
+                    return self.stop_running(&id, epoch);
                 }
             };
-            if current.status != Status::Ready {
-                // Completed (killed) or paused while it was suspended or queued.
-                self.live.lock().unwrap().remove(&record.id);
-                return;
+            match record.status {
+                Status::Ready => {}
+                Status::Completed => {
+                    // Killed while it waited; it may have taken its key since.
+                    self.leave_key(&record);
+                    return self.stop_running(&id, epoch);
+                }
+                // Paused while it waited: it keeps its key until resumed.
+                Status::Paused => return self.stop_running(&id, epoch),
             }
-            if current.cancelled && journal.is_empty() {
+            if record.cancelled && journal.is_empty() {
                 let cancelled = Outcome::Failure {
                     code: 409,
                     message: "cancelled".into(),
                 };
-                return self.complete(&record, attempts, cancelled, None).await;
+                return self.complete(&record, record.attempts, cancelled).await;
             }
-            attempts += 1;
+            let attempts = record.attempts + 1;
             let end = self
-                .attempt(current, Journal::from_entries(journal), mailbox.clone())
+                .attempt(
+                    record.clone(),
+                    Journal::from_entries(journal),
+                    mailbox.clone(),
+                    epoch,
+                )
                 .await;
             let error = match end {
                 AttemptEnd::Success(output) => {
                     return self
-                        .complete(&record, attempts, Outcome::Success(output), None)
+                        .complete(&record, attempts, Outcome::Success(output))
                         .await
                 }
                 AttemptEnd::Terminal { code, message } => {
                     return self
-                        .complete(&record, attempts, Outcome::Failure { code, message }, None)
+                        .complete(&record, attempts, Outcome::Failure { code, message })
                         .await
                 }
-                AttemptEnd::Stopped(reason) => return self.pause(&record, attempts, reason).await,
+                AttemptEnd::Fenced => return, // whoever fenced it cleans up
+                AttemptEnd::Stopped(reason) => {
+                    self.pause(&id, Some(attempts), reason).await;
+                    self.attempt_over(&record, epoch);
+                    return self.stop_running(&id, epoch);
+                }
                 AttemptEnd::Suspended => {
-                    attempts -= 1;
-                    if self.suspend(&record.id, &mailbox) {
+                    // Everything the attempt queued is durable before the
+                    // next attempt (started by a delivery) reads the journal.
+                    self.committer.barrier().await;
+                    self.attempt_over(&record, epoch);
+                    if self.suspend(&id, &mailbox) {
                         return;
                     }
                     continue;
                 }
                 AttemptEnd::Retryable(reason) => reason,
             };
-            tracing::warn!(invocation = %record.id, attempt = attempts, "attempt failed: {error}");
+            tracing::warn!(invocation = %id, attempt = attempts, "attempt failed: {error}");
+            let policy = self
+                .config
+                .retry_policy(&record.target.service, &record.target.handler);
             if attempts >= policy.max_attempts {
                 let reason = format!("paused after {attempts} attempts; last error: {error}");
-                return self.pause(&record, attempts, reason).await;
+                self.pause(&id, Some(attempts), reason).await;
+                self.attempt_over(&record, epoch);
+                return self.stop_running(&id, epoch);
             }
-            self.note_failure(&record, attempts, error);
-            self.set_status(&record.id, LiveStatus::BackingOff);
+            // Also the barrier: the next attempt reads a journal that holds
+            // everything this one queued.
+            self.note_failure(&id, attempts, error).await;
+            self.attempt_over(&record, epoch);
+            self.set_status(&id, LiveStatus::BackingOff);
             tokio::time::sleep(policy.delay_before(attempts + 1)).await;
         }
+    }
+
+    /// Attempt `epoch` of `record` is over and everything it wrote is
+    /// committed (or was refused): it stops being current, and its layer of
+    /// its key's state overlay goes (readers find its writes in the store).
+    fn attempt_over(&self, record: &InvocationRecord, epoch: Epoch) {
+        self.fence.end(&record.id, epoch);
+        self.retire_writes(record, Some(epoch));
+    }
+
+    /// Drop the overlay layer of attempt `epoch` of `record`, if any.
+    fn retire_writes(&self, record: &InvocationRecord, epoch: Option<Epoch>) {
+        if let (Some(slot), Some(epoch)) = (exclusive_slot(record), epoch) {
+            self.keys.lock().unwrap().retire(&slot, epoch);
+        }
+    }
+
+    /// The attempt loop of `id` ends without completing it.
+    fn stop_running(&self, id: &InvocationId, epoch: Epoch) {
+        self.fence.end(id, epoch);
+        self.live.lock().unwrap().remove(id);
     }
 
     /// Mark an invocation suspended unless a completion arrived meanwhile
@@ -736,6 +845,7 @@ impl Invoker {
         record: Arc<InvocationRecord>,
         journal: Journal,
         mailbox: Arc<Mailbox>,
+        epoch: Epoch,
     ) -> AttemptEnd {
         let Some(deployment) = self.registry.deployment(&record.deployment) else {
             return AttemptEnd::Stopped(format!("deployment {} is not loaded", record.deployment));
@@ -747,26 +857,33 @@ impl Invoker {
             .await
             .expect("the semaphore is never closed");
         let overlay = self.overlay_for(&record);
-        let durable = DurableContext::new(record, journal, self.clone(), mailbox, overlay);
+        let durable = DurableContext::new(record, journal, self.clone(), mailbox, overlay, epoch);
         self.runtime.invoke(&deployment.module, durable).await
     }
 
-    /// Remember a failed attempt (visible in the admin API); not awaited,
-    /// the next commit of this invocation covers it.
-    fn note_failure(&self, record: &InvocationRecord, attempts: u32, error: String) {
-        let id = record.id.clone();
-        self.committer.append(move |t| {
-            if let Some(mut r) = t.invocation(&id)? {
-                r.attempts = attempts;
-                r.last_error = Some(error);
-                t.put_invocation(&r)?;
-            }
-            Ok(())
-        });
+    /// Whether a write of attempt `epoch` of `id` may be applied; checked
+    /// inside the write transaction.
+    pub fn admits(&self, id: &InvocationId, epoch: Epoch) -> bool {
+        self.fence.admits(id, epoch)
+    }
+
+    /// Remember a failed attempt (visible in the admin API), durably.
+    async fn note_failure(&self, id: &InvocationId, attempts: u32, error: String) {
+        let id = id.clone();
+        self.committer
+            .commit(move |t| {
+                if let Some(mut r) = t.invocation(&id)? {
+                    r.attempts = attempts;
+                    r.last_error = Some(error);
+                    t.put_invocation(&r)?;
+                }
+                Ok(())
+            })
+            .await
     }
 
     /// Store the outcome of `id` (unless it is already completed); returns
-    /// what to do after the commit.
+    /// what to do after the commit. Fences off any attempt of `id`.
     /// The key is released after the commit unless `released` was set
     /// (the next invocation of the key was started early, see `complete`).
     fn finish_in(
@@ -783,6 +900,7 @@ impl Invoker {
         if r.status == Status::Completed {
             return Ok(None);
         }
+        let fenced = self.fence.close(id);
         let now = self.clock.now_ms();
         r.status = Status::Completed;
         r.attempts = attempts.unwrap_or(r.attempts);
@@ -809,9 +927,14 @@ impl Invoker {
         let me = self.clone();
         Ok(Some(Box::new(move || {
             let task = me.live.lock().unwrap().remove(&r.id).and_then(|l| l.task);
+            me.fence.reopen(&r.id);
+            me.retire_writes(&r, fenced);
             me.count_source(&r, -1);
+            if let Some(at) = r.start_at_ms {
+                me.timers.remove(at, &Due::Start(r.id.clone()));
+            }
             if !released.swap(true, Ordering::SeqCst) {
-                me.release(&r);
+                me.leave_key(&r);
             }
             let waiting = me
                 .watchers
@@ -839,39 +962,30 @@ impl Invoker {
         record: &InvocationRecord,
         attempts: u32,
         outcome: Outcome,
-        error: Option<String>,
     ) {
         let me = self.clone();
         let id = record.id.clone();
         let released = Arc::new(AtomicBool::new(false));
         let flag = released.clone();
-        let committed = self.committer.commit_queued(move |t| {
-            if let (Some(error), Some(mut r)) = (error, t.invocation(&id)?) {
-                r.last_error = Some(error);
-                t.put_invocation(&r)?;
-            }
-            me.finish_in(t, &id, Some(attempts), outcome, flag)
+        let committed = self.committer.commit_in_order(move |t| {
+            Ok(((), me.finish_in(t, &id, Some(attempts), outcome, flag)?))
         });
         if self.has_waiters(record) && !released.swap(true, Ordering::SeqCst) {
-            self.release(record);
+            self.leave_key(record);
         }
-        if let Some(then) = committed
-            .await
-            .expect("the commit writer answers every job")
-        {
-            then();
-        }
+        committed.await;
     }
 
-    async fn pause(self: &Arc<Self>, record: &InvocationRecord, attempts: u32, reason: String) {
-        tracing::error!(invocation = %record.id, "paused: {reason}");
-        let id = record.id.clone();
+    /// Pause `id` if it is still ready (an attempt gave up on it).
+    async fn pause(self: &Arc<Self>, id: &InvocationId, attempts: Option<u32>, reason: String) {
+        tracing::error!(invocation = %id, "paused: {reason}");
+        let id = id.clone();
         self.committer
             .commit(move |t| {
                 if let Some(mut r) = t.invocation(&id)? {
                     if r.status == Status::Ready {
                         r.status = Status::Paused;
-                        r.attempts = attempts;
+                        r.attempts = attempts.unwrap_or(r.attempts);
                         r.last_error = Some(reason);
                         t.put_invocation(&r)?;
                     }
@@ -879,13 +993,14 @@ impl Invoker {
                 Ok(())
             })
             .await;
-        self.live.lock().unwrap().remove(&record.id);
     }
 
     // ----- operator actions -----
 
     /// Resume a paused invocation: a new attempt replays its journal, on
     /// `deployment` if given (to move it to a fixed version of its code).
+    /// An exclusive invocation that never reached the head of its key's
+    /// queue goes back to waiting there.
     pub async fn resume(
         self: &Arc<Self>,
         id: &InvocationId,
@@ -931,67 +1046,83 @@ impl Invoker {
                 Ok(Ok(r))
             })
             .await?;
-        self.start(Arc::new(resumed));
+        self.route(Arc::new(resumed));
         Ok(())
     }
 
-    /// Pause an invocation now: its running attempt is stopped; it keeps
-    /// its journal (and its key) until resumed.
+    /// Pause an invocation now: its running attempt is fenced off and
+    /// stopped; it keeps its journal (and its key, or its place in the
+    /// key's queue) until resumed.
     pub async fn pause_now(self: &Arc<Self>, id: &InvocationId) -> Result<(), ControlError> {
+        let me = self.clone();
         let id2 = id.clone();
         self.committer
-            .commit(move |t| {
+            .commit_in_order(move |t| {
                 let mut r =
                     match in_state(t, &id2, |s| s == Status::Ready, "is not running or waiting")? {
                         Ok(r) => r,
-                        Err(e) => return Ok(Err(e)),
+                        Err(e) => return Ok((Err(e), None)),
                     };
                 r.status = Status::Paused;
                 r.last_error = Some("paused by an operator".into());
                 t.put_invocation(&r)?;
-                Ok(Ok(()))
+                let fenced = me.fence.close(&id2);
+                let then: Continuation = Box::new(move || {
+                    let task = me.live.lock().unwrap().remove(&id2).and_then(|l| l.task);
+                    if let Some(task) = task {
+                        task.abort();
+                    }
+                    me.fence.reopen(&id2);
+                    me.retire_writes(&r, fenced);
+                });
+                Ok((Ok(()), Some(then)))
             })
-            .await?;
-        if let Some(task) = self.live.lock().unwrap().remove(id).and_then(|l| l.task) {
-            task.abort();
-        }
-        Ok(())
+            .await
     }
 
     /// Kill: complete at once with a terminal "killed" failure (delivered
-    /// to its caller); no compensation runs.
+    /// to its caller); its running attempt is fenced off and stopped, and
+    /// no compensation runs.
     pub async fn kill(self: &Arc<Self>, id: &InvocationId) -> Result<(), ControlError> {
         let me = self.clone();
         let id2 = id.clone();
-        let then = self
-            .committer
-            .commit(move |t| {
-                let message = Outcome::Failure {
+        self.committer
+            .commit_in_order(move |t| {
+                let killed = Outcome::Failure {
                     code: 409,
                     message: "killed".into(),
                 };
-                match me.finish_in(t, &id2, None, message, Arc::default())? {
-                    Some(then) => Ok(Ok(then)),
-                    None if t.invocation(&id2)?.is_none() => {
-                        Ok(Err(ControlError::NotFound(format!("invocation {id2}"))))
-                    }
-                    None => Ok(Err(ControlError::Conflict(format!(
-                        "invocation {id2} already completed"
-                    )))),
+                if t.invocation(&id2)?.is_none() {
+                    return Ok((
+                        Err(ControlError::NotFound(format!("invocation {id2}"))),
+                        None,
+                    ));
+                }
+                let task = me
+                    .live
+                    .lock()
+                    .unwrap()
+                    .get(&id2)
+                    .and_then(|l| l.task.clone());
+                match me.finish_in(t, &id2, None, killed, Arc::default())? {
+                    Some(then) => Ok((
+                        Ok(()),
+                        Some(Box::new(move || {
+                            if let Some(task) = task {
+                                task.abort();
+                            }
+                            then();
+                        }) as Continuation),
+                    )),
+                    None => Ok((
+                        Err(ControlError::Conflict(format!(
+                            "invocation {id2} already completed"
+                        ))),
+                        None,
+                    )),
                 }
             })
-            .await?;
-        if let Some(task) = self
-            .live
-            .lock()
-            .unwrap()
-            .get(id)
-            .and_then(|l| l.task.clone())
-        {
-            task.abort();
-        }
-        then();
-        Ok(())
+            .await
     }
 
     /// Cancel cooperatively: every operation the invocation (and, through
@@ -1001,20 +1132,18 @@ impl Invoker {
     pub async fn cancel(self: &Arc<Self>, id: &InvocationId) -> Result<(), ControlError> {
         let me = self.clone();
         let id2 = id.clone();
-        let deliveries = self
-            .committer
-            .commit(move |t| {
+        self.committer
+            .commit_in_order(move |t| {
                 if let Err(e) = in_state(t, &id2, |s| s != Status::Completed, "already completed")?
                 {
-                    return Ok(Err(e));
+                    return Ok((Err(e), None));
                 }
                 let mut deliveries = Vec::new();
                 me.cancel_in(t, &id2, &mut deliveries)?;
-                Ok(Ok(deliveries))
+                let then: Continuation = Box::new(move || me.deliver_all(deliveries));
+                Ok((Ok(()), Some(then)))
             })
-            .await?;
-        self.deliver_all(deliveries);
-        Ok(())
+            .await
     }
 
     /// Cancel `id` for a handler's `cancel` (unknown or finished: nothing
@@ -1080,33 +1209,38 @@ impl Invoker {
     // ----- timers, awakeables, promises, produce -----
 
     /// The continuation that performs an outside effect (a Kafka produce,
-    /// an HTTP call) once its command is durable; `None` for other commands.
-    pub fn send_after_commit(
+    /// an HTTP call) once its command and outbox row are durable.
+    pub fn perform_after_commit(
         self: &Arc<Self>,
         id: InvocationId,
         command: u32,
-        effect: &Command,
-    ) -> Option<Continuation> {
-        if !matches!(effect, Command::Produce { .. } | Command::HttpCall(_)) {
-            return None;
-        }
-        let (me, effect) = (self.clone(), effect.clone());
-        Some(Box::new(move || me.perform(id, command, effect)))
+        effect: Command,
+    ) -> Continuation {
+        let me = self.clone();
+        Box::new(move || me.perform(id, command, effect))
     }
 
-    /// Perform the outside effect of command `command` of `id` and journal
-    /// its result. A replay may ask again while the first try is still in
-    /// flight; only one runs.
-    fn perform(self: &Arc<Self>, id: InvocationId, command: u32, effect: Command) {
-        let effect_id = format!("{id}:{command}");
-        if !self
-            .effects_in_flight
-            .lock()
-            .unwrap()
-            .insert(effect_id.clone())
-        {
-            return;
+    /// Perform an outbox row found at start: its command is in the journal.
+    fn perform_stored(self: &Arc<Self>, id: InvocationId, command: u32) {
+        let effect = self.store.journal(&id).map(|entries| {
+            Journal::from_entries(entries)
+                .commands()
+                .find(|(index, _)| *index == command)
+                .map(|(_, c)| c.clone())
+        });
+        match effect {
+            Ok(Some(effect)) => self.perform(id, command, effect),
+            Ok(None) => {
+                tracing::error!(invocation = %id, command, "outbox row without its command")
+            }
+            Err(e) => tracing::error!(invocation = %id, "cannot read the outbox's command: {e}"),
         }
+    }
+
+    /// Perform the outside effect of command `command` of `id`, then take
+    /// its outbox row and journal its result in one transaction. Runs once
+    /// per outbox row and process: at the command's commit, or at start.
+    fn perform(self: &Arc<Self>, id: InvocationId, command: u32, effect: Command) {
         let me = self.clone();
         self.tokio.spawn(async move {
             let outcome = match &effect {
@@ -1116,38 +1250,28 @@ impl Invoker {
                     key,
                     value,
                 } => {
+                    let effect_id = format!("{id}:{command}");
                     me.producers
                         .send(&effect_id, cluster, topic, key.as_deref(), value)
                         .await
                 }
                 Command::HttpCall(request) => me.outbound.call(request).await,
-                _ => unreachable!("send_after_commit passes outside effects only"),
+                _ => {
+                    tracing::error!(invocation = %id, command, "not an outside effect: {effect:?}");
+                    return;
+                }
             };
-            me.complete_later(id, command, CompletionValue::Outcome(outcome), |_| Ok(true))
-                .await;
-            me.effects_in_flight.lock().unwrap().remove(&effect_id);
-        });
-    }
-
-    /// Arm a stored timer: fire it at `at_ms` (at once if it is past due).
-    pub fn arm_timer(self: &Arc<Self>, at_ms: u64, id: InvocationId, command: u32) {
-        let me = self.clone();
-        let wait = at_ms.saturating_sub(self.clock.now_ms());
-        self.tokio.spawn(async move {
-            tokio::time::sleep(Duration::from_millis(wait)).await;
-            let fired = CompletionValue::Outcome(Outcome::Success(b"null".to_vec()));
-            let timer = id.clone();
-            me.complete_later(id, command, fired, move |t| {
-                t.take_timer(at_ms, &timer, command)
-            })
-            .await;
+            let row = id.clone();
+            me.complete_outside(id, command, CompletionValue::Outcome(outcome), move |t| {
+                t.take_outbox(&row, command)
+            });
         });
     }
 
     /// Complete command `command` of `id` with `value` in a transaction of
-    /// its own, if `guard` (run in the same transaction) allows it, and
-    /// deliver the completion after the commit.
-    async fn complete_later(
+    /// its own, if `guard` (run in the same transaction) allows it; the
+    /// completion is delivered on the writer, in commit order.
+    fn complete_outside(
         self: &Arc<Self>,
         id: InvocationId,
         command: u32,
@@ -1155,16 +1279,13 @@ impl Invoker {
         guard: impl FnOnce(&mut Tables<'_>) -> StoreResult<bool> + Send + 'static,
     ) {
         let me = self.clone();
-        let then = self
-            .committer
-            .commit(move |t| match guard(t)? {
-                true => me.complete_in(t, &id, command, value),
-                false => Ok(None),
-            })
-            .await;
-        if let Some(then) = then {
-            then();
-        }
+        self.committer.submit(Box::new(move |t| {
+            let then = match guard(t)? {
+                true => me.complete_in(t, &id, command, value)?,
+                false => None,
+            };
+            Ok(then.unwrap_or_else(|| Box::new(|| ())))
+        }));
     }
 
     /// The continuation that arms a timer once its command is durable.
@@ -1173,9 +1294,16 @@ impl Invoker {
         at_ms: u64,
         id: InvocationId,
         command: u32,
-    ) -> Option<Continuation> {
+    ) -> Continuation {
         let me = self.clone();
-        Some(Box::new(move || me.arm_timer(at_ms, id, command)))
+        Box::new(move || me.timers.add(at_ms, Due::Sleep(id, command)))
+    }
+
+    /// Drop the in-memory timers of a forgotten invocation.
+    pub fn drop_timers(&self, id: &InvocationId, timers: Vec<(u64, u32)>) {
+        for (at, command) in timers {
+            self.timers.remove(at, &Due::Sleep(id.clone(), command));
+        }
     }
 
     /// Complete an awakeable inside a write transaction.
@@ -1220,12 +1348,14 @@ impl Invoker {
     ) -> Result<(), ControlError> {
         let me = self.clone();
         let awakeable = awakeable.to_string();
-        let then = self
-            .committer
-            .commit(move |t| me.try_complete_awakeable(t, &awakeable, outcome))
-            .await?;
-        then();
-        Ok(())
+        self.committer
+            .commit_in_order(move |t| {
+                Ok(match me.try_complete_awakeable(t, &awakeable, outcome)? {
+                    Ok(then) => (Ok(()), Some(then)),
+                    Err(e) => (Err(e), None),
+                })
+            })
+            .await
     }
 
     /// Complete a workflow promise; returns the completion for the command
@@ -1258,29 +1388,6 @@ impl Invoker {
             CompletionValue::Outcome(Outcome::Success(b"null".to_vec())),
             Box::new(move || then.into_iter().for_each(|c| c())),
         ))
-    }
-
-    /// Forget completed invocations whose retention ended, once a minute.
-    async fn clean_expired(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
-        loop {
-            tick.tick().await;
-            let expired = match self.store.expired(self.clock.now_ms(), 10_000) {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::warn!("retention cleanup: {e}");
-                    continue;
-                }
-            };
-            if expired.is_empty() {
-                continue;
-            }
-            let count = expired.len();
-            self.committer
-                .commit(move |t| expired.iter().try_for_each(|(at, id)| t.forget(*at, id)))
-                .await;
-            tracing::info!(count, "forgot expired invocations");
-        }
     }
 }
 

@@ -8,11 +8,14 @@
 //! the journal records the order in which the handler *observed* them.
 //!
 //! Replay rule (the same for every host function, see [`Journal::issue`]):
-//! the handler's k-th command must equal the k-th journaled command in kind
-//! and name; then its journaled completion is returned and nothing is
-//! executed. A different command is a [`JournalMismatch`]: the invocation
-//! stops and the journal is never overwritten. Past the end of the journal
-//! the handler runs live and new entries are appended.
+//! the handler's k-th command must equal the k-th journaled command in
+//! everything the handler chose (kind, name, target, input, delay, state
+//! value, produce key and value, HTTP request; see [`Command::replays_as`]);
+//! then its journaled completion is returned and nothing is executed. A
+//! different command is a [`JournalMismatch`]: the invocation stops and the
+//! journal is never overwritten. So is a handler that returns while
+//! journaled commands remain unconsumed ([`Journal::unconsumed`]). Past the
+//! end of the journal the handler runs live and new entries are appended.
 
 use crate::records::Target;
 use serde::{Deserialize, Serialize};
@@ -172,6 +175,25 @@ impl Command {
         }
     }
 
+    /// Whether a handler that issues `issued` where this command is
+    /// journaled is replaying it: equal in everything the handler chose.
+    /// What the host chose is not compared: the id it gave a call's callee,
+    /// and a sleep's wake-up time (computed from the clock when issued).
+    pub fn replays_as(&self, issued: &Command) -> bool {
+        match (self, issued) {
+            (
+                Command::Call { target, input, .. },
+                Command::Call {
+                    target: t2,
+                    input: i2,
+                    ..
+                },
+            ) => target == t2 && input == i2,
+            (Command::Sleep { .. }, Command::Sleep { .. }) => true,
+            (journaled, issued) => journaled == issued,
+        }
+    }
+
     /// Whether the command's completion arrives later (it returns a handle).
     pub fn is_pending(&self) -> bool {
         matches!(
@@ -277,11 +299,15 @@ impl Journal {
     pub fn issue(&mut self, command: &Command) -> Result<Issued, JournalMismatch> {
         let index = self.next_command;
         if let Some((entry, journaled)) = self.commands.get(index as usize) {
-            if journaled.signature() != command.signature() {
+            if !journaled.replays_as(command) {
+                let (journaled, mut issued) = (journaled.signature(), command.signature());
+                if journaled == issued {
+                    issued.push_str(" with different arguments");
+                }
                 return Err(JournalMismatch {
                     entry: *entry,
-                    journaled: journaled.signature(),
-                    issued: command.signature(),
+                    journaled,
+                    issued,
                 });
             }
             self.next_command += 1;
@@ -294,6 +320,17 @@ impl Journal {
             self.awaitable.insert(index);
         }
         Ok(Issued::Live(index))
+    }
+
+    /// The mismatch of a handler that returned now: some journaled command
+    /// was never issued again.
+    pub fn unconsumed(&self) -> Option<JournalMismatch> {
+        let (entry, journaled) = self.commands.get(self.next_command as usize)?;
+        Some(JournalMismatch {
+            entry: *entry,
+            journaled: journaled.signature(),
+            issued: "no further command (the handler returned)".into(),
+        })
     }
 
     /// Every journaled command with its command index.
@@ -465,5 +502,71 @@ mod tests {
             j.issue(&run("uno")).is_err(),
             "a renamed step is a mismatch too"
         );
+    }
+
+    #[test]
+    fn the_whole_command_is_compared_but_not_what_the_host_chose() {
+        let target = Target {
+            service: "Counter".into(),
+            handler: "add".into(),
+            key: Some("k".into()),
+        };
+        let send = |input: &[u8], delay_ms| Command::Send {
+            target: target.clone(),
+            input: input.to_vec(),
+            delay_ms,
+        };
+        let call = |input: &[u8], callee: &str| Command::Call {
+            target: target.clone(),
+            input: input.to_vec(),
+            callee: callee.into(),
+        };
+        let set = |v: &[u8]| Command::SetState {
+            name: "n".into(),
+            value: v.to_vec(),
+        };
+        assert!(send(b"1", 0).replays_as(&send(b"1", 0)));
+        assert!(!send(b"1", 0).replays_as(&send(b"2", 0)), "input");
+        assert!(!send(b"1", 0).replays_as(&send(b"1", 5)), "delay");
+        assert!(!set(b"1").replays_as(&set(b"2")), "state value");
+        assert!(
+            call(b"1", "inv_a").replays_as(&call(b"1", "inv_b")),
+            "callee id"
+        );
+        assert!(!call(b"1", "inv_a").replays_as(&call(b"2", "inv_a")));
+        assert!(Command::Sleep { wake_at_ms: 1 }.replays_as(&Command::Sleep { wake_at_ms: 2 }));
+        let produce = |v: &[u8]| Command::Produce {
+            cluster: "c".into(),
+            topic: "t".into(),
+            key: None,
+            value: v.to_vec(),
+        };
+        assert!(!produce(b"a").replays_as(&produce(b"b")), "produce value");
+        let mut j = Journal::from_entries(numbered(vec![Entry::Command(send(b"1", 0))]));
+        let err = j.issue(&send(b"2", 0)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "journal mismatch at entry 0: the journal has send Counter/k/add, \
+             the handler issued send Counter/k/add with different arguments"
+        );
+    }
+
+    #[test]
+    fn returning_before_the_journal_is_consumed_is_a_mismatch() {
+        let mut j = Journal::from_entries(numbered(vec![
+            Entry::Command(run("one")),
+            done(0, b"1"),
+            Entry::Command(run("two")),
+            done(1, b"2"),
+        ]));
+        j.issue(&run("one")).unwrap();
+        let err = j.unconsumed().expect("run \"two\" was not issued again");
+        assert_eq!(err.entry, 2);
+        assert!(
+            err.to_string().contains("the journal has run \"two\""),
+            "{err}"
+        );
+        j.issue(&run("two")).unwrap();
+        assert_eq!(j.unconsumed(), None);
     }
 }

@@ -13,7 +13,9 @@
 //! - [`runtime`]: wasmtime, sandboxing and limits; [`context`]: the host
 //!   side of the guest's `context` interface.
 //! - [`deployments`]: uploads and the service registry.
-//! - [`invoker`]: invocation lifecycle, per-key ordering, retries;
+//! - [`invoker`]: invocation lifecycle, retries, deliveries; [`keys`]:
+//!   per-key ordering; [`fence`]: one attempt at a time; [`timers`]: sleeps
+//!   and delayed starts; [`retention`]: forgetting completed invocations;
 //!   [`limits`]: concurrency limits (flow control); [`outbound`]: durable
 //!   HTTP calls made by the host.
 //! - [`kafka`]: subscriptions that turn records into invocations;
@@ -28,15 +30,19 @@ pub mod commit;
 pub mod config;
 pub mod context;
 pub mod deployments;
+pub mod fence;
 pub mod ids;
 pub mod ingress;
 pub mod invoker;
 pub mod journal;
 pub mod kafka;
+pub mod keys;
 pub mod limits;
 pub mod outbound;
 pub mod records;
+pub mod retention;
 pub mod runtime;
 pub mod schedules;
 pub mod server;
 pub mod store;
+pub mod timers;

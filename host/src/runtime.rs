@@ -72,6 +72,8 @@ pub enum AttemptEnd {
     Stopped(String),
     /// The guest waited longer than `suspend_after`; its instance is gone.
     Suspended,
+    /// The attempt was superseded (killed or paused) while it ran.
+    Fenced,
 }
 
 /// The engine, linker and limits shared by every instance.
@@ -188,7 +190,11 @@ impl Runtime {
                 .await
         }
         .await;
+        let unconsumed = store.data().durable.as_ref().and_then(|d| d.unconsumed());
         match result {
+            Ok(Ok(_) | Err(wit::HandlerError::Terminal(_))) if unconsumed.is_some() => {
+                AttemptEnd::Stopped(unconsumed.expect("checked").to_string())
+            }
             Ok(Ok(output)) => AttemptEnd::Success(output),
             Ok(Err(wit::HandlerError::Terminal(t))) => AttemptEnd::Terminal {
                 code: t.code,
@@ -202,6 +208,7 @@ impl Runtime {
                     message: message.clone(),
                 },
                 Some(HostTrap::Suspend) => AttemptEnd::Suspended,
+                Some(HostTrap::Fenced) => AttemptEnd::Fenced,
                 Some(HostTrap::CpuBudget) => AttemptEnd::Retryable(format!(
                     "interrupted: the guest ran longer than its budget of {:?} per attempt",
                     self.limits.cpu_per_attempt

@@ -7,7 +7,7 @@
 //! transaction. The table layout is described in `docs/design.md`.
 
 use crate::ids::{DeploymentId, InvocationId};
-use crate::journal::{Completion, Entry, Outcome};
+use crate::journal::{Command, Completion, Entry, Outcome};
 use crate::records::{
     ClusterRecord, DeploymentRecord, HandlerKind, InvocationRecord, ScheduleRecord,
     SubscriptionRecord,
@@ -55,6 +55,9 @@ const SCHEDULES: TableDefinition<&str, &[u8]> = TableDefinition::new("schedules"
 const LIMITS: TableDefinition<&str, u64> = TableDefinition::new("limits");
 /// counters
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Outside effects (Kafka produce, host HTTP) journaled but not yet
+/// answered: `(invocation, command)`. Recovery performs every row again.
+const OUTBOX: TableDefinition<(&str, u32), ()> = TableDefinition::new("outbox");
 
 /// The page cache size used by [`Store::open`] (the config's default).
 pub const DEFAULT_CACHE_BYTES: usize = 1024 * 1024 * 1024;
@@ -333,6 +336,26 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Every outside effect journaled but not answered: `(invocation, command)`.
+    pub fn outbox(&self) -> StoreResult<Vec<(InvocationId, u32)>> {
+        let rows = self.read(|t| {
+            t.open_table(OUTBOX)?
+                .iter()?
+                .map(|row| {
+                    let (k, _) = row?;
+                    let (id, cmd) = k.value();
+                    Ok((id.to_string(), cmd))
+                })
+                .collect::<Result<Vec<_>, redb::Error>>()
+        })?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, cmd)| Some((id.parse().ok()?, cmd)))
+            .collect())
+    }
+}
+
 /// The raw rows of an invocation's journal, in order.
 fn journal_in(t: &redb::ReadTransaction, id: &InvocationId) -> Result<RawJournal, redb::Error> {
     let table = t.open_table(JOURNAL)?;
@@ -396,6 +419,7 @@ pub struct Tables<'txn> {
     schedules: Table<'txn, &'static str, &'static [u8]>,
     limits: Table<'txn, &'static str, u64>,
     meta: Table<'txn, &'static str, u64>,
+    outbox: Table<'txn, (&'static str, u32), ()>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -422,6 +446,7 @@ impl<'txn> Tables<'txn> {
             schedules: txn.open_table(SCHEDULES).map_err(open)?,
             limits: txn.open_table(LIMITS).map_err(open)?,
             meta: txn.open_table(META).map_err(open)?,
+            outbox: txn.open_table(OUTBOX).map_err(open)?,
         })
     }
 
@@ -507,12 +532,21 @@ impl<'txn> Tables<'txn> {
     }
 
     /// Append the completion of command `command` of `id`, unless the
-    /// journal already completes it; returns the new entry's index.
+    /// journal already completes it or the invocation is finished (or
+    /// forgotten); returns the new entry's index.
     pub fn complete_command(
         &mut self,
         id: &InvocationId,
         completion: Completion,
     ) -> StoreResult<Option<u32>> {
+        if self
+            .active
+            .get(id.as_str())
+            .map_err(StoreError::redb)?
+            .is_none()
+        {
+            return Ok(None);
+        }
         let done = self
             .journal
             .range((id.as_str(), 0)..=(id.as_str(), u32::MAX))
@@ -538,6 +572,24 @@ impl<'txn> Tables<'txn> {
         Ok(self
             .timers
             .remove((at_ms, id.as_str(), command))
+            .map_err(StoreError::redb)?
+            .is_some())
+    }
+
+    /// Record an outside effect to perform (in its command's transaction).
+    pub fn put_outbox(&mut self, id: &InvocationId, command: u32) -> StoreResult<()> {
+        self.outbox
+            .insert((id.as_str(), command), ())
+            .map_err(StoreError::redb)?;
+        Ok(())
+    }
+
+    /// Take an outside effect out of the outbox (in its answer's
+    /// transaction); `false` if it was answered already.
+    pub fn take_outbox(&mut self, id: &InvocationId, command: u32) -> StoreResult<bool> {
+        Ok(self
+            .outbox
+            .remove((id.as_str(), command))
             .map_err(StoreError::redb)?
             .is_some())
     }
@@ -686,30 +738,73 @@ impl<'txn> Tables<'txn> {
     }
 
     /// Delete a completed invocation whose retention ended at `expiry_ms`:
-    /// its record, journal and idempotency key.
-    pub fn forget(&mut self, expiry_ms: u64, id: &InvocationId) -> StoreResult<()> {
+    /// every row it owns (record, journal, idempotency key, the rows of
+    /// operations it still waited on, and a workflow's state, promises and
+    /// promise waiters). Returns the durable timers it removed, so that the
+    /// caller drops them from memory too.
+    pub fn forget(&mut self, expiry_ms: u64, id: &InvocationId) -> StoreResult<Vec<(u64, u32)>> {
         self.expiry
             .remove((expiry_ms, id.as_str()))
             .map_err(StoreError::redb)?;
         let Some(record) = self.invocation(id)? else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         if let Some(key) = &record.idempotency_key {
             self.idempotency
                 .remove((record.target.to_string().as_str(), key.as_str()))
                 .map_err(StoreError::redb)?;
         }
+        let mut sleeps = Vec::new();
         self.journal
+            .retain_in((id.as_str(), 0)..=(id.as_str(), u32::MAX), |_, v| {
+                if let Ok(Entry::Command(Command::Sleep { wake_at_ms })) = Entry::decode(v) {
+                    sleeps.push(wake_at_ms);
+                }
+                false
+            })
+            .map_err(StoreError::redb)?;
+        let mut timers = Vec::new();
+        for (at, command) in self.timers_of(id, &sleeps)? {
+            self.timers
+                .remove((at, id.as_str(), command))
+                .map_err(StoreError::redb)?;
+            timers.push((at, command));
+        }
+        self.awakeables
             .retain_in((id.as_str(), 0)..=(id.as_str(), u32::MAX), |_, _| false)
             .map_err(StoreError::redb)?;
         self.invocations
             .remove(id.as_str())
             .map_err(StoreError::redb)?;
         if let (HandlerKind::Workflow, Some(key)) = (record.handler_kind, &record.target.key) {
-            self.clear_all_state(&record.target.service, key)?;
-            self.clear_promises(&record.target.service, key)?;
+            let (service, key) = (record.target.service.as_str(), key.as_str());
+            self.clear_all_state(service, key)?;
+            self.clear_promises(service, key)?;
+            self.promise_waiters
+                .retain_in(
+                    (service, key, "", "", 0)
+                        ..=(service, key, "\u{10FFFF}", "\u{10FFFF}", u32::MAX),
+                    |_, _| false,
+                )
+                .map_err(StoreError::redb)?;
         }
-        Ok(())
+        Ok(timers)
+    }
+
+    /// The armed timers of `id` among the wake-up times `at`.
+    fn timers_of(&self, id: &InvocationId, at: &[u64]) -> StoreResult<Vec<(u64, u32)>> {
+        let mut found = Vec::new();
+        for &ms in at {
+            for row in self
+                .timers
+                .range((ms, id.as_str(), 0)..=(ms, id.as_str(), u32::MAX))
+                .map_err(StoreError::redb)?
+            {
+                let (k, _) = row.map_err(StoreError::redb)?;
+                found.push((ms, k.value().2));
+            }
+        }
+        Ok(found)
     }
 
     /// Store a deployment with its module and compiled artifact.
@@ -809,7 +904,6 @@ impl<'txn> Tables<'txn> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::{Command, Entry, Outcome};
     use crate::records::{HandlerKind, Status, Target};
 
     fn with_tables<R>(store: &Store, f: impl FnOnce(&mut Tables<'_>) -> StoreResult<R>) -> R {
