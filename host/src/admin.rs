@@ -16,6 +16,7 @@
 //! | `POST /schedules` `{"name", "cron", "target": "S/h" or "O/k/h", "input"}` | 201; `GET /schedules`; `DELETE /schedules/{name}` |
 //! | `POST /concurrency-limits` `{"scope", "max"}`; `GET`; `DELETE ?scope=` | flow control (see `limits`) |
 //! | `GET /metrics` | group-commit counters: transactions and the jobs they carried |
+//! | `GET /storage` | rows per table and the sizes of the invoker's in-memory structures |
 //! | `GET /health` | 200 once the host serves |
 
 use crate::deployments::UploadError;
@@ -66,6 +67,7 @@ pub fn router(
         .route("/invocations/{id}", get(describe_invocation))
         .route("/invocations/{id}/{action}", post(control_invocation))
         .route("/metrics", get(metrics))
+        .route("/storage", get(storage))
         .route(
             "/concurrency-limits",
             get(list_limits).post(set_limit).delete(remove_limit),
@@ -252,6 +254,26 @@ async fn remove_limit(
 async fn metrics(State(invoker): State<Arc<Invoker>>) -> Json<Value> {
     let (transactions, jobs) = invoker.committer().stats();
     Json(json!({ "commit_transactions": transactions, "commit_jobs": jobs }))
+}
+
+async fn storage(State(invoker): State<Arc<Invoker>>) -> Result<Json<Value>, ApiError> {
+    let rows: serde_json::Map<String, Value> = invoker
+        .store()
+        .row_counts()?
+        .into_iter()
+        .map(|(table, n)| (table.to_string(), json!(n)))
+        .collect();
+    let [live, keys, timers, attempts, watched] = invoker.footprint();
+    Ok(Json(json!({
+        "rows": rows,
+        "memory": {
+            "live": live,
+            "busy_keys": keys,
+            "timers": timers,
+            "fenced_attempts": attempts,
+            "watched": watched,
+        },
+    })))
 }
 
 async fn list_deployments(State(invoker): State<Arc<Invoker>>) -> Json<Value> {

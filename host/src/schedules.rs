@@ -2,8 +2,10 @@
 //!
 //! Each tick is one durable invocation whose id is derived from the
 //! schedule's name and the tick's time, and whose idempotency key is
-//! `cron:{name}:{tick ms}`. A tick therefore fires once, even when the host
-//! restarts around it. At start, each schedule also fires its latest tick
+//! `cron:{name}:{tick ms}`. The schedule's last fired tick is stored in the
+//! transaction that creates the tick's invocation, and a tick not later
+//! than it never fires, so a tick fires once, even when the host restarts
+//! around it long after the tick's idempotency key expired. At start, each schedule also fires its latest tick
 //! that is already due (the one missed while the host was down, if any);
 //! older missed ticks are skipped. Expressions have 5 fields, or 6 with
 //! seconds first (`*/10 * * * * *`), in UTC.
@@ -145,10 +147,22 @@ impl Schedules {
 
     async fn fire(&self, record: &ScheduleRecord, tick: DateTime<Utc>) {
         // Cron has second granularity; drop the sub-second part the search may carry.
-        let request = self.request(record, tick.timestamp() * 1000);
-        if let Err(e) = self.invoker.submit(request).await {
-            tracing::error!(schedule = %record.name, "tick not fired: {e}");
-        }
+        let tick_ms = tick.timestamp() * 1000;
+        let invocation = match self.invoker.new_record(self.request(record, tick_ms)) {
+            Ok(invocation) => invocation,
+            Err(e) => return tracing::error!(schedule = %record.name, "tick not fired: {e}"),
+        };
+        let (invoker, name, tick_ms) = (self.invoker.clone(), record.name.clone(), tick_ms as u64);
+        self.invoker
+            .committer()
+            .commit(move |t| {
+                if t.last_tick(&name)?.is_some_and(|last| last >= tick_ms) {
+                    return Ok(());
+                }
+                t.put_last_tick(&name, tick_ms)?;
+                invoker.create(t, invocation).map(drop)
+            })
+            .await;
     }
 
     fn request(&self, record: &ScheduleRecord, tick_ms: i64) -> NewInvocation {

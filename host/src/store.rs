@@ -337,6 +337,28 @@ impl Store {
 }
 
 impl Store {
+    /// Rows per table of what invocations own, for `GET /storage` and the
+    /// tests that check retention leaves nothing behind.
+    pub fn row_counts(&self) -> StoreResult<Vec<(&'static str, u64)>> {
+        use redb::ReadableTableMetadata;
+        self.read(|t| {
+            Ok(vec![
+                ("invocations", t.open_table(INVOCATIONS)?.len()?),
+                ("active", t.open_table(ACTIVE)?.len()?),
+                ("journal", t.open_table(JOURNAL)?.len()?),
+                ("state", t.open_table(STATE)?.len()?),
+                ("inbox", t.open_table(INBOX)?.len()?),
+                ("idempotency", t.open_table(IDEMPOTENCY)?.len()?),
+                ("expiry", t.open_table(EXPIRY)?.len()?),
+                ("timers", t.open_table(TIMERS)?.len()?),
+                ("awakeables", t.open_table(AWAKEABLES)?.len()?),
+                ("promises", t.open_table(PROMISES)?.len()?),
+                ("promise_waiters", t.open_table(PROMISE_WAITERS)?.len()?),
+                ("outbox", t.open_table(OUTBOX)?.len()?),
+            ])
+        })
+    }
+
     /// Every outside effect journaled but not answered: `(invocation, command)`.
     pub fn outbox(&self) -> StoreResult<Vec<(InvocationId, u32)>> {
         let rows = self.read(|t| {
@@ -354,6 +376,11 @@ impl Store {
             .filter_map(|(id, cmd)| Some((id.parse().ok()?, cmd)))
             .collect())
     }
+}
+
+/// The `meta` row of a schedule's last fired tick.
+fn last_tick_key(schedule: &str) -> String {
+    format!("cron-last-tick:{schedule}")
 }
 
 /// The raw rows of an invocation's journal, in order.
@@ -876,11 +903,31 @@ impl<'txn> Tables<'txn> {
 
     /// Delete a schedule; `false` if there was none.
     pub fn remove_schedule(&mut self, name: &str) -> StoreResult<bool> {
+        self.meta
+            .remove(last_tick_key(name).as_str())
+            .map_err(StoreError::redb)?;
         Ok(self
             .schedules
             .remove(name)
             .map_err(StoreError::redb)?
             .is_some())
+    }
+
+    /// The last tick (ms) schedule `name` fired, if any.
+    pub fn last_tick(&self, name: &str) -> StoreResult<Option<u64>> {
+        Ok(self
+            .meta
+            .get(last_tick_key(name).as_str())
+            .map_err(StoreError::redb)?
+            .map(|v| v.value()))
+    }
+
+    /// Remember that schedule `name` fired its tick `tick_ms`.
+    pub fn put_last_tick(&mut self, name: &str, tick_ms: u64) -> StoreResult<()> {
+        self.meta
+            .insert(last_tick_key(name).as_str(), tick_ms)
+            .map_err(StoreError::redb)?;
+        Ok(())
     }
 
     /// Delete a subscription; `false` if there was none.

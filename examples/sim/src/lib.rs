@@ -1,0 +1,150 @@
+//! Handlers for the fault-injection simulation (`tests/sim.rs`) and the
+//! regression tests of the guarantees (`tests/guarantees.rs`).
+//!
+//! `Acct/{key}/apply` interprets a small program of durable operations, so
+//! the simulation can compose random workloads from a few handlers: state
+//! changes, sends (delayed or not), calls, sleeps, a select between a sleep
+//! and an awakeable, outside effects (host HTTP to the test's sink) and
+//! retryable failures. The simulation's model predicts every key's balance
+//! and every effect; the host must agree after any schedule of faults.
+
+use cairn_sdk::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// One operation of a program.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Op {
+    /// Add to this key's balance.
+    Add(i64),
+    /// Send `Acct/{key}/apply([Add(n)])`, after `delay_ms`.
+    Send { key: String, n: i64, delay_ms: u64 },
+    /// Call `Acct/{key}/apply([Add(n)])` and wait for it.
+    Call { key: String, n: i64 },
+    /// Sleep durably.
+    Sleep(u64),
+    /// Race a sleep of `ms` against an awakeable nobody resolves; the
+    /// sleep must win, live and on replay alike.
+    Race(u64),
+    /// Post effect `id` to `{SINK}/record/effects` through the host
+    /// (durable HTTP, idempotency key `id`), and wait for the answer.
+    Effect(String),
+    /// A step that asks `{SINK}/flaky?key={id}&fail=1` from inside the
+    /// guest; the sink fails the first try, so the attempt fails retryably
+    /// and the retry replays everything before it.
+    Flaky(String),
+}
+
+/// An account per key, driven by programs.
+pub struct Acct;
+
+#[cairn_sdk::object]
+impl Acct {
+    /// Run a program; returns the balance after it.
+    pub fn apply(ctx: &Context, program: Vec<Op>) -> HandlerResult<i64> {
+        for op in program {
+            run_op(ctx, op)?;
+        }
+        balance(ctx)
+    }
+
+    /// The balance.
+    #[shared]
+    pub fn balance(ctx: &Context) -> HandlerResult<i64> {
+        Ok(ctx.get("balance")?.unwrap_or(0))
+    }
+
+    /// Send `Acct/{target}/apply([Add(1)])`, then fail retryably: a retry
+    /// must replay the send, never issue it again.
+    pub fn send_then_fail(ctx: &Context, target: String) -> HandlerResult<()> {
+        ctx.send(
+            Target::object("Acct", &target, "apply"),
+            &vec![Op::Add(1)],
+            None,
+        );
+        Err(HandlerError::retryable(
+            "failing after the send, on purpose",
+        ))
+    }
+
+    /// Write `ticks` to state `n` times, with a short step between writes:
+    /// a long-running writer to kill.
+    pub fn churn(ctx: &Context, n: u64) -> HandlerResult<u64> {
+        for i in 1..=n {
+            // A few milliseconds of work (guest clocks are frozen, so count).
+            ctx.run("spin", || {
+                let mut x = i;
+                for _ in 0..1_000_000u32 {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+                Ok(x % 2)
+            })?;
+            ctx.set("ticks", &i);
+        }
+        Ok(n)
+    }
+
+    /// The `ticks` state.
+    #[shared]
+    pub fn ticks(ctx: &Context) -> HandlerResult<u64> {
+        Ok(ctx.get("ticks")?.unwrap_or(0))
+    }
+
+    /// Start a host HTTP call to `url` and return without waiting for it.
+    pub fn fire_and_forget(ctx: &Context, url: String) -> HandlerResult<()> {
+        let _dropped = ctx.http_call(HttpCall::get(&url));
+        Ok(())
+    }
+}
+
+fn balance(ctx: &Context) -> HandlerResult<i64> {
+    Ok(ctx.get("balance")?.unwrap_or(0))
+}
+
+fn run_op(ctx: &Context, op: Op) -> HandlerResult<()> {
+    match op {
+        Op::Add(n) => {
+            let b = balance(ctx)? + n;
+            ctx.set("balance", &b);
+        }
+        Op::Send { key, n, delay_ms } => {
+            let delay = (delay_ms > 0).then(|| Duration::from_millis(delay_ms));
+            ctx.send(
+                Target::object("Acct", &key, "apply"),
+                &vec![Op::Add(n)],
+                delay,
+            );
+        }
+        Op::Call { key, n } => {
+            ctx.call::<_, i64>(Target::object("Acct", &key, "apply"), &vec![Op::Add(n)])
+                .wait()?;
+        }
+        Op::Sleep(ms) => ctx.sleep(Duration::from_millis(ms)).wait()?,
+        Op::Race(ms) => {
+            let sleep = ctx.sleep(Duration::from_millis(ms));
+            let (_, never) = ctx.awakeable::<String>();
+            if ctx.select(&[&never, &sleep]) != 1 {
+                return Err(TerminalError::with_code(500, "the unresolved awakeable won").into());
+            }
+        }
+        Op::Effect(id) => {
+            let sink = cairn_sdk::env("SINK")?;
+            let call = HttpCall::post_json(&format!("{sink}/record/effects"), &id)
+                .header("idempotency-key", &id)
+                .attempts(20);
+            ctx.http_call(call).wait()?;
+        }
+        Op::Flaky(id) => {
+            let sink = cairn_sdk::env("SINK")?;
+            ctx.run("flaky", || {
+                let answer = cairn_sdk::http::get(&format!("{sink}/flaky?key={id}&fail=1"))?;
+                match answer.status {
+                    200 => Ok(()),
+                    s => Err(HandlerError::retryable(format!("the sink answered {s}"))),
+                }
+            })?;
+        }
+    }
+    Ok(())
+}
+cairn_sdk::export!(Acct);
