@@ -15,6 +15,7 @@ build basics basics
 build basics basics-v2 --features v2
 build coordination coordination
 build coordination coordination-v2 --features v2
+build sim sim-v2 --features v2
 # The pattern examples (docs/patterns.md) and the simulation's handlers, in one cargo run.
 patterns=(burst reminders inventory dispatcher enrichment payments signup sim)
 cargo build --quiet --target wasm32-wasip2 --profile wasm "${patterns[@]/#/-p}"

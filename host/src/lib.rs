@@ -30,6 +30,7 @@ pub mod commit;
 pub mod config;
 pub mod context;
 pub mod deployments;
+pub mod faults;
 pub mod fence;
 pub mod ids;
 pub mod ingress;

@@ -113,10 +113,26 @@ impl Store {
     /// Open with a page cache of `cache_bytes`.
     pub fn open_with_cache(data_dir: &Path, cache_bytes: usize) -> StoreResult<Self> {
         std::fs::create_dir_all(data_dir).map_err(StoreError::redb)?;
-        let db = Database::builder()
-            .set_cache_size(cache_bytes)
-            .create(data_dir.join("cairn.redb"))
-            .map_err(StoreError::redb)?;
+        let path = data_dir.join("cairn.redb");
+        let mut builder = Database::builder();
+        builder.set_cache_size(cache_bytes);
+        let db = match crate::faults::Faults::from_env() {
+            None => builder.create(path),
+            Some(faults) => {
+                tracing::warn!(?faults, "fault injection is on (CAIRN_FAULTS)");
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(path)
+                    .map_err(StoreError::redb)?;
+                let backend =
+                    crate::faults::FaultyBackend::new(file, faults).map_err(StoreError::redb)?;
+                builder.create_with_backend(backend)
+            }
+        }
+        .map_err(StoreError::redb)?;
         let txn = db.begin_write().map_err(StoreError::redb)?;
         drop(Tables::open(&txn)?);
         txn.commit().map_err(StoreError::redb)?;

@@ -225,6 +225,13 @@ impl Host {
         }
     }
 
+    /// Whether the host process still runs (a failed commit aborts it).
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// Start the host again on the same data and ports.
     pub async fn restart(&mut self) {
         self.kill();

@@ -29,6 +29,12 @@ pub enum Op {
     /// Post effect `id` to `{SINK}/record/effects` through the host
     /// (durable HTTP, idempotency key `id`), and wait for the answer.
     Effect(String),
+    /// Create an awakeable, announce `"{key} {id}"` to
+    /// `{SINK}/record/awakeables` (from a step), and wait: a resolved value is added to the balance, a
+    /// rejection adds nothing.
+    Awake,
+    /// Append `n` to this key's log (the simulation checks per-key order).
+    Mark(u64),
     /// A step that asks `{SINK}/flaky?key={id}&fail=1` from inside the
     /// guest; the sink fails the first try, so the attempt fails retryably
     /// and the retry replays everything before it.
@@ -52,6 +58,18 @@ impl Acct {
     #[shared]
     pub fn balance(ctx: &Context) -> HandlerResult<i64> {
         Ok(ctx.get("balance")?.unwrap_or(0))
+    }
+
+    /// This key's log of marks.
+    #[shared]
+    pub fn log(ctx: &Context) -> HandlerResult<Vec<u64>> {
+        Ok(ctx.get("log")?.unwrap_or_default())
+    }
+
+    /// Which build of this module runs (the simulation redeploys mid-run).
+    #[shared]
+    pub fn version(_ctx: &Context) -> HandlerResult<u32> {
+        Ok(if cfg!(feature = "v2") { 2 } else { 1 })
     }
 
     /// Send `Acct/{target}/apply([Add(1)])`, then fail retryably: a retry
@@ -133,6 +151,28 @@ fn run_op(ctx: &Context, op: Op) -> HandlerResult<()> {
                 .header("idempotency-key", &id)
                 .attempts(20);
             ctx.http_call(call).wait()?;
+        }
+        Op::Awake => {
+            let sink = cairn_sdk::env("SINK")?;
+            let (id, value) = ctx.awakeable::<i64>();
+            ctx.run("announce", || {
+                let announce = format!("{} {id}", ctx.key());
+                cairn_sdk::http::post(&format!("{sink}/record/awakeables"), announce.as_bytes())
+                    .map(drop)
+            })?;
+            match value.wait() {
+                Ok(v) => {
+                    let b = balance(ctx)? + v;
+                    ctx.set("balance", &b);
+                }
+                Err(e) if e.as_terminal().is_some() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Op::Mark(n) => {
+            let mut log: Vec<u64> = ctx.get("log")?.unwrap_or_default();
+            log.push(n);
+            ctx.set("log", &log);
         }
         Op::Flaky(id) => {
             let sink = cairn_sdk::env("SINK")?;
