@@ -196,7 +196,19 @@ impl Sim {
     /// POST to the ingress until the host answers (restarting it if it
     /// died); the client's retries carry the same idempotency key.
     async fn post(&mut self, path: &str, body: &str, idempotency: Option<&str>) -> (u16, String) {
-        for _ in 0..20 {
+        let (status, text, _) = self.post_retrying(path, body, idempotency).await;
+        (status, text)
+    }
+
+    /// [`Sim::post`], also telling whether an earlier try may have reached
+    /// the host (so a conflict may be the client's own earlier request).
+    async fn post_retrying(
+        &mut self,
+        path: &str,
+        body: &str,
+        idempotency: Option<&str>,
+    ) -> (u16, String, bool) {
+        for tries in 0..20 {
             let mut req = self
                 .http
                 .post(format!("{}{path}", self.host.ingress()))
@@ -207,7 +219,7 @@ impl Sim {
             }
             if let Ok(r) = req.send().await {
                 let status = r.status().as_u16();
-                return (status, r.text().await.unwrap_or_default());
+                return (status, r.text().await.unwrap_or_default(), tries > 0);
             }
             self.revive().await;
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -310,11 +322,12 @@ impl Sim {
                 true => ("resolve", value.to_string()),
                 false => ("reject", "\"no\"".to_string()),
             };
-            let (status, text) = self
-                .post(&format!("/restate/awakeables/{id}/{op}"), &body, None)
+            let (status, text, retried) = self
+                .post_retrying(&format!("/restate/awakeables/{id}/{op}"), &body, None)
                 .await;
             match status {
-                200 | 202 | 204 => {
+                // A 409 after a lost answer: our own first try completed it.
+                200 | 202 | 204 | 409 if status != 409 || retried => {
                     if resolve && k.starts_with('k') {
                         *self.model.balance.entry(k).or_default() += value;
                     }
@@ -585,9 +598,10 @@ async fn run_seed(seed: u64, steps: usize) {
     // Everything holds across one more SIGKILL, too.
     sim.host.restart().await;
     sim.check().await;
+    let injected = sim.host.log().matches("injected fsync failure").count();
     println!(
-        "seed {seed}: {} invocations, {} kills, {} crashes from injected fsync failures, \
-         {} effects, {:.1?}: all invariants hold",
+        "seed {seed}: {} invocations, {} SIGKILLs, {} crashes on {injected} injected fsync \
+         failures, {} effects, {:.1?}: all invariants hold",
         sim.model.invocations.len(),
         sim.kills,
         sim.crashes,

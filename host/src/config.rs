@@ -19,10 +19,14 @@
 //! max_body_bytes = 10485760
 //! # Module uploads above this size are refused with 413.
 //! max_module_bytes = 67108864
-//! # How long an idempotency key keeps answering with the first result.
+//! # How long an invocation with an idempotency key (HTTP clients, Kafka
+//! # records, cron ticks) or a workflow keeps its result after it finished:
+//! # someone can still ask for it by key. A workflow's state and promises too.
 //! idempotency_retention = "24h"
-//! # How long a finished invocation stays visible (attach, output, admin).
-//! completed_retention = "24h"
+//! # How long any other finished invocation stays visible (attach, output,
+//! # admin). Its caller already has the result; keep it short, since the
+//! # host stores every completed invocation for this long.
+//! completed_retention = "1m"
 //! # Waits longer than this suspend the invocation (its instance is dropped).
 //! suspend_after = "1m"
 //! # Hosts (host or host:port; port "*" for any) that guests may reach with
@@ -205,7 +209,7 @@ impl Default for Config {
             max_body_bytes: 10 * 1024 * 1024,
             max_module_bytes: 64 * 1024 * 1024,
             idempotency_retention: Duration::from_secs(24 * 3600),
-            completed_retention: Duration::from_secs(24 * 3600),
+            completed_retention: Duration::from_secs(60),
             suspend_after: Duration::from_secs(60),
             http_allow: Vec::new(),
             guest_env: Default::default(),
