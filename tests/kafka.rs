@@ -417,3 +417,123 @@ async fn durable_produce_is_exactly_once_for_subscribers_across_a_host_kill() {
         records.len()
     );
 }
+
+fn sim_options() -> HostOptions {
+    HostOptions {
+        config: String::new(),
+        deploy: vec![example("sim")],
+    }
+}
+
+async fn feed_total(host: &Host, key: &str) -> i64 {
+    host.post(&format!("/Feed/{key}/total"), "", &[])
+        .await
+        .body
+        .parse()
+        .unwrap()
+}
+
+async fn stopped(host: &Host, sub: &str) -> Value {
+    until(
+        "the subscription to stop",
+        Duration::from_secs(120),
+        || async { host.admin_get(&format!("/subscriptions/{sub}")).await["stopped"].is_string() },
+    )
+    .await;
+    host.admin_get(&format!("/subscriptions/{sub}")).await
+}
+
+#[tokio::test]
+async fn a_record_that_cannot_be_ingested_stops_its_subscription_with_the_reason() {
+    let broker = require_broker();
+    let topic = unique_topic("stop");
+    create_topic(&topic, 1).await;
+    let host = Host::start_with(sim_options()).await;
+    let sub = subscribe(&host, &broker, &topic, "service://Feed/take").await;
+    produce(
+        &topic,
+        (0..3).map(|_| Record::json("a", &json!(1))).collect(),
+    )
+    .await;
+    until("the first records", Duration::from_secs(120), || async {
+        feed_total(&host, "a").await == 3
+    })
+    .await;
+    // Version 2 removes Feed/take: the next records cannot be ingested.
+    let r = host.upload(cairn_tests::read(&example("sim-v2"))).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    produce(
+        &topic,
+        (0..2).map(|_| Record::json("a", &json!(1))).collect(),
+    )
+    .await;
+    let view = stopped(&host, &sub).await;
+    let reason = view["stopped"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("{topic}/0@3")) && reason.contains("take"),
+        "the reason names the record and the cause: {reason}"
+    );
+    assert_eq!(view["paused"], true);
+    assert_eq!(
+        view["lag"]["0"], 2,
+        "neither record was committed: {view:#}"
+    );
+    assert_eq!(feed_total(&host, "a").await, 3);
+    // Resuming without a fix stops on the same record again: nothing is skipped.
+    let r = host
+        .admin_post(&format!("/subscriptions/{sub}/resume"), None)
+        .await;
+    assert_eq!(r.status, 200);
+    let again = stopped(&host, &sub).await;
+    assert!(
+        again["stopped"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{topic}/0@3")),
+        "{again:#}"
+    );
+}
+
+#[tokio::test]
+async fn a_re_created_topic_stops_instead_of_colliding_with_old_records() {
+    let broker = require_broker();
+    let topic = unique_topic("recreate");
+    create_topic(&topic, 1).await;
+    let host = Host::start_with(sim_options()).await;
+    let sub = subscribe(&host, &broker, &topic, "service://Feed/take").await;
+    produce(
+        &topic,
+        (0..3).map(|_| Record::json("r", &json!(1))).collect(),
+    )
+    .await;
+    until("the first records", Duration::from_secs(120), || async {
+        feed_total(&host, "r").await == 3
+    })
+    .await;
+    let r = host
+        .admin_post(&format!("/subscriptions/{sub}/pause"), None)
+        .await;
+    assert_eq!(r.status, 200);
+    cairn_tests::kafka::delete_topic(&topic).await;
+    create_topic(&topic, 1).await;
+    produce(
+        &topic,
+        (0..3).map(|_| Record::json("r", &json!(10))).collect(),
+    )
+    .await;
+    let r = host
+        .admin_post(&format!("/subscriptions/{sub}/resume"), None)
+        .await;
+    assert_eq!(r.status, 200);
+    let view = stopped(&host, &sub).await;
+    let reason = view["stopped"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("{topic}/0@0")) && reason.contains("re-created"),
+        "{reason}"
+    );
+    assert_eq!(
+        feed_total(&host, "r").await,
+        3,
+        "no new record was taken for an old one"
+    );
+}

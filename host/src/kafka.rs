@@ -11,6 +11,16 @@
 //! so it maps to the invocation that already exists: exactly one invocation
 //! per record.
 //!
+//! Nothing is skipped without a trace. A record that cannot become an
+//! invocation (its handler was removed by a new deployment, say), or whose
+//! idempotency key already belongs to a *different* record (the topic was
+//! deleted and re-created while the old keys were retained), stops the
+//! subscription on that record: its offset is not committed, the
+//! subscription is paused, and the reason is shown (`stopped`) until an
+//! operator resumes it. Offsets are committed synchronously, and a failed
+//! commit is retried and logged (the records would only be redelivered and
+//! deduplicated).
+//!
 //! Backpressure: when a subscription's unfinished invocations pass
 //! `kafka.max_in_flight`, its partitions are paused until they drain to half
 //! of that. Nothing is dropped; the log holds what is not yet ingested.
@@ -85,6 +95,8 @@ pub struct SubscriptionView {
     pub in_flight: usize,
     /// Records not yet ingested, per partition (high watermark minus committed offset).
     pub lag: BTreeMap<i32, i64>,
+    /// Why it stopped on a record, if it did (it stays paused until resumed).
+    pub stopped: Option<String>,
 }
 
 /// The subscriptions of a host and their consumers.
@@ -237,7 +249,12 @@ impl Subscriptions {
         let stored = record.clone();
         self.invoker
             .committer()
-            .commit(move |t| t.put_subscription(&stored))
+            .commit(move |t| {
+                if !paused {
+                    t.set_subscription_stop(&stored.id, None)?;
+                }
+                t.put_subscription(&stored)
+            })
             .await;
         self.stop(id);
         if !paused {
@@ -326,9 +343,15 @@ impl Subscriptions {
             }
             None => (0, 0, BTreeMap::new()),
         };
+        let stopped = self
+            .invoker
+            .store()
+            .subscription_stop(&record.id)
+            .unwrap_or_else(|e| Some(format!("cannot read the stop reason: {e}")));
         SubscriptionView {
             source: record.source(),
             sink: record.sink(),
+            stopped,
             in_flight: self.invoker.in_flight(&record.id),
             record,
             ingested,
@@ -500,12 +523,12 @@ impl Ingest {
         loop {
             self.wait_for_room().await;
             let batch = self.next_batch().await;
-            let count = batch.len() as u64;
-            if count > 0 {
-                self.ingest(batch).await;
-                self.stats.ingested.fetch_add(count, Ordering::Relaxed);
+            let (ingested, stop) = self.ingest(batch).await;
+            self.stats.ingested.fetch_add(ingested, Ordering::Relaxed);
+            if let Some(reason) = stop {
+                return self.stop_on(reason).await;
             }
-            window.1 += count;
+            window.1 += ingested;
             if window.0.elapsed() >= Duration::from_secs(1) {
                 let rate = window.1 as f64 / window.0.elapsed().as_secs_f64();
                 self.stats.rate.store(rate as u64, Ordering::Relaxed);
@@ -556,30 +579,112 @@ impl Ingest {
     }
 
     /// Queue one invocation per record, in order; once all are durable,
-    /// commit the offsets.
-    async fn ingest(&self, batch: Vec<OwnedRecord>) {
-        let mut answers = Vec::with_capacity(batch.len());
+    /// commit the offsets. Returns how many records became invocations, and
+    /// why the subscription must stop, if it must: then no offset at or
+    /// past the offending record of its partition is committed, and no
+    /// later record of that partition is ingested.
+    async fn ingest(&self, batch: Vec<OwnedRecord>) -> (u64, Option<String>) {
+        let mut queued = Vec::with_capacity(batch.len());
+        let mut stop: Option<(i32, String)> = None;
         let mut offsets: BTreeMap<i32, i64> = BTreeMap::new();
         for record in batch {
-            offsets.insert(record.partition, record.offset + 1);
+            if stop.as_ref().is_some_and(|(p, _)| *p == record.partition) {
+                continue;
+            }
+            let at = (record.partition, record.offset);
+            let fingerprint = fingerprint(&record);
             match self.invoker.submit_queued(self.request(record)) {
-                Ok(answer) => answers.push(answer),
+                Ok(answer) => queued.push((at, fingerprint, answer)),
                 Err(e) => {
-                    tracing::error!(subscription = %self.record.id, "record not ingested: {e}")
+                    let reason = self.stopped_at(at, &format!("cannot be ingested: {e}"));
+                    stop.get_or_insert((at.0, reason));
                 }
             }
         }
-        for answer in answers {
-            let _ = answer.await;
+        let mut ingested = 0;
+        for ((partition, offset), fingerprint, answer) in queued {
+            let Ok(submitted) = answer.await else {
+                continue;
+            };
+            if stop.as_ref().is_some_and(|(p, _)| *p == partition) {
+                continue; // ingested after an earlier record of its partition stopped: redelivered, deduplicated
+            }
+            let collides = fingerprint.is_some_and(|f| !self.same_record(&submitted.id, f));
+            if submitted.existing && collides {
+                let why = format!(
+                    "collides with an earlier record at the same offset ({} has its \
+                     idempotency key): was the topic deleted and re-created?",
+                    submitted.id
+                );
+                stop = Some((partition, self.stopped_at((partition, offset), &why)));
+                continue;
+            }
+            ingested += 1;
+            offsets.insert(partition, offset + 1);
         }
-        let mut commit = TopicPartitionList::new();
+        self.commit_offsets(offsets).await;
+        (ingested, stop.map(|(_, reason)| reason))
+    }
+
+    fn stopped_at(&self, (partition, offset): (i32, i64), why: &str) -> String {
+        format!(
+            "stopped at {}/{partition}@{offset}: the record {why}; fix the cause, then resume the subscription",
+            self.record.topic
+        )
+    }
+
+    /// Whether invocation `id` was created from the record with this fingerprint.
+    fn same_record(&self, id: &crate::ids::InvocationId, fingerprint: u64) -> bool {
+        match self.invoker.store().invocation(id) {
+            Ok(Some(r)) => invocation_fingerprint(&r) == fingerprint,
+            // Forgotten meanwhile: its key went with it, nothing collides.
+            Ok(None) => true,
+            Err(e) => {
+                tracing::warn!(subscription = %self.record.id, "cannot check a redelivered record: {e}");
+                true
+            }
+        }
+    }
+
+    /// Commit offsets synchronously, retrying a few times; a failure only
+    /// means redelivery (deduplicated), so it is logged, not fatal.
+    async fn commit_offsets(&self, offsets: BTreeMap<i32, i64>) {
+        if offsets.is_empty() {
+            return;
+        }
+        let mut list = TopicPartitionList::new();
         for (partition, next) in offsets {
-            let _ =
-                commit.add_partition_offset(&self.record.topic, partition, Offset::Offset(next));
+            let _ = list.add_partition_offset(&self.record.topic, partition, Offset::Offset(next));
         }
-        if let Err(e) = self.consumer.commit(&commit, CommitMode::Async) {
-            tracing::warn!(subscription = %self.record.id, "offset commit failed (records will be redelivered and deduplicated): {e}");
+        for attempt in 1..=5u32 {
+            let (consumer, list2) = (self.consumer.clone(), list.clone());
+            let done =
+                tokio::task::spawn_blocking(move || consumer.commit(&list2, CommitMode::Sync))
+                    .await
+                    .expect("the commit does not panic");
+            match done {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(subscription = %self.record.id, attempt, "offset commit failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                }
+            }
         }
+        tracing::error!(subscription = %self.record.id, "offsets not committed after 5 tries; the records will be redelivered and deduplicated");
+    }
+
+    /// Stop on a record: pause the subscription durably, with the reason.
+    async fn stop_on(&self, reason: String) {
+        tracing::error!(subscription = %self.record.id, "{reason}");
+        let mut record = self.record.clone();
+        record.paused = true;
+        self.invoker
+            .committer()
+            .commit(move |t| {
+                t.set_subscription_stop(&record.id, Some(&reason))?;
+                t.put_subscription(&record)
+            })
+            .await;
     }
 
     fn request(&self, r: OwnedRecord) -> NewInvocation {
@@ -655,6 +760,40 @@ impl From<&BorrowedMessage<'_>> for OwnedRecord {
             headers,
         }
     }
+}
+
+/// FNV-1a over a record's value and timestamp: tells a redelivery of the
+/// same record from another record that reuses its topic, partition and
+/// offset. `None` for records Cairn produced: their key is the produce id,
+/// and a produce retried after a crash is the same record with a new
+/// timestamp.
+fn fingerprint(record: &OwnedRecord) -> Option<u64> {
+    if record.headers.iter().any(|(k, _)| k == PRODUCE_ID) {
+        return None;
+    }
+    Some(fnv(
+        &record.value,
+        record.timestamp.map(|t| t.to_string()).as_deref(),
+    ))
+}
+
+fn invocation_fingerprint(r: &crate::records::InvocationRecord) -> u64 {
+    let timestamp = r
+        .headers
+        .iter()
+        .find(|(k, _)| k == "x-kafka-timestamp")
+        .map(|(_, v)| v.as_str());
+    fnv(&r.input, timestamp)
+}
+
+fn fnv(value: &[u8], timestamp: Option<&str>) -> u64 {
+    let bytes = value
+        .iter()
+        .chain([0xff].iter())
+        .chain(timestamp.unwrap_or("").as_bytes());
+    bytes.fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 #[cfg(test)]

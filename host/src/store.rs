@@ -58,6 +58,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Outside effects (Kafka produce, host HTTP) journaled but not yet
 /// answered: `(invocation, command)`. Recovery performs every row again.
 const OUTBOX: TableDefinition<(&str, u32), ()> = TableDefinition::new("outbox");
+/// Why a subscription stopped on a record (until an operator resumes it).
+const SUBSCRIPTION_STOPS: TableDefinition<&str, &str> = TableDefinition::new("subscription_stops");
 
 /// The page cache size used by [`Store::open`] (the config's default).
 pub const DEFAULT_CACHE_BYTES: usize = 1024 * 1024 * 1024;
@@ -375,6 +377,15 @@ impl Store {
         })
     }
 
+    /// Why subscription `id` stopped, if it did.
+    pub fn subscription_stop(&self, id: &str) -> StoreResult<Option<String>> {
+        self.read(|t| {
+            Ok(t.open_table(SUBSCRIPTION_STOPS)?
+                .get(id)?
+                .map(|v| v.value().to_string()))
+        })
+    }
+
     /// Every outside effect journaled but not answered: `(invocation, command)`.
     pub fn outbox(&self) -> StoreResult<Vec<(InvocationId, u32)>> {
         let rows = self.read(|t| {
@@ -463,6 +474,7 @@ pub struct Tables<'txn> {
     limits: Table<'txn, &'static str, u64>,
     meta: Table<'txn, &'static str, u64>,
     outbox: Table<'txn, (&'static str, u32), ()>,
+    subscription_stops: Table<'txn, &'static str, &'static str>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -490,6 +502,7 @@ impl<'txn> Tables<'txn> {
             limits: txn.open_table(LIMITS).map_err(open)?,
             meta: txn.open_table(META).map_err(open)?,
             outbox: txn.open_table(OUTBOX).map_err(open)?,
+            subscription_stops: txn.open_table(SUBSCRIPTION_STOPS).map_err(open)?,
         })
     }
 
@@ -884,6 +897,15 @@ impl<'txn> Tables<'txn> {
         Ok(())
     }
 
+    /// Record why subscription `id` stopped (`None`: it runs again).
+    pub fn set_subscription_stop(&mut self, id: &str, reason: Option<&str>) -> StoreResult<()> {
+        match reason {
+            Some(reason) => self.subscription_stops.insert(id, reason).map(drop),
+            None => self.subscription_stops.remove(id).map(drop),
+        }
+        .map_err(StoreError::redb)
+    }
+
     /// Every subscription, as of this transaction.
     pub fn subscriptions(&self) -> StoreResult<Vec<SubscriptionRecord>> {
         let mut all = Vec::new();
@@ -946,8 +968,9 @@ impl<'txn> Tables<'txn> {
         Ok(())
     }
 
-    /// Delete a subscription; `false` if there was none.
+    /// Delete a subscription (and its stop reason); `false` if there was none.
     pub fn remove_subscription(&mut self, id: &str) -> StoreResult<bool> {
+        self.set_subscription_stop(id, None)?;
         Ok(self
             .subscriptions
             .remove(id)

@@ -58,6 +58,22 @@ pub async fn create_topic_on(bootstrap: &str, topic: &str, partitions: i32) {
     }
 }
 
+/// Delete a topic on the default broker and wait until it is gone.
+pub async fn delete_topic(topic: &str) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", require_broker())
+        .create()
+        .expect("an admin client");
+    let results = admin
+        .delete_topics(&[topic], &AdminOptions::new())
+        .await
+        .expect("the broker answers");
+    assert!(
+        results.iter().all(|r| r.is_ok()),
+        "delete {topic}: {results:?}"
+    );
+}
+
 /// Create a topic on the default broker.
 pub async fn create_topic(topic: &str, partitions: i32) {
     create_topic_on(&require_broker(), topic, partitions).await;

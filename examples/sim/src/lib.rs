@@ -187,4 +187,35 @@ fn run_op(ctx: &Context, op: Op) -> HandlerResult<()> {
     }
     Ok(())
 }
-cairn_sdk::export!(Acct);
+/// Kafka records per key, for the ingest tests. Version 2 removes `take`,
+/// so records still routed to it cannot be ingested.
+pub struct Feed;
+
+#[cfg(not(feature = "v2"))]
+#[cairn_sdk::object]
+impl Feed {
+    /// Add a record's number to this key's total.
+    pub fn take(ctx: &Context, n: i64) -> HandlerResult<i64> {
+        let total = ctx.get::<i64>("total")?.unwrap_or(0) + n;
+        ctx.set("total", &total);
+        Ok(total)
+    }
+
+    /// The total.
+    #[shared]
+    pub fn total(ctx: &Context) -> HandlerResult<i64> {
+        Ok(ctx.get("total")?.unwrap_or(0))
+    }
+}
+
+#[cfg(feature = "v2")]
+#[cairn_sdk::object]
+impl Feed {
+    /// The total.
+    #[shared]
+    pub fn total(ctx: &Context) -> HandlerResult<i64> {
+        Ok(ctx.get("total")?.unwrap_or(0))
+    }
+}
+
+cairn_sdk::export!(Acct, Feed);
