@@ -433,6 +433,25 @@ async fn feed_total(host: &Host, key: &str) -> i64 {
         .unwrap()
 }
 
+/// A sim host whose subscription feeds a fresh one-partition topic into
+/// `Feed/take`, after three records of `key` went through: (host, topic, sub).
+async fn feeding(prefix: &str, key: &str) -> (Host, String, String) {
+    let topic = unique_topic(prefix);
+    create_topic(&topic, 1).await;
+    let host = Host::start_with(sim_options()).await;
+    let sub = subscribe(&host, &require_broker(), &topic, "service://Feed/take").await;
+    produce(
+        &topic,
+        (0..3).map(|_| Record::json(key, &json!(1))).collect(),
+    )
+    .await;
+    until("the first records", Duration::from_secs(120), || async {
+        feed_total(&host, key).await == 3
+    })
+    .await;
+    (host, topic, sub)
+}
+
 async fn stopped(host: &Host, sub: &str) -> Value {
     until(
         "the subscription to stop",
@@ -445,20 +464,7 @@ async fn stopped(host: &Host, sub: &str) -> Value {
 
 #[tokio::test]
 async fn a_record_that_cannot_be_ingested_stops_its_subscription_with_the_reason() {
-    let broker = require_broker();
-    let topic = unique_topic("stop");
-    create_topic(&topic, 1).await;
-    let host = Host::start_with(sim_options()).await;
-    let sub = subscribe(&host, &broker, &topic, "service://Feed/take").await;
-    produce(
-        &topic,
-        (0..3).map(|_| Record::json("a", &json!(1))).collect(),
-    )
-    .await;
-    until("the first records", Duration::from_secs(120), || async {
-        feed_total(&host, "a").await == 3
-    })
-    .await;
+    let (host, topic, sub) = feeding("stop", "a").await;
     // Version 2 removes Feed/take: the next records cannot be ingested.
     let r = host.upload(cairn_tests::read(&example("sim-v2"))).await;
     assert_eq!(r.status, 201, "{}", r.body);
@@ -496,20 +502,7 @@ async fn a_record_that_cannot_be_ingested_stops_its_subscription_with_the_reason
 
 #[tokio::test]
 async fn a_re_created_topic_stops_instead_of_colliding_with_old_records() {
-    let broker = require_broker();
-    let topic = unique_topic("recreate");
-    create_topic(&topic, 1).await;
-    let host = Host::start_with(sim_options()).await;
-    let sub = subscribe(&host, &broker, &topic, "service://Feed/take").await;
-    produce(
-        &topic,
-        (0..3).map(|_| Record::json("r", &json!(1))).collect(),
-    )
-    .await;
-    until("the first records", Duration::from_secs(120), || async {
-        feed_total(&host, "r").await == 3
-    })
-    .await;
+    let (host, topic, sub) = feeding("recreate", "r").await;
     let r = host
         .admin_post(&format!("/subscriptions/{sub}/pause"), None)
         .await;

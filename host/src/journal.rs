@@ -413,14 +413,19 @@ mod tests {
         (0..).zip(entries).collect()
     }
 
-    #[test]
-    fn replay_returns_journaled_completions_then_goes_live() {
-        let mut j = Journal::from_entries(numbered(vec![
+    /// A journal of two completed steps, "one" (1) and "two" (2).
+    fn two_steps() -> Journal {
+        Journal::from_entries(numbered(vec![
             Entry::Command(run("one")),
             done(0, b"1"),
             Entry::Command(run("two")),
             done(1, b"2"),
-        ]));
+        ]))
+    }
+
+    #[test]
+    fn replay_returns_journaled_completions_then_goes_live() {
+        let mut j = two_steps();
         assert!(j.is_replaying());
         let first = j.issue(&run("one")).unwrap();
         assert_eq!(
@@ -481,12 +486,7 @@ mod tests {
 
     #[test]
     fn a_different_command_is_a_mismatch_naming_the_entry() {
-        let mut j = Journal::from_entries(numbered(vec![
-            Entry::Command(run("one")),
-            done(0, b"1"),
-            Entry::Command(run("two")),
-            done(1, b"2"),
-        ]));
+        let mut j = two_steps();
         j.issue(&run("one")).unwrap();
         let err = j
             .issue(&Command::GetState { name: "x".into() })
@@ -553,12 +553,7 @@ mod tests {
 
     #[test]
     fn returning_before_the_journal_is_consumed_is_a_mismatch() {
-        let mut j = Journal::from_entries(numbered(vec![
-            Entry::Command(run("one")),
-            done(0, b"1"),
-            Entry::Command(run("two")),
-            done(1, b"2"),
-        ]));
+        let mut j = two_steps();
         j.issue(&run("one")).unwrap();
         let err = j.unconsumed().expect("run \"two\" was not issued again");
         assert_eq!(err.entry, 2);

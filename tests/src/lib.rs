@@ -170,6 +170,11 @@ impl Host {
         self.wait_ready().await;
     }
 
+    /// The host's data directory (its config, log and `db/`).
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
     fn log_path(&self) -> PathBuf {
         self.data.path().join("host.log")
     }

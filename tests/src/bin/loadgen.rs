@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 /// Drive a Cairn host with load and print what it sustains.
 #[derive(Parser)]
+#[command(args_override_self = true)]
 struct Args {
     /// Concurrent requests in flight.
     #[arg(long, default_value_t = 32)]
@@ -35,6 +36,11 @@ struct Args {
     /// Use a running host's ingress instead of starting one (memory is then not reported).
     #[arg(long)]
     ingress: Option<String>,
+    /// Soak: run the first scenario at full rate for this many minutes and
+    /// print, every minute, the rate, p99, the host's RSS and its data size
+    /// (use with `completed_retention = "1m"`: both must level off).
+    #[arg(long)]
+    soak_minutes: Option<u64>,
 }
 
 struct Scenario {
@@ -88,6 +94,12 @@ async fn main() -> anyhow::Result<()> {
         "{:<14} {:>10} {:>10} {:>9} {:>9} {:>9} {:>7}",
         "scenario", "requests", "inv/s", "p50 ms", "p99 ms", "max ms", "errors"
     );
+    if let Some(minutes) = args.soak_minutes {
+        let host = host
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the soak starts its own host: omit --ingress"))?;
+        return soak(&args, host, minutes).await;
+    }
     for name in &args.scenarios {
         if let Some(sink) = kafka_sink(name) {
             let host = host.as_ref().ok_or_else(|| {
@@ -114,6 +126,41 @@ async fn main() -> anyhow::Result<()> {
             proc_status_kib(host.pid(), "VmRSS:") as f64 / 1024.0
         );
     }
+    Ok(())
+}
+
+/// One line a minute: the curve of rate, p99, memory and disk over a long run.
+async fn soak(args: &Args, host: &Host, minutes: u64) -> anyhow::Result<()> {
+    let name = args.scenarios.first().map_or("steps3", String::as_str);
+    let scenario = SCENARIOS
+        .iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| anyhow::anyhow!("the soak runs an HTTP scenario, not {name}"))?;
+    println!(
+        "{:<7} {:>10} {:>9} {:>9} {:>10} {:>12} {:>11}",
+        "minute", "inv/s", "p50 ms", "p99 ms", "RSS MiB", "data MiB", "completed"
+    );
+    let mut total = 0;
+    for minute in 1..=minutes {
+        let r = run(args, &host.ingress(), scenario, Duration::from_secs(60)).await;
+        total += r.count;
+        let data =
+            std::fs::metadata(host.data_dir().join("db").join("cairn.redb")).map_or(0, |m| m.len());
+        println!(
+            "{:<7} {:>10.0} {:>9.2} {:>9.2} {:>10.1} {:>12.1} {:>11}",
+            minute,
+            r.rate,
+            r.p50,
+            r.p99,
+            proc_status_kib(host.pid(), "VmRSS:") as f64 / 1024.0,
+            data as f64 / (1024.0 * 1024.0),
+            total
+        );
+    }
+    println!(
+        "host peak memory (VmHWM): {:.1} MiB",
+        host.peak_rss_kib() as f64 / 1024.0
+    );
     Ok(())
 }
 
