@@ -141,15 +141,19 @@ async fn a_retry_replays_the_send_of_the_attempt_before_it() {
         host.wait_invocation(id, MINUTE, |v| v["status"] == "paused")
             .await;
     }
-    // Only the paused ones stay unfinished once every send has landed.
+    let sent = || async {
+        let mut sent = 0;
+        for t in 0..TARGETS {
+            sent += balance(&host, &format!("t{t}")).await;
+        }
+        sent
+    };
     cairn_tests::until("the sends to land", MINUTE, || async {
-        host.admin_get("/storage").await["rows"]["active"] == json!(N)
+        sent().await >= N as i64
     })
     .await;
-    let mut sent = 0;
-    for t in 0..TARGETS {
-        sent += balance(&host, &format!("t{t}")).await;
-    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let sent = sent().await;
     assert_eq!(
         sent, N as i64,
         "each invocation sent once over its three attempts"
@@ -159,26 +163,37 @@ async fn a_retry_replays_the_send_of_the_attempt_before_it() {
 #[tokio::test]
 async fn a_killed_attempt_writes_nothing_after_its_kill() {
     let host = start("").await;
-    let churn = send(&host, "/Acct/c/churn", &json!(2000)).await;
-    cairn_tests::until("the churn to write", MINUTE, || async {
-        ticks(&host, "c").await > 20
-    })
-    .await;
-    operate(&host, &churn, "kill").await;
+    // Ten long-running writers, each killed while it writes: none may write
+    // after its kill (a window of one commit is enough to catch an unfenced
+    // attempt in some of them).
+    let keys: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
+    let mut churns = Vec::new();
+    for k in &keys {
+        churns.push(send(&host, &format!("/Acct/{k}/churn"), &json!(2000)).await);
+    }
     let journal_len = |v: Value| v["journal"].as_array().map(Vec::len).unwrap_or(0);
-    let at_kill = (
-        ticks(&host, "c").await,
-        journal_len(host.admin_get(&format!("/invocations/{churn}")).await),
-    );
+    let mut at_kill = Vec::new();
+    for (k, churn) in keys.iter().zip(&churns) {
+        cairn_tests::until("the churn to write", MINUTE, || async {
+            ticks(&host, k).await > 5
+        })
+        .await;
+        operate(&host, churn, "kill").await;
+        let journal = host.admin_get(&format!("/invocations/{churn}")).await;
+        at_kill.push((ticks(&host, k).await, journal_len(journal)));
+    }
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let later = (
-        ticks(&host, "c").await,
-        journal_len(host.admin_get(&format!("/invocations/{churn}")).await),
-    );
-    assert_eq!(at_kill, later, "no state or journal write after the kill");
-    assert!(at_kill.0 < 2000, "the kill stopped the churn");
-    assert_eq!(key_is_free(&host, "c", 3).await, 3);
-    assert_eq!(ticks(&host, "c").await, at_kill.0, "still nothing");
+    for ((k, churn), before) in keys.iter().zip(&churns).zip(&at_kill) {
+        let journal = host.admin_get(&format!("/invocations/{churn}")).await;
+        let later = (ticks(&host, k).await, journal_len(journal));
+        assert_eq!(
+            *before, later,
+            "{k}: no state or journal write after the kill"
+        );
+        assert!(before.0 < 2000, "the kill stopped the churn");
+        assert_eq!(key_is_free(&host, k, 3).await, 3);
+        assert_eq!(ticks(&host, k).await, before.0, "still nothing");
+    }
 }
 
 #[tokio::test]
