@@ -7,11 +7,24 @@
 //! failed sync fails the commit, and a failed commit aborts the host (see
 //! `commit`): the simulation then restarts it and checks that nothing that
 //! was acknowledged is lost.
+//!
+//! Faults are armed once the host is ready ([`arm`]): opening the store and
+//! recovery run clean, so every restart gets going. The schedule mixes the
+//! seed with the process id, so a restarted host does not fail at exactly
+//! the same commit again.
 
 use redb::StorageBackend;
 use std::ops::Bound;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
+
+static ARMED: AtomicBool = AtomicBool::new(false);
+
+/// Start injecting faults (the host is ready).
+pub fn arm() {
+    ARMED.store(true, Ordering::Relaxed);
+}
 
 /// The faults to inject, parsed from `CAIRN_FAULTS`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -66,7 +79,7 @@ impl FaultyBackend {
         Ok(FaultyBackend {
             inner,
             faults,
-            rng: Mutex::new(faults.seed ^ 0x9E37_79B9_7F4A_7C15),
+            rng: Mutex::new(faults.seed ^ (u64::from(std::process::id()) << 32)),
         })
     }
 
@@ -95,6 +108,9 @@ impl StorageBackend for FaultyBackend {
     }
 
     fn sync_data(&self) -> std::io::Result<()> {
+        if !ARMED.load(Ordering::Relaxed) {
+            return self.inner.sync_data();
+        }
         if self.faults.fsync_delay_ms > 0 {
             let ms = self.next() % (self.faults.fsync_delay_ms + 1);
             std::thread::sleep(Duration::from_millis(ms));

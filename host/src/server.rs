@@ -74,6 +74,7 @@ pub async fn serve(config: Config, deploy: Vec<PathBuf>) -> anyhow::Result<()> {
         ingress.local_addr()?,
         admin.local_addr()?
     );
+    crate::faults::arm();
     let ingress = axum::serve(
         ingress,
         crate::ingress::router(invoker.clone(), config.max_body_bytes),

@@ -166,8 +166,15 @@ impl Host {
         if std::env::var("RUST_LOG").is_err() {
             cmd.env("RUST_LOG", "info,wasmtime=warn,cranelift=warn");
         }
-        self.child = Some(cmd.spawn().expect("cairn starts"));
-        self.wait_ready().await;
+        // A host that an injected fault (CAIRN_FAULTS) aborted right after
+        // it became ready is started again, as an operator's supervisor would.
+        for _ in 0..20 {
+            self.child = Some(cmd.spawn().expect("cairn starts"));
+            if self.wait_ready().await {
+                return;
+            }
+        }
+        panic!("cairn kept failing on injected faults:\n{}", self.log());
     }
 
     /// The host's data directory (its config, log and `db/`).
@@ -184,11 +191,17 @@ impl Host {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
-    async fn wait_ready(&mut self) {
+    /// Wait until the host answers; `false` if an injected fault aborted it.
+    async fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("cairn exited with {status} during start:\n{}", self.log());
+                let log = self.log();
+                let last = log.trim_end().lines().last().unwrap_or_default();
+                if last.contains("injected fsync failure") && last.contains("aborting") {
+                    return false;
+                }
+                panic!("cairn exited with {status} during start:\n{log}");
             }
             let url = format!("{}/health", self.admin());
             let ingress_up = std::net::TcpStream::connect(("127.0.0.1", self.ingress_port)).is_ok();
@@ -200,7 +213,7 @@ impl Host {
                     .await
                     .is_ok_and(|r| r.status().is_success())
             {
-                return;
+                return true;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
