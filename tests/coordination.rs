@@ -4,7 +4,7 @@
 //! journal mismatches.
 
 use cairn_tests::server::TestServer;
-use cairn_tests::{example, read, Host, HostOptions, Response};
+use cairn_tests::{example, read, Host, HostOptions};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -23,17 +23,10 @@ async fn start() -> Host {
     Host::start_with(options("")).await
 }
 
-fn id_of(r: &Response) -> String {
-    r.json()["invocationId"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no id in {}", r.body))
-        .to_string()
-}
-
 async fn send(host: &Host, path: &str, body: &str) -> String {
     let r = host.post(&format!("{path}/send"), body, &[]).await;
     assert_eq!(r.status, 202, "{path}: {}", r.body);
-    id_of(&r)
+    r.invocation_id()
 }
 
 async fn log_lines(host: &Host, key: &str) -> Vec<String> {

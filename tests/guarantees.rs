@@ -4,7 +4,7 @@
 //! outbox, idempotent key queues, durable cron ticks, full retention).
 
 use cairn_tests::server::TestServer;
-use cairn_tests::{example, Host, HostOptions, Response};
+use cairn_tests::{example, Host, HostOptions};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -18,19 +18,12 @@ async fn start(config: &str) -> Host {
     .await
 }
 
-fn id_of(r: &Response) -> String {
-    r.json()["invocationId"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no id in {}", r.body))
-        .to_string()
-}
-
 async fn send(host: &Host, path: &str, body: &Value) -> String {
     let r = host
         .post(&format!("{path}/send"), &body.to_string(), &[])
         .await;
     assert_eq!(r.status, 202, "{path}: {}", r.body);
-    id_of(&r)
+    r.invocation_id()
 }
 
 async fn balance(host: &Host, key: &str) -> i64 {
@@ -86,7 +79,7 @@ async fn a_killed_delayed_invocation_does_not_keep_its_key() {
         )
         .await;
     assert_eq!(r.status, 202, "{}", r.body);
-    let delayed = id_of(&r);
+    let delayed = r.invocation_id();
     assert_eq!(status(&host, &delayed).await, "scheduled");
     operate(&host, &delayed, "kill").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
