@@ -227,22 +227,23 @@ impl Store {
         self.read(|t| state_names_in(&t.open_table(STATE)?, service, key))
     }
 
-    /// Every invocation that has not completed, in arrival order.
+    /// Every invocation that has not completed, in arrival order (one read
+    /// transaction, so a recovery of many is one pass over the tables).
     pub fn unfinished(&self) -> StoreResult<Vec<InvocationRecord>> {
-        let ids = self.read(|t| {
-            t.open_table(ACTIVE)?
-                .iter()?
-                .map(|row| Ok(row?.0.value().to_string()))
-                .collect::<Result<Vec<_>, redb::Error>>()
+        let raw = self.read(|t| {
+            let invocations = t.open_table(INVOCATIONS)?;
+            let mut rows = Vec::new();
+            for row in t.open_table(ACTIVE)?.iter()? {
+                if let Some(v) = invocations.get(row?.0.value())? {
+                    rows.push(v.value().to_vec());
+                }
+            }
+            Ok(rows)
         })?;
-        let mut records = Vec::with_capacity(ids.len());
-        for id in ids {
-            let id: InvocationId = id.parse().map_err(|reason| StoreError::Corrupt {
-                table: "active",
-                reason,
-            })?;
-            records.extend(self.invocation(&id)?);
-        }
+        let mut records = raw
+            .iter()
+            .map(|b| decode::<InvocationRecord>("invocations", b))
+            .collect::<StoreResult<Vec<_>>>()?;
         records.sort_by_key(|r| r.seq);
         Ok(records)
     }

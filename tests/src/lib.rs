@@ -197,8 +197,14 @@ impl Host {
         while Instant::now() < deadline {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 let log = self.log();
-                let last = log.trim_end().lines().last().unwrap_or_default();
-                if last.contains("injected fsync failure") && last.contains("aborting") {
+                // This start's part of the log (it is appended across restarts).
+                let this_start = log
+                    .rsplit("fault injection is on")
+                    .next()
+                    .unwrap_or_default();
+                if log.contains("fault injection is on")
+                    && this_start.contains("injected fsync failure (CAIRN_FAULTS); aborting")
+                {
                     return false;
                 }
                 panic!("cairn exited with {status} during start:\n{log}");
