@@ -769,7 +769,7 @@ impl Invoker {
                 AttemptEnd::Fenced => return, // whoever fenced it cleans up
                 AttemptEnd::Stopped(reason) => {
                     self.pause(&id, Some(attempts), reason).await;
-                    self.attempt_over(&record, epoch);
+                    self.retire_writes(&record, Some(epoch));
                     return self.stop_running(&id, epoch);
                 }
                 AttemptEnd::Suspended => {
@@ -791,7 +791,7 @@ impl Invoker {
             if attempts >= policy.max_attempts {
                 let reason = format!("paused after {attempts} attempts; last error: {error}");
                 self.pause(&id, Some(attempts), reason).await;
-                self.attempt_over(&record, epoch);
+                self.retire_writes(&record, Some(epoch));
                 return self.stop_running(&id, epoch);
             }
             // Also the barrier: the next attempt reads a journal that holds
@@ -1092,12 +1092,6 @@ impl Invoker {
                     code: 409,
                     message: "killed".into(),
                 };
-                if t.invocation(&id2)?.is_none() {
-                    return Ok((
-                        Err(ControlError::NotFound(format!("invocation {id2}"))),
-                        None,
-                    ));
-                }
                 let task = me
                     .live
                     .lock()
@@ -1113,6 +1107,10 @@ impl Invoker {
                             }
                             then();
                         }) as Continuation),
+                    )),
+                    None if t.invocation(&id2)?.is_none() => Ok((
+                        Err(ControlError::NotFound(format!("invocation {id2}"))),
+                        None,
                     )),
                     None => Ok((
                         Err(ControlError::Conflict(format!(

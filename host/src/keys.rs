@@ -84,6 +84,7 @@ impl KeyQueues {
     }
 
     /// Whether `id` holds `slot`.
+    #[cfg(test)]
     pub fn holds(&self, slot: &KeySlot, id: &InvocationId) -> bool {
         self.keys
             .get(slot)
