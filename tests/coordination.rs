@@ -101,6 +101,38 @@ async fn a_delayed_send_that_comes_due_while_the_host_is_down_runs_at_start() {
 }
 
 #[tokio::test]
+async fn sleepers_give_their_instance_slots_up_to_an_invocation_that_needs_one() {
+    // Two slots, both taken by hour-long naps that would hold them for an
+    // hour (suspend_after); a third invocation needs a slot now.
+    let host = Host::start_with(HostOptions {
+        config: "suspend_after = \"1h\"\n[limits]\nmax_instances = 2\n".into(),
+        deploy: vec![example("coordination")],
+    })
+    .await;
+    let naps = [
+        send(&host, "/Sleeper/nap", "3600000").await,
+        send(&host, "/Sleeper/nap", "3600000").await,
+    ];
+    for nap in &naps {
+        host.wait_invocation(nap, MINUTE, |v| {
+            v["journal"].as_array().is_some_and(|j| !j.is_empty())
+        })
+        .await;
+    }
+    let quick = tokio::time::timeout(MINUTE, host.post("/Sleeper/nap", "1", &[]))
+        .await
+        .expect("the third invocation got a slot");
+    assert_eq!((quick.status, quick.body.as_str()), (200, "1"));
+    let mut suspended = 0;
+    for nap in &naps {
+        suspended += usize::from(
+            host.admin_get(&format!("/invocations/{nap}")).await["status"] == "suspended",
+        );
+    }
+    assert!(suspended >= 1, "a sleeper suspended to free its slot");
+}
+
+#[tokio::test]
 async fn calls_chain_through_services_and_objects_and_sends_are_one_way() {
     let host = start().await;
     assert_eq!(

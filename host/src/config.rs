@@ -8,10 +8,12 @@
 //! ```toml
 //! # Where the journal, state and modules live (one redb file).
 //! data_dir = "./cairn-data"
-//! # redb's page cache: more memory, fewer reads from disk. It fills as the
-//! # database grows; throughput drops once the working set (recent journals,
-//! # state, queues) no longer fits, so lower it only on small machines.
-//! db_cache_bytes = 1073741824
+//! # redb's page cache, part of the host's memory; it fills as the database
+//! # grows. Pages it misses come from the kernel's page cache (not counted
+//! # as the host's memory), so a small cache costs little: 1 GiB instead of
+//! # the default buys no throughput in `scripts/bench.sh`. Raise it when
+//! # large state is read often.
+//! db_cache_bytes = 16777216
 //! # Restate-compatible ingress, and the admin API.
 //! ingress_addr = "127.0.0.1:8080"
 //! admin_addr = "127.0.0.1:9070"
@@ -45,8 +47,10 @@
 //! memory_bytes = 67108864
 //! # Guest execution time per attempt before it is interrupted.
 //! cpu_per_attempt = "10s"
-//! # Instances alive at once; further attempts wait for a slot.
-//! max_instances = 1000
+//! # Instances alive at once; further attempts wait for a slot, and an
+//! # attempt that only waits gives its slot up (suspends) while another
+//! # attempt needs one. Each live instance costs its touched memory pages.
+//! max_instances = 128
 //!
 //! [retry]
 //! # Backoff of retryable failures: initial * factor^(attempt-1), capped.
@@ -228,7 +232,7 @@ impl Default for Limits {
         Limits {
             memory_bytes: 64 * 1024 * 1024,
             cpu_per_attempt: Duration::from_secs(10),
-            max_instances: 1000,
+            max_instances: 128,
         }
     }
 }
@@ -323,7 +327,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.limits.cpu_per_attempt, Duration::from_millis(250));
-        assert_eq!(c.limits.max_instances, 1000);
+        assert_eq!(c.limits.max_instances, 128);
         assert_eq!(c.http_allow, vec!["127.0.0.1:*"]);
         assert!(toml::from_str::<Config>("no_such_knob = 1").is_err());
     }

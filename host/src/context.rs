@@ -449,13 +449,20 @@ impl DurableContext {
             if let Some(pos) = self.journal.first_completed(handles) {
                 return Ok(pos);
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if tokio::time::timeout(left, self.mailbox.notify.notified())
-                .await
-                .is_err()
-                && !self.mailbox.has_mail()
-            {
+            // Another attempt needs this instance's slot: give it up (see
+            // `crate::instances`).
+            if self.invoker.instances().short() && !self.mailbox.has_mail() {
                 return Err(wasmtime::Error::new(HostTrap::Suspend));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::select! {
+                _ = self.mailbox.notify.notified() => {}
+                _ = self.invoker.instances().pressed() => {}
+                _ = tokio::time::sleep(left) => {
+                    if !self.mailbox.has_mail() {
+                        return Err(wasmtime::Error::new(HostTrap::Suspend));
+                    }
+                }
             }
         }
     }

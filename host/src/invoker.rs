@@ -51,7 +51,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::oneshot;
 
 /// The idempotency key under which a workflow's run is registered: one run
 /// per workflow id.
@@ -149,7 +149,7 @@ pub struct Invoker {
     registry: Arc<Registry>,
     clock: SharedClock,
     tokio: tokio::runtime::Handle,
-    instances: Semaphore,
+    instances: crate::instances::Slots,
     keys: Mutex<KeyQueues>,
     live: Mutex<HashMap<InvocationId, Live>>,
     watchers: Mutex<HashMap<InvocationId, Vec<oneshot::Sender<Outcome>>>>,
@@ -188,7 +188,7 @@ impl Invoker {
         clock: SharedClock,
     ) -> Arc<Self> {
         Arc::new(Invoker {
-            instances: Semaphore::new(config.limits.max_instances as usize),
+            instances: crate::instances::Slots::new(config.limits.max_instances as usize),
             committer,
             runtime,
             registry,
@@ -231,6 +231,11 @@ impl Invoker {
     /// How long an attempt waits before it suspends.
     pub fn suspend_after(&self) -> Duration {
         self.config.suspend_after
+    }
+
+    /// The instance slots (a waiting attempt suspends when they run short).
+    pub fn instances(&self) -> &crate::instances::Slots {
+        &self.instances
     }
 
     /// Set (or replace) a concurrency limit, durably; see [`crate::limits`].
@@ -851,11 +856,7 @@ impl Invoker {
             return AttemptEnd::Stopped(format!("deployment {} is not loaded", record.deployment));
         };
         let _limited = self.limits.acquire(&record.target).await;
-        let _slot = self
-            .instances
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
+        let _slot = self.instances.acquire().await;
         let overlay = self.overlay_for(&record);
         let durable = DurableContext::new(record, journal, self.clone(), mailbox, overlay, epoch);
         self.runtime.invoke(&deployment.module, durable).await

@@ -366,6 +366,13 @@ fn consumer(
     sub: &SubscriptionRecord,
 ) -> rdkafka::error::KafkaResult<StreamConsumer> {
     let mut config = ClientConfig::new();
+    // librdkafka prefetches up to 100,000 records per partition and 64 MiB
+    // per consumer by default; ingest is paced by `max_in_flight`, so a
+    // smaller prefetch costs no throughput. The cluster's properties and the
+    // subscription's options may raise it.
+    config
+        .set("queued.min.messages", "10000")
+        .set("queued.max.messages.kbytes", "16384");
     for (k, v) in &cluster.properties {
         config.set(k, v);
     }

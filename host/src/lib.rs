@@ -11,7 +11,8 @@
 //! - [`journal`]: journal entries and the replay rule.
 //! - [`store`]: the redb tables; [`commit`]: the group-commit writer.
 //! - [`runtime`]: wasmtime, sandboxing and limits; [`context`]: the host
-//!   side of the guest's `context` interface.
+//!   side of the guest's `context` interface; [`instances`]: the instance
+//!   slots, and when a waiting attempt gives its slot up.
 //! - [`deployments`]: uploads and the service registry.
 //! - [`invoker`]: invocation lifecycle, retries, deliveries; [`keys`]:
 //!   per-key ordering; [`fence`]: one attempt at a time; [`timers`]: sleeps
@@ -34,6 +35,7 @@ pub mod faults;
 pub mod fence;
 pub mod ids;
 pub mod ingress;
+pub mod instances;
 pub mod invoker;
 pub mod journal;
 pub mod kafka;

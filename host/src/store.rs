@@ -62,7 +62,7 @@ const OUTBOX: TableDefinition<(&str, u32), ()> = TableDefinition::new("outbox");
 const SUBSCRIPTION_STOPS: TableDefinition<&str, &str> = TableDefinition::new("subscription_stops");
 
 /// The page cache size used by [`Store::open`] (the config's default).
-pub const DEFAULT_CACHE_BYTES: usize = 1024 * 1024 * 1024;
+pub const DEFAULT_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -74,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
         Some(_) => None,
         None => Some(
             Host::start_with(cairn_tests::HostOptions {
-                config: format!("{}\n[kafka]\nmax_in_flight = 20000\n", args.host_config),
+                config: args.host_config.clone(),
                 ..Default::default()
             })
             .await,
@@ -91,8 +91,8 @@ async fn main() -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "{:<14} {:>10} {:>10} {:>9} {:>9} {:>9} {:>7}",
-        "scenario", "requests", "inv/s", "p50 ms", "p99 ms", "max ms", "errors"
+        "{:<14} {:>10} {:>10} {:>9} {:>9} {:>9} {:>7} {:>9}",
+        "scenario", "requests", "inv/s", "p50 ms", "p99 ms", "max ms", "errors", "peak MiB"
     );
     if let Some(minutes) = args.soak_minutes {
         let host = host
@@ -115,8 +115,15 @@ async fn main() -> anyhow::Result<()> {
         run(&args, &ingress, scenario, Duration::from_secs(1)).await;
         let r = run(&args, &ingress, scenario, Duration::from_secs(args.seconds)).await;
         println!(
-            "{:<14} {:>10} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>7}",
-            scenario.name, r.count, r.rate, r.p50, r.p99, r.max, r.errors
+            "{:<14} {:>10} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>9}",
+            scenario.name,
+            r.count,
+            r.rate,
+            r.p50,
+            r.p99,
+            r.max,
+            r.errors,
+            host.as_ref().map_or("-".into(), peak_mib)
         );
     }
     if let Some(host) = &host {
@@ -236,11 +243,17 @@ async fn kafka(host: &Host, name: &str, sink: &str, n: usize) {
         );
     }
     println!(
-        "{:<14} {n} records into {sink}: {:.0} records/s from the first produce to the last finished invocation (producing took {:.1} s){latency}",
+        "{:<14} {n} records into {sink}: {:.0} records/s from the first produce to the last finished invocation (producing took {:.1} s){latency}; host peak so far {} MiB",
         name,
         n as f64 / elapsed.as_secs_f64(),
-        produced.as_secs_f64()
+        produced.as_secs_f64(),
+        peak_mib(host)
     );
+}
+
+/// The host's peak memory so far (VmHWM), in MiB.
+fn peak_mib(host: &Host) -> String {
+    format!("{:.0}", host.peak_rss_kib() as f64 / 1024.0)
 }
 
 /// Wait until `sub` has ingested `count` records and all of them finished.
