@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fault-injection simulation (tests/sim.rs): seeded random workloads under
 # SIGKILLs, failing fsync, client retries, operator actions and a redeploy,
-# checked against a model after each run.
+# checked against a model after each run. Starts the Kafka broker if none runs.
 #
 #   scripts/sim.sh                  # the fixed seeds CI runs
 #   scripts/sim.sh --seed 42        # one seed (replay a failure)
@@ -23,10 +23,16 @@ while [ $# -gt 0 ]; do
 done
 scripts/build-examples.sh >/dev/null
 cargo build --quiet -p cairn
+# The workload produces to the real broker and subscribes to it.
+if ! scripts/kafka.sh status >/dev/null 2>&1; then
+  scripts/kafka.sh start
+  trap 'scripts/kafka.sh stop' EXIT
+fi
 cargo test --quiet -p cairn-tests --test sim --no-run
 if [ -z "$minutes" ]; then
   if [ -n "$seeds" ]; then export SIM_SEEDS="$seeds"; fi
-  SIM_STEPS="$steps" exec cargo test --quiet -p cairn-tests --test sim -- --nocapture
+  SIM_STEPS="$steps" cargo test --quiet -p cairn-tests --test sim -- --nocapture
+  exit 0
 fi
 end=$(( $(date +%s) + minutes * 60 ))
 ran=0

@@ -130,6 +130,17 @@ async fn sleepers_give_their_instance_slots_up_to_an_invocation_that_needs_one()
         );
     }
     assert!(suspended >= 1, "a sleeper suspended to free its slot");
+    let unfinished = host.admin_get("/invocations?limit=1").await;
+    assert_eq!(unfinished["total"], 2, "{unfinished}");
+    assert_eq!(
+        unfinished["unfinished"][0]["id"],
+        naps[0].as_str(),
+        "oldest first"
+    );
+    let r = host
+        .admin_send(reqwest::Method::GET, "/invocations?limit=0", None)
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
 }
 
 #[tokio::test]

@@ -169,13 +169,11 @@ async fn sigkill_mid_ingest_each_record_becomes_exactly_one_invocation() {
     );
 }
 
-#[tokio::test]
-async fn stopping_and_restarting_the_broker_loses_nothing() {
-    require_broker();
-    let port = 19092 + (std::process::id() % 500) as u16 * 2;
-    let bootstrap = format!("127.0.0.1:{port}");
+/// A broker of this test's own on `port` (so restarting it disturbs no
+/// other test): `kafka.sh start|stop` with `KAFKA_PORT`.
+fn private_broker(port: u16) -> impl Fn(&str) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka.sh");
-    let broker = |action: &str| {
+    move |action: &str| {
         let out = std::process::Command::new(&script)
             .arg(action)
             .env("KAFKA_PORT", port.to_string())
@@ -186,7 +184,15 @@ async fn stopping_and_restarting_the_broker_loses_nothing() {
             "kafka.sh {action}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-    };
+    }
+}
+
+#[tokio::test]
+async fn stopping_and_restarting_the_broker_loses_nothing() {
+    require_broker();
+    let port = 19092 + (std::process::id() % 500) as u16 * 2;
+    let bootstrap = format!("127.0.0.1:{port}");
+    let broker = private_broker(port);
     broker("start");
     let topic = unique_topic("flaky-broker");
     create_topic_on(&bootstrap, &topic, 2).await;
@@ -216,6 +222,41 @@ async fn stopping_and_restarting_the_broker_loses_nothing() {
     })
     .await;
     assert_eq!(counters(&host, 10).await, vec![600; 10]);
+    broker("stop");
+}
+
+#[tokio::test]
+async fn a_host_restarted_while_the_broker_is_down_ingests_once_it_is_back() {
+    require_broker();
+    let port = 20092 + (std::process::id() % 500) as u16 * 2;
+    let bootstrap = format!("127.0.0.1:{port}");
+    let broker = private_broker(port);
+    broker("start");
+    let topic = unique_topic("down-at-start");
+    create_topic_on(&bootstrap, &topic, 2).await;
+    let producer = producer_on(&bootstrap);
+    let batch = |from: usize| {
+        (from..from + 100)
+            .map(|i| Record::json(&format!("k{}", i % 10), &json!(1)))
+            .collect()
+    };
+    let mut host = Host::start_with(options("")).await;
+    subscribe(&host, &bootstrap, &topic, "service://Counter/add").await;
+    produce_with(&producer, &topic, batch(0)).await;
+    until("the first batch", Duration::from_secs(120), || async {
+        counters(&host, 10).await.iter().sum::<i64>() == 100
+    })
+    .await;
+    broker("stop");
+    host.restart().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker("start");
+    produce_with(&producer, &topic, batch(100)).await;
+    until("the second batch", Duration::from_secs(120), || async {
+        counters(&host, 10).await.iter().sum::<i64>() == 200
+    })
+    .await;
+    assert_eq!(counters(&host, 10).await, vec![20; 10]);
     broker("stop");
 }
 

@@ -10,11 +10,18 @@
 //! `scripts/sim.sh --minutes 60`. CI runs the seeds in `CI_SEEDS`.
 //!
 //! Keys `k*` are *exact*: nothing cancels or kills their work, so the model
-//! predicts their balance, their log of marks (every client program once,
-//! in submission order) and every effect. Keys `x*` are *chaos* keys:
+//! predicts their balance (including the records their programs produce to
+//! the real Kafka broker, which a subscription feeds back to `Acct` exactly
+//! once, across a restart of the broker), which programs fail terminally,
+//! their log of marks (every client program once, in submission
+//! order) and every effect; shared reads of their balance never go back
+//! (no read sees uncommitted state). `Flow` workflows wait for a durable
+//! promise that clients resolve, then add to an exact key and return the
+//! sum. Keys `x*` are *chaos* keys:
 //! operators kill, pause, resume and cancel there, and the checks are that
 //! nothing gets stuck and every key stays usable.
 
+use cairn_tests::kafka::{create_topic, require_broker, subscribe, unique_topic};
 use cairn_tests::server::TestServer;
 use cairn_tests::{example, Host, HostOptions};
 use serde_json::{json, Value};
@@ -25,6 +32,8 @@ use std::time::{Duration, Instant};
 const CI_SEEDS: &[u64] = &[1, 2, 3, 4, 5, 6];
 
 const EXACT: usize = 6;
+/// Partitions of the simulation's topic.
+const PARTITIONS: usize = 2;
 const CHAOS: usize = 3;
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -62,8 +71,30 @@ struct Model {
     answered: BTreeSet<String>,
     /// Client invocations: (id, key).
     invocations: Vec<(String, String)>,
+    /// Client requests (idempotency keys) whose program ends in a terminal
+    /// failure, and the ids of their invocations.
+    failing: BTreeSet<String>,
+    failed: BTreeSet<String>,
     /// Journals seen during the run, to check nothing is rewritten.
     journals: HashMap<String, Vec<Value>>,
+    /// The highest balance a shared read returned per exact key: balances
+    /// only grow, so a lower read later means a read saw uncommitted state.
+    read: BTreeMap<String, i64>,
+    /// Workflows started, and the value their promise got.
+    flows: Vec<FlowModel>,
+    /// Records the programs produce to Kafka.
+    produced: usize,
+    /// Shared reads made during the run.
+    reads: usize,
+}
+
+/// A `Flow` workflow: it adds `go + n` to `key` once its promise `go` is
+/// resolved, and returns that sum.
+struct FlowModel {
+    id: String,
+    key: String,
+    n: i64,
+    go: Option<i64>,
 }
 
 struct Sim {
@@ -71,10 +102,15 @@ struct Sim {
     rng: Rng,
     host: Host,
     sink: TestServer,
+    /// The subscription that feeds the simulation's topic back to `Acct`.
+    subscription: String,
     model: Model,
     http: reqwest::Client,
     next_id: u64,
     redeployed: bool,
+    /// A restart of the Kafka broker running beside the workload.
+    broker_restart: Option<tokio::task::JoinHandle<()>>,
+    broker_restarts: usize,
     kills: usize,
     crashes: usize,
 }
@@ -87,10 +123,13 @@ impl Sim {
     async fn start(seed: u64) -> Sim {
         let sink = TestServer::start(Duration::ZERO).await;
         let port = sink.url.rsplit(':').next().unwrap().to_string();
+        let broker = require_broker();
+        let topic = unique_topic("sim");
+        create_topic(&topic, PARTITIONS as i32).await;
         let config = format!(
             "suspend_after = \"100ms\"\ncompleted_retention = \"1h\"\n\
              idempotency_retention = \"1h\"\nhttp_allow = [\"127.0.0.1:{port}\"]\n\
-             [guest_env]\nSINK = {:?}\n\
+             [guest_env]\nSINK = {:?}\nTOPIC = {topic:?}\n\
              [retry]\ninitial_interval = \"10ms\"\nmax_interval = \"200ms\"\nmax_attempts = 1000\n",
             sink.url
         );
@@ -109,11 +148,13 @@ impl Sim {
             deploy: vec![example("sim")],
         })
         .await;
+        let subscription = subscribe(&host, &broker, &topic, "service://Acct/apply").await;
         Sim {
             seed,
             rng: Rng(seed),
             host,
             sink,
+            subscription,
             model: Model::default(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
@@ -121,6 +162,8 @@ impl Sim {
                 .unwrap(),
             next_id: 0,
             redeployed: false,
+            broker_restart: None,
+            broker_restarts: 0,
             kills: 0,
             crashes: 0,
         }
@@ -156,7 +199,7 @@ impl Sim {
         }
         for _ in 0..=self.rng.below(3) {
             let n = 1 + self.rng.below(9) as i64;
-            let op = match self.rng.below(9) {
+            let op = match self.rng.below(10) {
                 0 | 1 => {
                     *self.model.balance.entry(own.clone()).or_default() += n;
                     json!({ "Add": n })
@@ -186,11 +229,27 @@ impl Sim {
                     json!({ "Effect": id })
                 }
                 7 => json!({ "Flaky": self.fresh("flaky") }),
+                8 => {
+                    // Comes back through Kafka as `Acct/{target}/apply`.
+                    let target = key(class, self.rng.below(peers as u64) as usize);
+                    *self.model.balance.entry(target.clone()).or_default() += n;
+                    self.model.produced += 1;
+                    json!({ "Produce": { "key": target, "n": n } })
+                }
                 _ => json!("Awake"),
             };
             program.push(op);
         }
         program
+    }
+
+    /// Sometimes end a program with a terminal failure (its ops before it
+    /// still count); the request with this idempotency key must fail.
+    fn maybe_fail(&mut self, program: &mut Vec<Value>, idempotency: &str) {
+        if self.rng.chance(10) {
+            program.push(json!("Fail"));
+            self.model.failing.insert(idempotency.to_string());
+        }
     }
 
     /// POST to the ingress until the host answers (restarting it if it
@@ -240,7 +299,8 @@ impl Sim {
                 false => ('x', self.rng.below(CHAOS as u64) as usize),
             };
             let idem = self.fresh("client");
-            let program = self.program(class, index);
+            let mut program = self.program(class, index);
+            self.maybe_fail(&mut program, &idem);
             requests.push((key(class, index), idem, json!(program).to_string()));
         }
         let kill_after = self
@@ -296,6 +356,9 @@ impl Sim {
                 .as_str()
                 .unwrap()
                 .to_string();
+            if self.model.failing.contains(&idem) {
+                self.model.failed.insert(id.clone());
+            }
             self.model.invocations.push((id, k));
         }
     }
@@ -393,6 +456,152 @@ impl Sim {
         }
     }
 
+    /// Start a workflow, or resolve the promise of a waiting one.
+    async fn flow(&mut self) {
+        let waiting: Vec<usize> = (0..self.model.flows.len())
+            .filter(|&i| self.model.flows[i].go.is_none())
+            .collect();
+        if !waiting.is_empty() && self.rng.chance(50) {
+            let i = waiting[self.rng.below(waiting.len() as u64) as usize];
+            self.resolve_flow(i).await;
+            return;
+        }
+        let id = self.fresh("flow");
+        let k = key('k', self.rng.below(EXACT as u64) as usize);
+        let n = 1 + self.rng.below(9) as i64;
+        let body = json!([k, n]).to_string();
+        let path = format!("/Flow/{id}/run/send");
+        let (status, text) = self.post(&path, &body, Some(&format!("{id}-run"))).await;
+        assert!(
+            matches!(status, 200 | 202),
+            "seed {}: {path}: {status} {text}",
+            self.seed
+        );
+        let invocation = serde_json::from_str::<Value>(&text).unwrap()["invocationId"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        self.model.invocations.push((invocation, k.clone()));
+        self.model.flows.push(FlowModel {
+            id,
+            key: k,
+            n,
+            go: None,
+        });
+    }
+
+    /// Resolve the promise of flow `i` (a client retrying with its key).
+    async fn resolve_flow(&mut self, i: usize) {
+        let go = 1 + self.rng.below(9) as i64;
+        let id = self.model.flows[i].id.clone();
+        let path = format!("/Flow/{id}/go");
+        let (status, text) = self
+            .post(&path, &go.to_string(), Some(&format!("{id}-go")))
+            .await;
+        assert_eq!(status, 200, "seed {}: {path}: {text}", self.seed);
+        let flow = &mut self.model.flows[i];
+        flow.go = Some(go);
+        *self.model.balance.entry(flow.key.clone()).or_default() += go + flow.n;
+    }
+
+    /// Every workflow returned its promise's value plus its `n`.
+    async fn check_flows(&mut self) {
+        for flow in &self.model.flows {
+            let url = format!(
+                "{}/restate/workflow/Flow/{}/output",
+                self.host.ingress(),
+                flow.id
+            );
+            let r = self
+                .http
+                .get(url)
+                .send()
+                .await
+                .expect("the ingress answers");
+            let status = r.status().as_u16();
+            let body = r.text().await.unwrap_or_default();
+            let expected = flow.go.map(|go| go + flow.n).unwrap();
+            assert_eq!(
+                (status, body),
+                (200, expected.to_string()),
+                "seed {}: the output of workflow {}",
+                self.seed,
+                flow.id
+            );
+        }
+    }
+
+    /// Restart the Kafka broker (`scripts/kafka.sh stop`, then `start`)
+    /// while the workload goes on: produces wait in the outbox, the
+    /// subscription reconnects, nothing is lost or ingested twice.
+    fn restart_broker(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/kafka.sh");
+        let managed = std::process::Command::new(script)
+            .arg("status")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            managed,
+            "seed {}: the simulation restarts the broker, so start it with \
+             `scripts/kafka.sh start` (scripts/test.sh and scripts/sim.sh do)",
+            self.seed
+        );
+        self.broker_restarts += 1;
+        self.broker_restart = Some(tokio::task::spawn_blocking(move || {
+            for action in ["stop", "start"] {
+                let status = std::process::Command::new(script)
+                    .arg(action)
+                    .stdout(std::process::Stdio::null())
+                    .status()
+                    .expect("scripts/kafka.sh runs");
+                assert!(status.success(), "scripts/kafka.sh {action} failed");
+            }
+        }));
+    }
+
+    /// Upload version 2 of the module, retrying across a host that an
+    /// injected fsync failure aborted (a deployment is content-addressed,
+    /// so a retried upload is the same deployment).
+    async fn redeploy(&mut self) {
+        let module = cairn_tests::read(&example("sim-v2"));
+        for _ in 0..20 {
+            let url = format!("{}/deployments", self.host.admin());
+            if let Ok(r) = self.http.post(url).body(module.clone()).send().await {
+                let status = r.status().as_u16();
+                let body = r.text().await.unwrap_or_default();
+                assert!(
+                    matches!(status, 200 | 201),
+                    "seed {}: redeploy: {status} {body}",
+                    self.seed
+                );
+                self.redeployed = true;
+                return;
+            }
+            self.revive().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("seed {}: the admin API never took the upload", self.seed);
+    }
+
+    /// A shared read of an exact key's balance: it never goes back.
+    async fn read_balance(&mut self) {
+        let k = key('k', self.rng.below(EXACT as u64) as usize);
+        let balance: i64 = self
+            .query(&format!("/Acct/{k}/balance"))
+            .await
+            .parse()
+            .unwrap();
+        let highest = self.model.read.entry(k.clone()).or_default();
+        assert!(
+            balance >= *highest,
+            "seed {}: a shared read of {k} returned {balance} after {highest}: a read saw \
+             state that was never committed",
+            self.seed
+        );
+        *highest = balance;
+        self.model.reads += 1;
+    }
+
     fn check_journal_grew(&self, id: &str, now: &[Value]) {
         if let Some(before) = self.model.journals.get(id) {
             assert!(
@@ -405,20 +614,18 @@ impl Sim {
 
     async fn step(&mut self) {
         match self.rng.below(100) {
-            0..=54 => self.burst().await,
-            55..=66 => self.operate().await,
-            67..=76 => self.answer_awakeables().await,
-            77..=80 => self.sample_journals().await,
-            81..=83 if !self.redeployed => {
-                let module = cairn_tests::read(&example("sim-v2"));
-                let r = self.host.upload(module).await;
-                assert!(matches!(r.status, 200 | 201), "redeploy: {}", r.body);
-                self.redeployed = true;
-            }
+            0..=52 => self.burst().await,
+            53..=64 => self.operate().await,
+            65..=74 => self.answer_awakeables().await,
+            75..=77 => self.sample_journals().await,
+            78..=80 => self.read_balance().await,
+            81..=83 if !self.redeployed => self.redeploy().await,
             84..=87 => {
                 self.kills += 1;
                 self.host.restart().await;
             }
+            88..=92 => self.flow().await,
+            93 if self.broker_restart.is_none() => self.restart_broker(),
             _ => tokio::time::sleep(Duration::from_millis(20 + self.rng.below(80))).await,
         }
     }
@@ -426,7 +633,17 @@ impl Sim {
     /// Drive everything to its end: answer awakeables, resume paused
     /// invocations, until nothing is unfinished.
     async fn settle(&mut self) {
+        if let Some(restart) = self.broker_restart.as_mut() {
+            restart.await.expect("the broker restarted");
+            self.broker_restart = None;
+        }
         let deadline = Instant::now() + 2 * MINUTE;
+        let waiting: Vec<usize> = (0..self.model.flows.len())
+            .filter(|&i| self.model.flows[i].go.is_none())
+            .collect();
+        for i in waiting {
+            self.resolve_flow(i).await;
+        }
         loop {
             self.revive().await;
             self.answer_awakeables().await;
@@ -453,7 +670,7 @@ impl Sim {
                 .admin(reqwest::Method::GET, "/storage")
                 .await
                 .map(|(_, v)| v["rows"]["active"].clone());
-            if unfinished == 0 && active == Some(json!(0)) {
+            if unfinished == 0 && active == Some(json!(0)) && self.subscription_drained().await {
                 return;
             }
             assert!(
@@ -467,8 +684,51 @@ impl Sim {
         }
     }
 
+    /// Whether every record produced so far was ingested and finished.
+    async fn subscription_drained(&mut self) -> bool {
+        let path = format!("/subscriptions/{}", self.subscription);
+        let Some((200, v)) = self.admin(reqwest::Method::GET, &path).await else {
+            return false;
+        };
+        // An empty lag means no partition is assigned yet (a host just
+        // restarted), not that nothing is left.
+        let lag_zero = v["lag"]
+            .as_object()
+            .is_some_and(|lag| lag.len() == PARTITIONS && lag.values().all(|l| l == 0));
+        lag_zero && v["in_flight"] == 0
+    }
+
     async fn stuck_report(&self) -> String {
-        let mut report = String::new();
+        let url = format!("{}/subscriptions/{}", self.host.admin(), self.subscription);
+        let mut report = match self.http.get(url).send().await {
+            Ok(r) => format!("subscription: {}\n", r.text().await.unwrap_or_default()),
+            Err(e) => format!("subscription: {e}\n"),
+        };
+        let log = self.host.log();
+        let noteworthy: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect();
+        for line in &noteworthy[noteworthy.len().saturating_sub(20)..] {
+            report.push_str(&format!("host: {line}\n"));
+        }
+        let url = format!("{}/invocations", self.host.admin());
+        if let Ok(r) = self.http.get(url).send().await {
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            for u in v["unfinished"].as_array().into_iter().flatten() {
+                let url = format!(
+                    "{}/invocations/{}",
+                    self.host.admin(),
+                    u["id"].as_str().unwrap_or("")
+                );
+                if let Ok(r) = self.http.get(url).send().await {
+                    report.push_str(&format!(
+                        "unfinished: {}\n",
+                        r.text().await.unwrap_or_default()
+                    ));
+                }
+            }
+        }
         for (id, k) in &self.model.invocations {
             let url = format!("{}/invocations/{id}", self.host.admin());
             let Ok(r) = self.http.get(url).send().await else {
@@ -496,8 +756,12 @@ impl Sim {
                 .await
                 .expect("the admin API answers");
             if k.starts_with('k') {
+                let expected = match self.model.failed.contains(&id) {
+                    true => "failed",
+                    false => "succeeded",
+                };
                 assert_eq!(
-                    v["status"], "succeeded",
+                    v["status"], expected,
                     "seed {}: exact-key invocation {id} on {k}: {v:#}",
                     self.seed
                 );
@@ -515,6 +779,12 @@ impl Sim {
                 .unwrap();
             let expected = self.model.balance.get(&k).copied().unwrap_or(0);
             assert_eq!(balance, expected, "seed {}: balance of {k}", self.seed);
+            let highest = self.model.read.get(&k).copied().unwrap_or(0);
+            assert!(
+                balance >= highest,
+                "seed {}: {k} ends at {balance} but a shared read returned {highest}",
+                self.seed
+            );
             let log: Vec<u64> =
                 serde_json::from_str(&self.query(&format!("/Acct/{k}/log")).await).unwrap();
             let marks = self.model.marks.get(&k).cloned().unwrap_or_default();
@@ -541,6 +811,7 @@ impl Sim {
             let (status, body) = self.post(&format!("/Acct/{k}/apply"), "[]", None).await;
             assert_eq!(status, 200, "seed {}: {k} is usable: {body}", self.seed);
         }
+        self.check_flows().await;
         let received = self.sink.received("effects");
         let seen: BTreeSet<String> = received
             .iter()
@@ -595,17 +866,25 @@ async fn run_seed(seed: u64, steps: usize) {
     sim.settle().await;
     sim.check().await;
     sim.check_memory_drained().await;
-    // Everything holds across one more SIGKILL, too.
+    // Everything holds across one more SIGKILL, too (and the subscription
+    // ingests nothing twice when it resumes).
     sim.host.restart().await;
+    sim.settle().await;
     sim.check().await;
     let injected = sim.host.log().matches("injected fsync failure").count();
     println!(
         "seed {seed}: {} invocations, {} SIGKILLs, {} crashes on {injected} injected fsync \
-         failures, {} effects, {:.1?}: all invariants hold",
+         failures, {} broker restarts, {} effects, {} Kafka records, {} workflows, {} shared \
+         reads, {} terminal failures, {:.1?}: all invariants hold",
         sim.model.invocations.len(),
         sim.kills,
         sim.crashes,
+        sim.broker_restarts,
         sim.model.effects.len(),
+        sim.model.produced,
+        sim.model.flows.len(),
+        sim.model.reads,
+        sim.model.failed.len(),
         started.elapsed()
     );
 }

@@ -64,6 +64,7 @@ pub fn router(
     Router::new()
         .route("/deployments", get(list_deployments).post(deploy))
         .route("/services", get(list_services))
+        .route("/invocations", get(list_unfinished))
         .route("/invocations/{id}", get(describe_invocation))
         .route("/invocations/{id}/{action}", post(control_invocation))
         .route("/metrics", get(metrics))
@@ -290,6 +291,40 @@ async fn list_services(State(invoker): State<Arc<Invoker>>) -> Json<Value> {
         })
         .collect();
     Json(json!({ "services": services }))
+}
+
+/// The unfinished invocations, oldest first: at most `limit` (default 100,
+/// at most 1,000), and how many there are in all.
+async fn list_unfinished(
+    State(invoker): State<Arc<Invoker>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = match query.get("limit") {
+        None => 100,
+        Some(n) => n
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "limit must be 1 to 1000"))?,
+    };
+    let unfinished = invoker.store().unfinished()?;
+    let now = invoker.now_ms();
+    let listed: Vec<Value> = unfinished
+        .iter()
+        .take(limit)
+        .map(|r| {
+            json!({
+                "id": r.id,
+                "target": r.target.to_string(),
+                "status": status_name(r, invoker.live_status(&r.id), now),
+                "attempts": r.attempts,
+                "last_error": r.last_error,
+            })
+        })
+        .collect();
+    Ok(Json(
+        json!({ "total": unfinished.len(), "unfinished": listed }),
+    ))
 }
 
 async fn describe_invocation(

@@ -309,6 +309,7 @@ impl Subscriptions {
             stats: stats.clone(),
             record: record.clone(),
             max_in_flight: self.max_in_flight,
+            last_error: std::sync::Mutex::default(),
         };
         let task = tokio::spawn(ingest.run());
         self.running.lock().unwrap().insert(
@@ -521,6 +522,8 @@ struct Ingest {
     stats: Arc<Stats>,
     record: SubscriptionRecord,
     max_in_flight: usize,
+    /// The last client error logged, and when (see [`Ingest::report`]).
+    last_error: std::sync::Mutex<Option<(String, Instant)>>,
 }
 
 impl Ingest {
@@ -570,8 +573,11 @@ impl Ingest {
         match first {
             Err(_) => return batch,
             Ok(Err(e)) => {
-                tracing::warn!(subscription = %self.record.id, "kafka: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                // librdkafka reconnects by itself; its errors are reports,
+                // queued in front of the records. Take the next at once: a
+                // pause per error would leave the consumer draining stale
+                // errors for minutes after an outage.
+                self.report(&e);
                 return batch;
             }
             Ok(Ok(m)) => batch.push(OwnedRecord::from(&m)),
@@ -583,6 +589,19 @@ impl Ingest {
             }
         }
         batch
+    }
+
+    /// Log a client error, but a repeated one at most every 10 s.
+    fn report(&self, e: &rdkafka::error::KafkaError) {
+        let text = e.to_string();
+        let mut last = self.last_error.lock().unwrap();
+        let repeated = last
+            .as_ref()
+            .is_some_and(|(t, at)| *t == text && at.elapsed() < Duration::from_secs(10));
+        if !repeated {
+            tracing::warn!(subscription = %self.record.id, "kafka: {text}; librdkafka retries");
+            *last = Some((text, Instant::now()));
+        }
     }
 
     /// Queue one invocation per record, in order; once all are durable,

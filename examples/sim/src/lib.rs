@@ -4,8 +4,9 @@
 //! `Acct/{key}/apply` interprets a small program of durable operations, so
 //! the simulation can compose random workloads from a few handlers: state
 //! changes, sends (delayed or not), calls, sleeps, a select between a sleep
-//! and an awakeable, outside effects (host HTTP to the test's sink) and
-//! retryable failures. The simulation's model predicts every key's balance
+//! and an awakeable, outside effects (host HTTP to the test's sink), Kafka
+//! records that come back as invocations, and retryable and terminal
+//! failures. The simulation's model predicts every key's balance
 //! and every effect; the host must agree after any schedule of faults.
 
 use cairn_sdk::prelude::*;
@@ -39,6 +40,14 @@ pub enum Op {
     /// guest; the sink fails the first try, so the attempt fails retryably
     /// and the retry replays everything before it.
     Flaky(String),
+    /// Produce `[Add(n)]` to the topic in the guest's `TOPIC` (cluster
+    /// "local") with record key `key`, and wait for the broker's ack; the
+    /// simulation subscribes `Acct/apply` to that topic, so the record adds
+    /// `n` to `key`'s balance exactly once.
+    Produce { key: String, n: i64 },
+    /// A step that fails terminally: the invocation fails, and what the
+    /// program did before it stays done.
+    Fail,
 }
 
 /// An account per key, driven by programs.
@@ -184,9 +193,43 @@ fn run_op(ctx: &Context, op: Op) -> HandlerResult<()> {
                 }
             })?;
         }
+        Op::Fail => {
+            ctx.run("fail", || -> Result<(), HandlerError> {
+                Err(TerminalError::with_code(422, "failing on purpose").into())
+            })?;
+        }
+        Op::Produce { key, n } => {
+            let topic = cairn_sdk::env("TOPIC")?;
+            ctx.kafka_produce("local", &topic, Some(key.as_bytes()), &vec![Op::Add(n)])
+                .wait()?;
+        }
     }
     Ok(())
 }
+/// A workflow per id: it waits for its durable promise `go`, then calls
+/// `Acct/{key}/apply([Add(go + n)])` and returns `go + n`.
+pub struct Flow;
+
+#[cairn_sdk::workflow]
+impl Flow {
+    /// The workflow's run: `(key, n)`.
+    pub fn run(ctx: &Context, req: (String, i64)) -> HandlerResult<i64> {
+        let (key, n) = req;
+        let go: i64 = ctx.promise("go").wait()?;
+        ctx.call::<_, i64>(
+            Target::object("Acct", &key, "apply"),
+            &vec![Op::Add(go + n)],
+        )
+        .wait()?;
+        Ok(go + n)
+    }
+
+    /// Resolve the promise `go` (shared: runs while `run` waits).
+    pub fn go(ctx: &Context, value: i64) -> HandlerResult<()> {
+        ctx.resolve_promise("go", &value)
+    }
+}
+
 /// Kafka records per key, for the ingest tests. Version 2 removes `take`,
 /// so records still routed to it cannot be ingested.
 pub struct Feed;
@@ -218,4 +261,4 @@ impl Feed {
     }
 }
 
-cairn_sdk::export!(Acct, Feed);
+cairn_sdk::export!(Acct, Flow, Feed);

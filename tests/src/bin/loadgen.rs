@@ -20,7 +20,8 @@ struct Args {
     /// Measured seconds per scenario (after a 1 s warm-up).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Scenarios to run: steps3, counter-keys, counter-hot (HTTP); kafka-counter, kafka-object, kafka-service (Kafka).
+    /// Scenarios to run: steps3, counter-keys, counter-hot (HTTP); kafka-counter, kafka-object, kafka-service (Kafka);
+    /// send-delayed (HTTP, not in the default set: sends due in a day).
     #[arg(
         long,
         value_delimiter = ',',
@@ -41,6 +42,11 @@ struct Args {
     /// (use with `completed_retention = "1m"`: both must level off).
     #[arg(long)]
     soak_minutes: Option<u64>,
+    /// Timers: submit about this many sends due in a day (`send-delayed`),
+    /// print the host's memory and its timers, then SIGKILL it and print how
+    /// long the restart takes until the host is ready again.
+    #[arg(long)]
+    timers: Option<u64>,
 }
 
 struct Scenario {
@@ -49,7 +55,7 @@ struct Scenario {
     body: &'static str,
 }
 
-const SCENARIOS: [Scenario; 3] = [
+const SCENARIOS: [Scenario; 4] = [
     Scenario {
         name: "steps3",
         path: |_| "/Steps/steps3".into(),
@@ -65,12 +71,19 @@ const SCENARIOS: [Scenario; 3] = [
         path: |_| "/Counter/hot/add".into(),
         body: "1",
     },
+    // Not in the default set: fills the host with invocations due in a day
+    // (timers), to measure their memory and the restart time with them.
+    Scenario {
+        name: "send-delayed",
+        path: |i| format!("/Counter/k{}/add/send?delay=1d", i % 1000),
+        body: "1",
+    },
 ];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let host = match &args.ingress {
+    let mut host = match &args.ingress {
         Some(_) => None,
         None => Some(
             Host::start_with(cairn_tests::HostOptions {
@@ -94,6 +107,12 @@ async fn main() -> anyhow::Result<()> {
         "{:<14} {:>10} {:>10} {:>9} {:>9} {:>9} {:>7} {:>9}",
         "scenario", "requests", "inv/s", "p50 ms", "p99 ms", "max ms", "errors", "peak MiB"
     );
+    if let Some(n) = args.timers {
+        let host = host
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("the timers run starts its own host: omit --ingress"))?;
+        return timers(&args, host, n).await;
+    }
     if let Some(minutes) = args.soak_minutes {
         let host = host
             .as_ref()
@@ -133,6 +152,48 @@ async fn main() -> anyhow::Result<()> {
             proc_status_kib(host.pid(), "VmRSS:") as f64 / 1024.0
         );
     }
+    Ok(())
+}
+
+/// Fill the host with `n` delayed sends, then restart it after a SIGKILL.
+async fn timers(args: &Args, host: &mut Host, n: u64) -> anyhow::Result<()> {
+    let scenario = SCENARIOS.iter().find(|s| s.name == "send-delayed").unwrap();
+    let mut sent = 0;
+    while sent < n as usize {
+        let r = run(args, &host.ingress(), scenario, Duration::from_secs(10)).await;
+        sent += r.count;
+        println!(
+            "{:<14} {:>10} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>9}",
+            scenario.name,
+            sent,
+            r.rate,
+            r.p50,
+            r.p99,
+            r.max,
+            r.errors,
+            peak_mib(host)
+        );
+    }
+    let report = |host: &Host, storage: &serde_json::Value| {
+        format!(
+            "{} timers in the table, {} in memory; host memory {:.1} MiB (VmRSS)",
+            storage["rows"]["timers"],
+            storage["memory"]["timers"],
+            proc_status_kib(host.pid(), "VmRSS:") as f64 / 1024.0
+        )
+    };
+    println!(
+        "before the SIGKILL: {}",
+        report(host, &host.admin_get("/storage").await)
+    );
+    let restarted = Instant::now();
+    host.restart().await;
+    let ready = restarted.elapsed();
+    println!(
+        "restart after SIGKILL: ready in {:.2} s; {}",
+        ready.as_secs_f64(),
+        report(host, &host.admin_get("/storage").await)
+    );
     Ok(())
 }
 
