@@ -279,14 +279,24 @@ impl Invoker {
         for (scope, max) in self.store.limits()? {
             self.limits.set(&scope, max as usize);
         }
-        let mut resumed = 0;
-        for record in self.store.unfinished()? {
+        // Delayed invocations only need their timer; the others take their
+        // keys in arrival order, so they are sorted first.
+        let (mut resumed, mut due) = (0, Vec::new());
+        let now = self.clock.now_ms();
+        self.store.for_each_unfinished(|record| {
             self.count_source(&record, 1);
-            match record.status {
-                Status::Ready => {
+            match (record.status, record.start_at_ms.filter(|&at| at > now)) {
+                (Status::Ready, Some(at)) => {
                     resumed += 1;
-                    self.route(Arc::new(record));
+                    self.schedule(&record.id, at);
                 }
+                (Status::Ready | Status::Paused, _) => due.push(record),
+                (Status::Completed, _) => {}
+            }
+        })?;
+        due.sort_by_key(|r| r.seq);
+        for record in due {
+            match record.status {
                 // A paused invocation keeps its place in its key's queue.
                 Status::Paused => {
                     if let Some(slot) = exclusive_slot(&record) {
@@ -296,7 +306,10 @@ impl Invoker {
                             .arrive(&slot, record.seq, &record.id);
                     }
                 }
-                Status::Completed => {}
+                _ => {
+                    resumed += 1;
+                    self.admit(Arc::new(record));
+                }
             }
         }
         for (at, id, command) in self.store.timers()? {
@@ -590,12 +603,15 @@ impl Invoker {
     /// then queue it behind its key or run it.
     fn route(self: &Arc<Self>, record: Arc<InvocationRecord>) {
         match record.start_at_ms.filter(|&at| at > self.clock.now_ms()) {
-            Some(at) => {
-                self.set_status(&record.id, LiveStatus::Scheduled);
-                self.timers.add(at, Due::Start(record.id.clone()));
-            }
+            Some(at) => self.schedule(&record.id, at),
             None => self.admit(record),
         }
+    }
+
+    /// `id` starts at `at_ms` (a timer until then, not a record).
+    fn schedule(&self, id: &InvocationId, at_ms: u64) {
+        self.set_status(id, LiveStatus::Scheduled);
+        self.timers.add(at_ms, Due::Start(id.clone()));
     }
 
     /// A due invocation: take its key (or wait for it), then run.

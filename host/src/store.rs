@@ -227,25 +227,29 @@ impl Store {
         self.read(|t| state_names_in(&t.open_table(STATE)?, service, key))
     }
 
-    /// Every invocation that has not completed, in arrival order (one read
-    /// transaction, so a recovery of many is one pass over the tables).
+    /// Every invocation that has not completed, in arrival order.
     pub fn unfinished(&self) -> StoreResult<Vec<InvocationRecord>> {
-        let raw = self.read(|t| {
-            let invocations = t.open_table(INVOCATIONS)?;
-            let mut rows = Vec::new();
-            for row in t.open_table(ACTIVE)?.iter()? {
-                if let Some(v) = invocations.get(row?.0.value())? {
-                    rows.push(v.value().to_vec());
-                }
-            }
-            Ok(rows)
-        })?;
-        let mut records = raw
-            .iter()
-            .map(|b| decode::<InvocationRecord>("invocations", b))
-            .collect::<StoreResult<Vec<_>>>()?;
+        let mut records = Vec::new();
+        self.for_each_unfinished(|r| records.push(r))?;
         records.sort_by_key(|r| r.seq);
         Ok(records)
+    }
+
+    /// Visit every invocation that has not completed, in no particular
+    /// order, decoding one at a time: one read transaction, and no more
+    /// than one record in memory unless `visit` keeps it (a recovery of a
+    /// million delayed invocations keeps only their timers).
+    pub fn for_each_unfinished(&self, mut visit: impl FnMut(InvocationRecord)) -> StoreResult<()> {
+        let txn = self.db.begin_read().map_err(StoreError::redb)?;
+        let invocations = txn.open_table(INVOCATIONS).map_err(StoreError::redb)?;
+        let active = txn.open_table(ACTIVE).map_err(StoreError::redb)?;
+        for row in active.iter().map_err(StoreError::redb)? {
+            let (id, _) = row.map_err(StoreError::redb)?;
+            if let Some(v) = invocations.get(id.value()).map_err(StoreError::redb)? {
+                visit(decode::<InvocationRecord>("invocations", v.value())?);
+            }
+        }
+        Ok(())
     }
 
     /// The invocation an idempotency key maps to.

@@ -194,6 +194,11 @@ async fn timers(args: &Args, host: &mut Host, n: u64) -> anyhow::Result<()> {
         ready.as_secs_f64(),
         report(host, &host.admin_get("/storage").await)
     );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    println!(
+        "10 s later: {}",
+        report(host, &host.admin_get("/storage").await)
+    );
     Ok(())
 }
 
