@@ -187,21 +187,49 @@ fn private_broker(port: u16) -> impl Fn(&str) {
     }
 }
 
-#[tokio::test]
-async fn stopping_and_restarting_the_broker_loses_nothing() {
+/// A private broker started on a port derived from `base`, a fresh topic of
+/// two partitions on it, and a producer: (control, bootstrap, topic, producer).
+async fn private_topic(
+    base: u16,
+    name: &str,
+) -> (
+    impl Fn(&str),
+    String,
+    String,
+    rdkafka::producer::FutureProducer,
+) {
     require_broker();
-    let port = 19092 + (std::process::id() % 500) as u16 * 2;
+    let port = base + (std::process::id() % 500) as u16 * 2;
     let bootstrap = format!("127.0.0.1:{port}");
     let broker = private_broker(port);
     broker("start");
-    let topic = unique_topic("flaky-broker");
+    let topic = unique_topic(name);
     create_topic_on(&bootstrap, &topic, 2).await;
     let producer = producer_on(&bootstrap);
-    let batch = |from: usize| {
-        (from..from + 3000)
-            .map(|i| Record::json(&format!("k{}", i % 10), &json!(1)))
-            .collect()
-    };
+    (broker, bootstrap, topic, producer)
+}
+
+/// Wait until `Counter/k0..k9` add up to `total`, then check that each
+/// counted its tenth: no record lost, none counted twice.
+async fn counted_exactly(host: &Host, total: i64, timeout: Duration) {
+    until(&format!("{total} records counted"), timeout, || async {
+        counters(host, 10).await.iter().sum::<i64>() == total
+    })
+    .await;
+    assert_eq!(counters(host, 10).await, vec![total / 10; 10]);
+}
+
+/// Records `from..from + n`, each adding 1 to `Counter/k{i % 10}`.
+fn batch(from: usize, n: usize) -> Vec<Record> {
+    (from..from + n)
+        .map(|i| Record::json(&format!("k{}", i % 10), &json!(1)))
+        .collect()
+}
+
+#[tokio::test]
+async fn stopping_and_restarting_the_broker_loses_nothing() {
+    let (broker, bootstrap, topic, producer) = private_topic(19092, "flaky-broker").await;
+    let batch = |from| batch(from, 3000);
     produce_with(&producer, &topic, batch(0)).await;
     let host = Host::start_with(options("")).await;
     subscribe(&host, &bootstrap, &topic, "service://Counter/add").await;
@@ -217,46 +245,24 @@ async fn stopping_and_restarting_the_broker_loses_nothing() {
     );
     broker("start");
     produce_with(&producer, &topic, batch(3000)).await;
-    until("all 6000 records", Duration::from_secs(300), || async {
-        counters(&host, 10).await.iter().sum::<i64>() == 6000
-    })
-    .await;
-    assert_eq!(counters(&host, 10).await, vec![600; 10]);
+    counted_exactly(&host, 6000, Duration::from_secs(300)).await;
     broker("stop");
 }
 
 #[tokio::test]
 async fn a_host_restarted_while_the_broker_is_down_ingests_once_it_is_back() {
-    require_broker();
-    let port = 20092 + (std::process::id() % 500) as u16 * 2;
-    let bootstrap = format!("127.0.0.1:{port}");
-    let broker = private_broker(port);
-    broker("start");
-    let topic = unique_topic("down-at-start");
-    create_topic_on(&bootstrap, &topic, 2).await;
-    let producer = producer_on(&bootstrap);
-    let batch = |from: usize| {
-        (from..from + 100)
-            .map(|i| Record::json(&format!("k{}", i % 10), &json!(1)))
-            .collect()
-    };
+    let (broker, bootstrap, topic, producer) = private_topic(20092, "down-at-start").await;
+    let batch = |from| batch(from, 100);
     let mut host = Host::start_with(options("")).await;
     subscribe(&host, &bootstrap, &topic, "service://Counter/add").await;
     produce_with(&producer, &topic, batch(0)).await;
-    until("the first batch", Duration::from_secs(120), || async {
-        counters(&host, 10).await.iter().sum::<i64>() == 100
-    })
-    .await;
+    counted_exactly(&host, 100, Duration::from_secs(120)).await;
     broker("stop");
     host.restart().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     broker("start");
     produce_with(&producer, &topic, batch(100)).await;
-    until("the second batch", Duration::from_secs(120), || async {
-        counters(&host, 10).await.iter().sum::<i64>() == 200
-    })
-    .await;
-    assert_eq!(counters(&host, 10).await, vec![20; 10]);
+    counted_exactly(&host, 200, Duration::from_secs(120)).await;
     broker("stop");
 }
 

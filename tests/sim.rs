@@ -286,6 +286,22 @@ impl Sim {
         panic!("seed {}: the ingress never answered {path}", self.seed);
     }
 
+    /// A `/send` with an idempotency key, retried until the host answers;
+    /// the invocation's id.
+    async fn send(&mut self, path: &str, body: &str, idempotency: &str) -> String {
+        let (status, text) = self.post(path, body, Some(idempotency)).await;
+        // 202 Accepted, or 200 PreviouslyAccepted for a retried request.
+        assert!(
+            matches!(status, 200 | 202),
+            "seed {}: {path}: {status} {text}",
+            self.seed
+        );
+        serde_json::from_str::<Value>(&text).unwrap()["invocationId"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
     /// A burst of client submissions, with a SIGKILL at a random moment
     /// inside it on some steps.
     async fn burst(&mut self) {
@@ -343,19 +359,9 @@ impl Sim {
         // Every client learns its invocation id, retrying with its key
         // (an answered request returns the same id again).
         for (k, idem, body) in requests {
-            let (status, text) = self
-                .post(&format!("/Acct/{k}/apply/send"), &body, Some(&idem))
+            let id = self
+                .send(&format!("/Acct/{k}/apply/send"), &body, &idem)
                 .await;
-            // 202 Accepted, or 200 PreviouslyAccepted for a retried request.
-            assert!(
-                matches!(status, 200 | 202),
-                "seed {}: send to {k}: {status} {text}",
-                self.seed
-            );
-            let id = serde_json::from_str::<Value>(&text).unwrap()["invocationId"]
-                .as_str()
-                .unwrap()
-                .to_string();
             if self.model.failing.contains(&idem) {
                 self.model.failed.insert(id.clone());
             }
@@ -471,16 +477,7 @@ impl Sim {
         let n = 1 + self.rng.below(9) as i64;
         let body = json!([k, n]).to_string();
         let path = format!("/Flow/{id}/run/send");
-        let (status, text) = self.post(&path, &body, Some(&format!("{id}-run"))).await;
-        assert!(
-            matches!(status, 200 | 202),
-            "seed {}: {path}: {status} {text}",
-            self.seed
-        );
-        let invocation = serde_json::from_str::<Value>(&text).unwrap()["invocationId"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let invocation = self.send(&path, &body, &format!("{id}-run")).await;
         self.model.invocations.push((invocation, k.clone()));
         self.model.flows.push(FlowModel {
             id,
