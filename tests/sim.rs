@@ -21,7 +21,7 @@
 //! operators kill, pause, resume and cancel there, and the checks are that
 //! nothing gets stuck and every key stays usable.
 
-use cairn_tests::kafka::{create_topic, require_broker, subscribe, unique_topic};
+use cairn_tests::kafka::{create_topic, require_broker, unique_topic};
 use cairn_tests::server::TestServer;
 use cairn_tests::{example, Host, HostOptions};
 use serde_json::{json, Value};
@@ -148,13 +148,12 @@ impl Sim {
             deploy: vec![example("sim")],
         })
         .await;
-        let subscription = subscribe(&host, &broker, &topic, "service://Acct/apply").await;
-        Sim {
+        let mut sim = Sim {
             seed,
             rng: Rng(seed),
             host,
             sink,
-            subscription,
+            subscription: String::new(),
             model: Model::default(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
@@ -166,7 +165,68 @@ impl Sim {
             broker_restarts: 0,
             kills: 0,
             crashes: 0,
+        };
+        sim.subscription = sim.subscribe(&broker, &topic).await;
+        sim
+    }
+
+    /// An admin request, retried across a host that an injected fsync
+    /// failure aborted; its status and body.
+    async fn admin_retrying(
+        &mut self,
+        request: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
+    ) -> (u16, String) {
+        for _ in 0..20 {
+            if let Ok(r) = request(&self.http, &self.host.admin()).send().await {
+                let status = r.status().as_u16();
+                return (status, r.text().await.unwrap_or_default());
+            }
+            self.revive().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        panic!("seed {}: the admin API never answered", self.seed);
+    }
+
+    /// Register the broker and subscribe `Acct/apply` to `topic`; the
+    /// subscription's id.
+    async fn subscribe(&mut self, broker: &str, topic: &str) -> String {
+        let cluster = json!({ "name": "local", "properties": { "bootstrap.servers": broker } });
+        let (status, body) = self
+            .admin_retrying(|http, admin| {
+                http.post(format!("{admin}/kafka-clusters")).json(&cluster)
+            })
+            .await;
+        assert_eq!(
+            status, 201,
+            "seed {}: register the cluster: {body}",
+            self.seed
+        );
+        let source = format!("kafka://local/{topic}");
+        let sub = json!({ "source": source, "sink": "service://Acct/apply" });
+        let (status, body) = self
+            .admin_retrying(|http, admin| http.post(format!("{admin}/subscriptions")).json(&sub))
+            .await;
+        if status == 409 {
+            // Our own try before the host died created it.
+            let (_, list) = self
+                .admin_retrying(|http, admin| http.get(format!("{admin}/subscriptions")))
+                .await;
+            let list: Value = serde_json::from_str(&list).unwrap();
+            let found = list["subscriptions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["source"] == source.as_str());
+            return found.expect("the conflicting subscription is listed")["id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+        }
+        assert_eq!(status, 201, "seed {}: subscribe: {body}", self.seed);
+        serde_json::from_str::<Value>(&body).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     fn fresh(&mut self, prefix: &str) -> String {
@@ -561,23 +621,18 @@ impl Sim {
     /// so a retried upload is the same deployment).
     async fn redeploy(&mut self) {
         let module = cairn_tests::read(&example("sim-v2"));
-        for _ in 0..20 {
-            let url = format!("{}/deployments", self.host.admin());
-            if let Ok(r) = self.http.post(url).body(module.clone()).send().await {
-                let status = r.status().as_u16();
-                let body = r.text().await.unwrap_or_default();
-                assert!(
-                    matches!(status, 200 | 201),
-                    "seed {}: redeploy: {status} {body}",
-                    self.seed
-                );
-                self.redeployed = true;
-                return;
-            }
-            self.revive().await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("seed {}: the admin API never took the upload", self.seed);
+        let (status, body) = self
+            .admin_retrying(|http, admin| {
+                http.post(format!("{admin}/deployments"))
+                    .body(module.clone())
+            })
+            .await;
+        assert!(
+            matches!(status, 200 | 201),
+            "seed {}: redeploy: {status} {body}",
+            self.seed
+        );
+        self.redeployed = true;
     }
 
     /// A shared read of an exact key's balance: it never goes back.
