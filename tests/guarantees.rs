@@ -248,7 +248,10 @@ async fn a_cron_tick_fires_once_even_after_its_idempotency_key_expired() {
 
 #[tokio::test]
 async fn forgetting_an_invocation_removes_every_row_it_owned() {
-    let host = start("completed_retention = \"1s\"\nidempotency_retention = \"1s\"\n").await;
+    let host = start(
+        "completed_retention = \"1s\"\nidempotency_retention = \"1s\"\nsuspend_after = \"200ms\"\n",
+    )
+    .await;
     // A race leaves an awakeable nobody completes; a killed sleeper leaves
     // its timer; an idempotent call leaves its key; a delayed send, a call.
     let program = json!([
