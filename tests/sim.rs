@@ -15,7 +15,8 @@
 //! once, across a restart of the broker), which programs fail terminally,
 //! their log of marks (every client program once, in submission
 //! order) and every effect; shared reads of their balance never go back
-//! (no read sees uncommitted state). `Flow` workflows wait for a durable
+//! (no read sees uncommitted state). Awakeables are resolved and rejected
+//! from outside (the ingress) and from a handler (`Answer`). `Flow` workflows wait for a durable
 //! promise that clients resolve, then add to an exact key and return the
 //! sum. Keys `x*` are *chaos* keys:
 //! operators kill, pause, resume and cancel there, and the checks are that
@@ -447,6 +448,11 @@ impl Sim {
             let (k, id) = (k.to_string(), id.to_string());
             let resolve = self.rng.chance(80);
             let value = 1 + self.rng.below(9) as i64;
+            if self.rng.chance(40) {
+                self.answer_from_handler(&k, &id, resolve.then_some(value))
+                    .await;
+                continue;
+            }
             let (op, body) = match resolve {
                 true => ("resolve", value.to_string()),
                 false => ("reject", "\"no\"".to_string()),
@@ -467,6 +473,22 @@ impl Sim {
             }
             self.model.answered.insert(id);
         }
+    }
+
+    /// Resolve (with `value`) or reject awakeable `id` of key `k` from a
+    /// handler, `Answer` (the client retries with its idempotency key).
+    async fn answer_from_handler(&mut self, k: &str, id: &str, value: Option<i64>) {
+        let (path, body) = match value {
+            Some(v) => ("/Answer/resolve", json!([id, v])),
+            None => ("/Answer/reject", json!(id)),
+        };
+        let idempotency = format!("{id}-answer");
+        let (status, text) = self.post(path, &body.to_string(), Some(&idempotency)).await;
+        assert_eq!(status, 200, "seed {}: {path} {id}: {text}", self.seed);
+        if let (Some(v), true) = (value, k.starts_with('k')) {
+            *self.model.balance.entry(k.to_string()).or_default() += v;
+        }
+        self.model.answered.insert(id.to_string());
     }
 
     async fn admin(&mut self, method: reqwest::Method, path: &str) -> Option<(u16, Value)> {

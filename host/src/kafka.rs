@@ -532,7 +532,10 @@ impl Ingest {
         let mut window = (Instant::now(), 0u64);
         loop {
             self.wait_for_room().await;
-            let batch = self.next_batch().await;
+            let batch = match self.next_batch().await {
+                Ok(batch) => batch,
+                Err(reason) => return self.stop_on(reason).await,
+            };
             let (ingested, stop) = self.ingest(batch).await;
             self.stats.ingested.fetch_add(ingested, Ordering::Relaxed);
             if let Some(reason) = stop {
@@ -567,18 +570,23 @@ impl Ingest {
     }
 
     /// Up to BATCH records: wait for the first, then take what is ready.
-    async fn next_batch(&self) -> Vec<OwnedRecord> {
+    /// An error the consumer cannot recover from (a fatal one, such as
+    /// another consumer fencing this one) stops the subscription: the reason.
+    async fn next_batch(&self) -> Result<Vec<OwnedRecord>, String> {
         let mut batch = Vec::new();
         let first = tokio::time::timeout(Duration::from_millis(500), self.consumer.recv()).await;
         match first {
-            Err(_) => return batch,
+            Err(_) => return Ok(batch),
+            Ok(Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_))) => {
+                return Err(format!("the Kafka consumer failed for good: {e}"));
+            }
             Ok(Err(e)) => {
                 // librdkafka reconnects by itself; its errors are reports,
                 // queued in front of the records. Take the next at once: a
                 // pause per error would leave the consumer draining stale
                 // errors for minutes after an outage.
                 self.report(&e);
-                return batch;
+                return Ok(batch);
             }
             Ok(Ok(m)) => batch.push(OwnedRecord::from(&m)),
         }
@@ -588,7 +596,7 @@ impl Ingest {
                 _ => break,
             }
         }
-        batch
+        Ok(batch)
     }
 
     /// Log a client error, but a repeated one at most every 10 s.

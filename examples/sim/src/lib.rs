@@ -206,6 +206,25 @@ fn run_op(ctx: &Context, op: Op) -> HandlerResult<()> {
     }
     Ok(())
 }
+/// Completes awakeables from inside a handler (the simulation also
+/// completes them from outside, through the ingress).
+pub struct Answer;
+
+#[cairn_sdk::service]
+impl Answer {
+    /// Resolve awakeable `id` with `value`.
+    pub fn resolve(ctx: &Context, req: (String, i64)) -> HandlerResult<()> {
+        ctx.resolve_awakeable(&req.0, &req.1);
+        Ok(())
+    }
+
+    /// Reject awakeable `id`.
+    pub fn reject(ctx: &Context, id: String) -> HandlerResult<()> {
+        ctx.reject_awakeable(&id, "no");
+        Ok(())
+    }
+}
+
 /// A workflow per id: it waits for its durable promise `go`, then calls
 /// `Acct/{key}/apply([Add(go + n)])` and returns `go + n`.
 pub struct Flow;
@@ -261,4 +280,4 @@ impl Feed {
     }
 }
 
-cairn_sdk::export!(Acct, Flow, Feed);
+cairn_sdk::export!(Acct, Answer, Flow, Feed);
