@@ -16,8 +16,9 @@ build basics basics-v2 --features v2
 build coordination coordination
 build coordination coordination-v2 --features v2
 build sim sim-v2 --features v2
-# The pattern examples (docs/patterns.md) and the simulation's handlers, in one cargo run.
-patterns=(burst reminders inventory dispatcher enrichment payments signup sim)
+# The pattern examples (docs/patterns.md), the simulation's handlers and the
+# hostile guests of the security tests, in one cargo run.
+patterns=(burst reminders inventory dispatcher enrichment payments signup sim hostile)
 cargo build --quiet --target wasm32-wasip2 --profile wasm "${patterns[@]/#/-p}"
 for p in "${patterns[@]}"; do cp "$TARGET/wasm32-wasip2/wasm/$p.wasm" "$out/$p.wasm"; done
 ls -1 "$out"/*.wasm

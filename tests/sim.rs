@@ -158,6 +158,8 @@ impl Sim {
             model: Model::default(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
+                // Below the host's idle timeout (10 s): no stale connections.
+                .pool_idle_timeout(Duration::from_secs(5))
                 .build()
                 .unwrap(),
             next_id: 0,

@@ -38,6 +38,47 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// `router` refusing requests without `Authorization: Bearer <token>`
+/// (when a token is configured); `GET /health` stays open.
+pub fn with_token(router: Router, token: Option<String>) -> Router {
+    let token: Option<Arc<str>> = token.map(Arc::from);
+    router.layer(axum::middleware::from_fn_with_state(token, check_token))
+}
+
+async fn check_token(
+    State(token): State<Option<Arc<str>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = token else {
+        return next.run(request).await;
+    };
+    let presented = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if request.uri().path() == "/health" || same_secret(presented.as_bytes(), token.as_bytes()) {
+        return next.run(request).await;
+    }
+    let mut response = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "the admin API needs Authorization: Bearer <admin_token>",
+    )
+    .into_response();
+    response.headers_mut().insert(
+        axum::http::header::WWW_AUTHENTICATE,
+        axum::http::HeaderValue::from_static("Bearer"),
+    );
+    response
+}
+
+/// Compare secrets in time independent of where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// The admin router.
 pub fn router(
     invoker: Arc<Invoker>,
@@ -139,12 +180,18 @@ async fn put_cluster(
     State(subs): State<Arc<Subscriptions>>,
     Json(cluster): Json<ClusterRecord>,
 ) -> Result<Response, ApiError> {
-    subs.put_cluster(cluster.clone()).await?;
-    Ok((StatusCode::CREATED, Json(cluster)).into_response())
+    let shown = cluster.redacted();
+    subs.put_cluster(cluster).await?;
+    Ok((StatusCode::CREATED, Json(shown)).into_response())
 }
 
 async fn list_clusters(State(subs): State<Arc<Subscriptions>>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({ "clusters": subs.clusters()? })))
+    let clusters: Vec<ClusterRecord> = subs
+        .clusters()?
+        .iter()
+        .map(ClusterRecord::redacted)
+        .collect();
+    Ok(Json(json!({ "clusters": clusters })))
 }
 
 async fn create_subscription(
@@ -307,11 +354,10 @@ async fn list_unfinished(
             .filter(|n| (1..=1000).contains(n))
             .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "limit must be 1 to 1000"))?,
     };
-    let unfinished = invoker.store().unfinished()?;
+    let (total, oldest) = invoker.store().oldest_unfinished(limit)?;
     let now = invoker.now_ms();
-    let listed: Vec<Value> = unfinished
+    let listed: Vec<Value> = oldest
         .iter()
-        .take(limit)
         .map(|r| {
             json!({
                 "id": r.id,
@@ -322,9 +368,7 @@ async fn list_unfinished(
             })
         })
         .collect();
-    Ok(Json(
-        json!({ "total": unfinished.len(), "unfinished": listed }),
-    ))
+    Ok(Json(json!({ "total": total, "unfinished": listed })))
 }
 
 async fn describe_invocation(

@@ -42,15 +42,57 @@
 //! [guest_env]
 //! PAYMENTS_API = "https://payments.example.com"
 //!
+//! # The admin API answers only requests with `Authorization: Bearer <token>`
+//! # when this is set (also --admin-token or CAIRN_ADMIN_TOKEN; the CLI
+//! # sends it from the same flag or variable). GET /health stays open.
+//! admin_token = "change-me"
+//!
+//! [connections]
+//! # Connections open at once per listener; more are closed on accept, so a
+//! # flood on the ingress leaves the admin port (and the file descriptors
+//! # the host needs) alone.
+//! ingress_max = 10000
+//! admin_max = 64
+//! # Time a client has to send a request's headers; also how long an idle
+//! # keep-alive connection stays open.
+//! header_timeout = "10s"
+//! # Time a client has to send a request's body (408 after it).
+//! body_timeout = "30s"
+//! # On SIGTERM: how long open requests may finish (clients attached to an
+//! # invocation are answered 503 at once and attach again later).
+//! shutdown_timeout = "10s"
+//!
 //! [limits]
-//! # Linear memory per instance; a guest that grows past it traps.
+//! # Linear memory per instance; a guest that grows past it traps, and the
+//! # invocation pauses (the same code would trap again).
 //! memory_bytes = 67108864
+//! # Linear memory of all instances together: a growth the budget cannot
+//! # cover waits for memory to be freed (5 s at most), then the attempt is
+//! # retried later. The host waits instead of swelling.
+//! memory_total = 1073741824
 //! # Guest execution time per attempt before it is interrupted.
 //! cpu_per_attempt = "10s"
+//! # Wall-clock time per attempt, durable waits (sleep, call, awakeable,
+//! # promise) excepted: a guest blocked in a WASI wait or queued for CPU is
+//! # interrupted after it.
+//! wall_per_attempt = "60s"
+//! # Attempts in a row interrupted by either budget before the invocation
+//! # pauses (an endless loop must not keep the host busy for hours).
+//! interrupted_attempts = 3
 //! # Instances alive at once; further attempts wait for a slot, and an
 //! # attempt that only waits gives its slot up (suspends) while another
 //! # attempt needs one. Each live instance costs its touched memory pages.
 //! max_instances = 128
+//! # The share of max_instances, and of the cores, one service may use at
+//! # once: its guests that run longer than 10 ms take turns on
+//! # max(1, cores x service_share) cores, so one service's endless loops
+//! # leave the other cores to the others.
+//! service_share = 0.5
+//! # Largest value a guest may hand the host: a state value, a step result,
+//! # an output, a call or send payload, a promise or awakeable value, a
+//! # Kafka record, an HTTP body. Larger ones end the invocation with a
+//! # terminal error (413).
+//! max_value_bytes = 4194304
 //!
 //! [retry]
 //! # Backoff of retryable failures: initial * factor^(attempt-1), capped.
@@ -117,6 +159,10 @@ pub struct Config {
     pub http_allow: Vec<String>,
     /// Environment variables of every guest.
     pub guest_env: std::collections::BTreeMap<String, String>,
+    /// The bearer token the admin API requires, if any.
+    pub admin_token: Option<String>,
+    /// Client connection limits and timeouts.
+    pub connections: Connections,
     /// Per-instance resource limits.
     pub limits: Limits,
     /// Default retry policy.
@@ -132,6 +178,37 @@ pub struct Config {
     pub retry_overrides: std::collections::BTreeMap<String, RetryPolicy>,
 }
 
+/// Client connection limits and timeouts of the two listeners.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Connections {
+    /// Connections open at once on the ingress.
+    pub ingress_max: usize,
+    /// Connections open at once on the admin API.
+    pub admin_max: usize,
+    /// Time to send request headers; idle time of a keep-alive connection.
+    #[serde(deserialize_with = "duration")]
+    pub header_timeout: Duration,
+    /// Time to send a request body.
+    #[serde(deserialize_with = "duration")]
+    pub body_timeout: Duration,
+    /// Time open requests get to finish after SIGTERM.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections {
+            ingress_max: 10_000,
+            admin_max: 64,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Resource limits of guest instances.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -143,6 +220,32 @@ pub struct Limits {
     pub cpu_per_attempt: Duration,
     /// Instances alive at once (size of the pooling allocator).
     pub max_instances: u32,
+    /// Linear memory of all instances together, in bytes.
+    pub memory_total: usize,
+    /// Wall-clock time allowed per attempt, durable waits excepted.
+    #[serde(deserialize_with = "duration")]
+    pub wall_per_attempt: Duration,
+    /// Attempts in a row ended by the CPU or wall-clock budget before the
+    /// invocation pauses.
+    pub interrupted_attempts: u32,
+    /// Share (0 to 1) of `max_instances` and of the cores one service may
+    /// use at once.
+    pub service_share: f64,
+    /// Largest value a guest may hand the host, in bytes.
+    pub max_value_bytes: usize,
+}
+
+impl Limits {
+    /// Instances one service may hold at once.
+    pub fn service_instances(&self) -> usize {
+        ((self.max_instances as f64 * self.service_share).ceil() as usize).max(1)
+    }
+
+    /// Cores on which one service's long-running guests take turns.
+    pub fn service_cores(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        ((cores as f64 * self.service_share).floor() as usize).max(1)
+    }
 }
 
 /// A concurrency limit in the config file.
@@ -217,6 +320,8 @@ impl Default for Config {
             suspend_after: Duration::from_secs(60),
             http_allow: Vec::new(),
             guest_env: Default::default(),
+            admin_token: None,
+            connections: Connections::default(),
             limits: Limits::default(),
             retry: RetryPolicy::default(),
             retry_overrides: Default::default(),
@@ -233,6 +338,11 @@ impl Default for Limits {
             memory_bytes: 64 * 1024 * 1024,
             cpu_per_attempt: Duration::from_secs(10),
             max_instances: 128,
+            memory_total: 1024 * 1024 * 1024,
+            wall_per_attempt: Duration::from_secs(60),
+            interrupted_attempts: 3,
+            service_share: 0.5,
+            max_value_bytes: 4 * 1024 * 1024,
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::journal::{
 use crate::records::{Caller, HandlerKind, InvocationRecord, Target};
 use crate::runtime::bindings::cairn::runtime::{context, types as wit};
 use crate::runtime::GuestState;
+use crate::sandbox::AttemptClock;
 use crate::store::{StoreResult, Tables};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -45,6 +46,19 @@ pub enum HostTrap {
     /// The guest used up its CPU budget.
     #[error("the guest ran out of its CPU budget")]
     CpuBudget,
+    /// The attempt was busy (not in a durable wait) for longer than its
+    /// wall-clock budget: blocked in WASI, or queued for CPU or memory.
+    #[error("the attempt ran out of its wall-clock budget")]
+    WallClock,
+    /// A linear memory would grow past the per-instance cap.
+    #[error("the guest needs {desired} bytes of memory, over the cap of {cap} per instance (limits.memory_bytes)")]
+    MemoryCap { desired: usize, cap: usize },
+    /// A value over `limits.max_value_bytes`.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The host-wide memory budget could not cover a growth in time.
+    #[error("the host's memory budget for instances (limits.memory_total) had no room for {wanted} more bytes")]
+    HostMemory { wanted: usize },
     /// The guest waited longer than `suspend_after`: drop the instance.
     #[error("suspended while waiting")]
     Suspend,
@@ -98,6 +112,8 @@ pub struct DurableContext {
     step: Option<(u32, String)>,
     /// This attempt's epoch: its writes apply only while it is current.
     epoch: Epoch,
+    /// This attempt's busy time, for its wall-clock budget.
+    clock: Arc<AttemptClock>,
 }
 
 impl DurableContext {
@@ -118,7 +134,13 @@ impl DurableContext {
             overlay,
             step: None,
             epoch,
+            clock: AttemptClock::start(),
         }
+    }
+
+    /// The attempt's busy-time clock.
+    pub fn clock(&self) -> &Arc<AttemptClock> {
+        &self.clock
     }
 
     /// Whether the handler returned while journaled commands were still
@@ -442,6 +464,10 @@ impl DurableContext {
             )));
         }
         let deadline = Instant::now() + self.invoker.suspend_after();
+        let clock = self.clock.clone();
+        let _waiting = clock.wait();
+        let service = self.record.target.service.clone();
+        let slots = self.invoker.instances();
         loop {
             for (entry, completion) in self.mailbox.take() {
                 self.journal.arrive(entry, completion);
@@ -451,13 +477,13 @@ impl DurableContext {
             }
             // Another attempt needs this instance's slot: give it up (see
             // `crate::instances`).
-            if self.invoker.instances().short() && !self.mailbox.has_mail() {
+            if slots.short(&service) && !self.mailbox.has_mail() {
                 return Err(wasmtime::Error::new(HostTrap::Suspend));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             tokio::select! {
                 _ = self.mailbox.notify.notified() => {}
-                _ = self.invoker.instances().pressed() => {}
+                _ = slots.pressed(&service) => {}
                 _ = tokio::time::sleep(left) => {
                     if !self.mailbox.has_mail() {
                         return Err(wasmtime::Error::new(HostTrap::Suspend));
@@ -572,6 +598,14 @@ impl StateOverlay {
     }
 }
 
+/// The bytes of a guest's outcome (value or error message).
+fn outcome_len(outcome: &wit::Outcome) -> usize {
+    match outcome {
+        wit::Outcome::Success(v) => v.len(),
+        wit::Outcome::Failure(e) => e.message.len(),
+    }
+}
+
 fn to_wit(outcome: Outcome) -> wit::Outcome {
     match outcome {
         Outcome::Success(bytes) => wit::Outcome::Success(bytes),
@@ -635,6 +669,7 @@ impl context::Host for GuestState {
     }
 
     async fn state_set(&mut self, name: String, value: Vec<u8>) -> wasmtime::Result<()> {
+        self.check_size("the state value", value.len())?;
         let d = self.durable()?;
         d.writable_key()?;
         d.durable(Command::SetState { name, value }).await.map(drop)
@@ -681,6 +716,7 @@ impl context::Host for GuestState {
 
     async fn run_exit(&mut self, step_outcome: wit::Outcome) -> wasmtime::Result<()> {
         self.set_in_step(false);
+        self.check_size("the step's result", outcome_len(&step_outcome))?;
         let d = self.durable()?;
         let (command, name) = d
             .step
@@ -725,6 +761,7 @@ impl context::Host for GuestState {
         target: context::CallTarget,
         payload: Vec<u8>,
     ) -> wasmtime::Result<u32> {
+        self.check_size("the call's input", payload.len())?;
         let d = self.durable()?;
         let callee = InvocationId::generate().to_string();
         d.durable(Command::Call {
@@ -742,6 +779,7 @@ impl context::Host for GuestState {
         payload: Vec<u8>,
         delay_millis: u64,
     ) -> wasmtime::Result<String> {
+        self.check_size("the send's input", payload.len())?;
         let d = self.durable()?;
         let command = Command::Send {
             target: call_target(target),
@@ -776,6 +814,7 @@ impl context::Host for GuestState {
         id: String,
         completion: wit::Outcome,
     ) -> wasmtime::Result<()> {
+        self.check_size("the awakeable's value", outcome_len(&completion))?;
         let d = self.durable()?;
         d.durable(Command::CompleteAwakeable {
             id,
@@ -806,6 +845,7 @@ impl context::Host for GuestState {
         name: String,
         completion: wit::Outcome,
     ) -> wasmtime::Result<Result<(), wit::TerminalError>> {
+        self.check_size("the promise's value", outcome_len(&completion))?;
         let d = self.durable()?;
         d.key()?;
         match d
@@ -830,6 +870,7 @@ impl context::Host for GuestState {
         key: Option<Vec<u8>>,
         value: Vec<u8>,
     ) -> wasmtime::Result<u32> {
+        self.check_size("the Kafka record", value.len())?;
         let d = self.durable()?;
         d.durable(Command::Produce {
             cluster,
@@ -842,6 +883,7 @@ impl context::Host for GuestState {
     }
 
     async fn http_call(&mut self, request: context::HttpRequest) -> wasmtime::Result<u32> {
+        self.check_size("the HTTP request body", request.body.len())?;
         let d = self.durable()?;
         let request = crate::journal::HttpRequest {
             method: request.method,

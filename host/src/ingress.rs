@@ -98,16 +98,12 @@ struct Call {
 }
 
 fn parse_call(invoker: &Invoker, uri: &Uri) -> Result<Call, ApiError> {
-    let segments: Vec<String> = uri
+    let segments = uri
         .path()
         .split('/')
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            percent_encoding::percent_decode_str(s)
-                .decode_utf8_lossy()
-                .into_owned()
-        })
-        .collect();
+        .map(decode_segment)
+        .collect::<Result<Vec<String>, ApiError>>()?;
     let not_found = || {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -138,6 +134,35 @@ fn parse_call(invoker: &Invoker, uri: &Uri) -> Result<Call, ApiError> {
         },
         send,
     })
+}
+
+/// One percent-decoded path segment; a segment that does not decode to
+/// UTF-8 is refused (decoding it lossily would merge distinct keys).
+fn decode_segment(segment: &str) -> Result<String, ApiError> {
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("path segment {segment:?} is not percent-encoded UTF-8"),
+            )
+        })
+}
+
+/// The `idempotency-key` header: visible ASCII only (a key that cannot be
+/// read exactly is refused, never ignored).
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key) if !key.is_empty() && key.len() <= 256 => Ok(Some(key.to_string())),
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the idempotency-key header must be 1 to 256 visible ASCII characters",
+        )),
+    }
 }
 
 async fn call(
@@ -183,10 +208,7 @@ async fn call(
             target: call.target,
             input: body.to_vec(),
             headers: forwarded_headers(&headers),
-            idempotency_key: headers
-                .get("idempotency-key")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
+            idempotency_key: idempotency_key(&headers)?,
             delay,
             ..Default::default()
         })
@@ -316,8 +338,19 @@ fn json_body(body: &[u8]) -> Result<Vec<u8>, ApiError> {
     Ok(body.to_vec())
 }
 
+/// Wait for the outcome of `id`; a host shutting down answers 503 at once
+/// (the client attaches again, to this host after its restart or another).
 async fn attach_response(invoker: &Invoker, id: &InvocationId) -> Result<Response, ApiError> {
-    match invoker.attach(id).await? {
+    let outcome = tokio::select! {
+        outcome = invoker.attach(id) => outcome?,
+        () = invoker.closing() => {
+            let message = format!("the host is shutting down; attach to {id} again");
+            let mut response = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message).into_response();
+            response.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+            return Ok(response);
+        }
+    };
+    match outcome {
         Some(outcome) => Ok(outcome_response(id, outcome)),
         None => Err(unknown(id)),
     }

@@ -150,6 +150,8 @@ pub struct Invoker {
     clock: SharedClock,
     tokio: tokio::runtime::Handle,
     instances: crate::instances::Slots,
+    /// Set when the host starts shutting down.
+    closing: tokio::sync::watch::Sender<bool>,
     keys: Mutex<KeyQueues>,
     live: Mutex<HashMap<InvocationId, Live>>,
     watchers: Mutex<HashMap<InvocationId, Vec<oneshot::Sender<Outcome>>>>,
@@ -188,7 +190,10 @@ impl Invoker {
         clock: SharedClock,
     ) -> Arc<Self> {
         Arc::new(Invoker {
-            instances: crate::instances::Slots::new(config.limits.max_instances as usize),
+            instances: crate::instances::Slots::new(
+                config.limits.max_instances as usize,
+                config.limits.service_instances(),
+            ),
             committer,
             runtime,
             registry,
@@ -198,6 +203,7 @@ impl Invoker {
             keys: Mutex::default(),
             live: Mutex::default(),
             watchers: Mutex::default(),
+            closing: tokio::sync::watch::Sender::new(false),
             in_flight: Mutex::default(),
             fence: Fence::default(),
             producers: crate::kafka::Producers::new(store.clone()),
@@ -231,6 +237,17 @@ impl Invoker {
     /// How long an attempt waits before it suspends.
     pub fn suspend_after(&self) -> Duration {
         self.config.suspend_after
+    }
+
+    /// Start shutting down: clients waiting for outcomes are answered.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves once the host is shutting down.
+    pub async fn closing(&self) {
+        let mut closing = self.closing.subscribe();
+        let _ = closing.wait_for(|c| *c).await;
     }
 
     /// The instance slots (a waiting attempt suspends when they run short).
@@ -498,6 +515,10 @@ impl Invoker {
         let known = match self.store.invocation(id) {
             Ok(None) => Ok(None),
             Ok(Some(r)) if r.status == Status::Completed => Ok(r.outcome),
+            Ok(Some(r)) if r.status == Status::Paused => Ok(Some(paused_outcome(
+                id,
+                r.last_error.as_deref().unwrap_or("paused"),
+            ))),
             Ok(Some(_)) => return Ok(rx.await.ok()),
             Err(e) => Err(e),
         };
@@ -722,6 +743,8 @@ impl Invoker {
 
     /// Attempts until the invocation completes, pauses or suspends.
     async fn run(self: Arc<Self>, id: InvocationId, first: Option<Arc<InvocationRecord>>) {
+        // Attempts in a row that ran out of their budget.
+        let mut interrupted = 0;
         loop {
             let Some(epoch) = self.fence.begin(&id) else {
                 return; // being killed or paused right now: that path cleans up
@@ -788,7 +811,7 @@ impl Invoker {
                         .await
                 }
                 AttemptEnd::Fenced => return, // whoever fenced it cleans up
-                AttemptEnd::Stopped(reason) => {
+                AttemptEnd::Stopped(reason) | AttemptEnd::Trapped(reason) => {
                     self.pause(&id, Some(attempts), reason).await;
                     self.retire_writes(&record, Some(epoch));
                     return self.stop_running(&id, epoch);
@@ -803,13 +826,21 @@ impl Invoker {
                     }
                     continue;
                 }
-                AttemptEnd::Retryable(reason) => reason,
+                AttemptEnd::Retryable(reason) => {
+                    interrupted = 0;
+                    reason
+                }
+                AttemptEnd::Interrupted(reason) => {
+                    interrupted += 1;
+                    reason
+                }
             };
             tracing::warn!(invocation = %id, attempt = attempts, "attempt failed: {error}");
             let policy = self
                 .config
                 .retry_policy(&record.target.service, &record.target.handler);
-            if attempts >= policy.max_attempts {
+            let budget_spent = interrupted >= self.config.limits.interrupted_attempts;
+            if attempts >= policy.max_attempts || budget_spent {
                 let reason = format!("paused after {attempts} attempts; last error: {error}");
                 self.pause(&id, Some(attempts), reason).await;
                 self.retire_writes(&record, Some(epoch));
@@ -872,7 +903,7 @@ impl Invoker {
             return AttemptEnd::Stopped(format!("deployment {} is not loaded", record.deployment));
         };
         let _limited = self.limits.acquire(&record.target).await;
-        let _slot = self.instances.acquire().await;
+        let _slot = self.instances.acquire(&record.target.service).await;
         let overlay = self.overlay_for(&record);
         let durable = DurableContext::new(record, journal, self.clone(), mailbox, overlay, epoch);
         self.runtime.invoke(&deployment.module, durable).await
@@ -993,23 +1024,40 @@ impl Invoker {
         committed.await;
     }
 
-    /// Pause `id` if it is still ready (an attempt gave up on it).
+    /// Pause `id` if it is still ready (an attempt gave up on it); clients
+    /// attached to it get the reason.
     async fn pause(self: &Arc<Self>, id: &InvocationId, attempts: Option<u32>, reason: String) {
         tracing::error!(invocation = %id, "paused: {reason}");
-        let id = id.clone();
-        self.committer
-            .commit(move |t| {
-                if let Some(mut r) = t.invocation(&id)? {
-                    if r.status == Status::Ready {
-                        r.status = Status::Paused;
-                        r.attempts = attempts.unwrap_or(r.attempts);
-                        r.last_error = Some(reason);
-                        t.put_invocation(&r)?;
+        let paused = {
+            let (id, reason) = (id.clone(), reason.clone());
+            self.committer
+                .commit(move |t| {
+                    let Some(mut r) = t.invocation(&id)? else {
+                        return Ok(false);
+                    };
+                    if r.status != Status::Ready {
+                        return Ok(false);
                     }
-                }
-                Ok(())
-            })
-            .await;
+                    r.status = Status::Paused;
+                    r.attempts = attempts.unwrap_or(r.attempts);
+                    r.last_error = Some(reason);
+                    t.put_invocation(&r)?;
+                    Ok(true)
+                })
+                .await
+        };
+        if paused {
+            self.answer_paused(id, &reason);
+        }
+    }
+
+    /// Answer the clients attached to `id`, which just paused: they would
+    /// otherwise wait until an operator resumes or kills it.
+    fn answer_paused(&self, id: &InvocationId, reason: &str) {
+        let waiting = self.watchers.lock().unwrap().remove(id);
+        for w in waiting.unwrap_or_default() {
+            let _ = w.send(paused_outcome(id, reason));
+        }
     }
 
     // ----- operator actions -----
@@ -1091,6 +1139,7 @@ impl Invoker {
                     }
                     me.fence.reopen(&id2);
                     me.retire_writes(&r, fenced);
+                    me.answer_paused(&id2, "paused by an operator");
                 });
                 Ok((Ok(()), Some(then)))
             })
@@ -1408,6 +1457,17 @@ impl Invoker {
 
 /// The record of `id` if its status is `allowed`; else not found, or a
 /// conflict saying that it `otherwise`.
+/// What a client attached to a paused invocation is told.
+fn paused_outcome(id: &InvocationId, reason: &str) -> Outcome {
+    Outcome::Failure {
+        code: 500,
+        message: format!(
+            "invocation {id} is paused: {reason} (it keeps its place; resume it with \
+             POST /invocations/{id}/resume on the admin API, or kill it)"
+        ),
+    }
+}
+
 fn in_state(
     t: &Tables<'_>,
     id: &InvocationId,

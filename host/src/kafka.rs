@@ -323,7 +323,8 @@ impl Subscriptions {
         Ok(())
     }
 
-    async fn view(&self, record: SubscriptionRecord) -> SubscriptionView {
+    async fn view(&self, mut record: SubscriptionRecord) -> SubscriptionView {
+        record.options = crate::records::redacted(&record.options);
         let running = self
             .running
             .lock()

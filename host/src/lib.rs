@@ -21,7 +21,11 @@
 //!   HTTP calls made by the host.
 //! - [`kafka`]: subscriptions that turn records into invocations;
 //!   [`schedules`]: cron ticks that do the same.
-//! - [`ingress`], [`admin`]: the HTTP APIs; [`server`] wires a host.
+//! - [`sandbox`]: the host-wide guards on guests (memory budget, CPU
+//!   turns, wall-clock deadline); [`guestlog`]: guest output as tagged,
+//!   escaped log events.
+//! - [`ingress`], [`admin`]: the HTTP APIs; [`listener`]: connection caps
+//!   and timeouts for both; [`server`] wires a host.
 //!
 //! `docs/design.md` describes the journal, the tables and the replay rules.
 
@@ -33,6 +37,7 @@ pub mod context;
 pub mod deployments;
 pub mod faults;
 pub mod fence;
+pub mod guestlog;
 pub mod ids;
 pub mod ingress;
 pub mod instances;
@@ -41,10 +46,12 @@ pub mod journal;
 pub mod kafka;
 pub mod keys;
 pub mod limits;
+pub mod listener;
 pub mod outbound;
 pub mod records;
 pub mod retention;
 pub mod runtime;
+pub mod sandbox;
 pub mod schedules;
 pub mod server;
 pub mod store;

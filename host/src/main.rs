@@ -246,6 +246,24 @@ struct AdminUrl {
         default_value = "http://127.0.0.1:9070"
     )]
     url: String,
+    /// The admin API's bearer token (the host's admin_token).
+    #[arg(
+        long = "admin-token",
+        env = "CAIRN_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+}
+
+impl AdminUrl {
+    /// A request to `path` of the admin API, with the token if there is one.
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let req = reqwest::Client::new().request(method, format!("{}{path}", self.url));
+        match &self.token {
+            Some(token) => req.bearer_auth(token),
+            None => req,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -268,6 +286,9 @@ struct Serve {
     /// Allow guests to reach this host (host, host:port or host:*); repeatable.
     #[arg(long)]
     http_allow: Vec<String>,
+    /// Require this bearer token on the admin API (see admin_token).
+    #[arg(long, env = "CAIRN_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 impl Serve {
@@ -286,6 +307,9 @@ impl Serve {
             config.admin_addr = a;
         }
         config.http_allow.extend(self.http_allow);
+        if let Some(token) = self.admin_token {
+            config.admin_token = Some(token);
+        }
         Ok((config, self.deploy))
     }
 }
@@ -298,6 +322,7 @@ async fn main() {
                 .unwrap_or_else(|_| "info,wasmtime=warn,cranelift=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = run(Cli::parse()).await {
         eprintln!("error: {e:#}");
@@ -315,9 +340,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let body = request(
-                reqwest::Client::new()
-                    .post(format!("{}/deployments", admin.url))
-                    .body(bytes),
+                admin.request(Method::POST, "/deployments").body(bytes),
                 &admin.url,
             )
             .await?;
@@ -492,7 +515,7 @@ async fn admin_call(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<()> {
-    let mut req = reqwest::Client::new().request(method, format!("{}{path}", admin.url));
+    let mut req = admin.request(method, path);
     if let Some(body) = body {
         req = req.json(&body);
     }

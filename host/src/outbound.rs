@@ -8,26 +8,49 @@
 //! response (or the final failure) is journaled as the completion, so a
 //! replay never sends a completed request again. A request whose completion
 //! was not journaled before a crash is sent again on replay. The host's
-//! `http_allow` list applies, as for `wasi:http`.
+//! `http_allow` list applies, as for `wasi:http`, to every hop: a redirect
+//! to a host off the list is not followed (the guest gets the 3xx answer),
+//! nor is one past [`MAX_REDIRECTS`].
 
 use crate::config::RetryPolicy;
 use crate::journal::{HttpRequest, Outcome};
 use crate::runtime::AllowList;
+use std::sync::Arc;
 use std::time::Duration;
+
+/// Redirects followed per request, at most.
+pub const MAX_REDIRECTS: usize = 5;
 
 /// The host's HTTP client for guests.
 pub struct Outbound {
     client: reqwest::Client,
-    allow: AllowList,
+    allow: Arc<AllowList>,
     retry: RetryPolicy,
 }
 
 impl Outbound {
     /// A client limited to `allow`, backing off per `retry`.
     pub fn new(allow: &[String], retry: RetryPolicy) -> Self {
+        let allow = Arc::new(AllowList::new(allow));
+        let hops = allow.clone();
+        let redirects = reqwest::redirect::Policy::custom(move |next| {
+            let url = next.url();
+            let host = url.host_str().unwrap_or_default();
+            let port = url.port_or_known_default().unwrap_or(80);
+            if next.previous().len() > MAX_REDIRECTS || !hops.permits(host, port) {
+                tracing::warn!(%host, port, "redirect not followed (off http_allow or too many hops)");
+                next.stop()
+            } else {
+                next.follow()
+            }
+        });
+        let client = reqwest::Client::builder()
+            .redirect(redirects)
+            .build()
+            .expect("the HTTP client builds");
         Outbound {
-            client: reqwest::Client::new(),
-            allow: AllowList::new(allow),
+            client,
+            allow,
             retry,
         }
     }

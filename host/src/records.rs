@@ -156,6 +156,39 @@ pub struct ClusterRecord {
     pub properties: std::collections::BTreeMap<String, String>,
 }
 
+impl ClusterRecord {
+    /// The record as the admin API shows it: secrets redacted.
+    pub fn redacted(&self) -> ClusterRecord {
+        ClusterRecord {
+            name: self.name.clone(),
+            properties: redacted(&self.properties),
+        }
+    }
+}
+
+/// librdkafka properties with the values of secrets (passwords, keys,
+/// tokens, JAAS configs) replaced by `"<redacted>"`.
+pub fn redacted(
+    properties: &std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<String, String> {
+    const SECRET: [&str; 6] = ["password", "secret", "token", "jaas", ".key", "credential"];
+    properties
+        .iter()
+        .map(|(k, v)| {
+            let lower = k.to_ascii_lowercase();
+            let secret = SECRET.iter().any(|s| lower.contains(s));
+            (
+                k.clone(),
+                if secret {
+                    "<redacted>".into()
+                } else {
+                    v.clone()
+                },
+            )
+        })
+        .collect()
+}
+
 /// A subscription from a Kafka topic to a handler.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SubscriptionRecord {

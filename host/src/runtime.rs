@@ -9,18 +9,32 @@
 //!
 //! Sandboxing: guests see WASI without files, sockets, environment or
 //! arguments. Their clocks are frozen at the invocation's creation time and
-//! their random numbers are seeded from the invocation id, so a replay sees
-//! the same values. `wasi:http` requests are allowed only inside `run` steps
-//! and only to the configured allow-list. Each instance has a memory cap and
-//! a budget of guest execution time per attempt (epoch interruption).
+//! their random numbers outside `run` steps are seeded from the invocation
+//! id, so a replay sees the same values (and so does anyone who knows the
+//! id); inside a `run` step they come from the host's secure generator,
+//! since the step's result is journaled anyway. `wasi:http` requests are
+//! allowed only inside `run` steps and only to the configured allow-list.
+//! Guest stdout and stderr become log events of target `guest`, escaped
+//! and tagged with the invocation. Each instance has a memory cap, a budget
+//! of guest execution time and one of wall-clock time per attempt; the
+//! host-wide guards are in [`crate::sandbox`].
+//!
+//! How an attempt ends decides what happens next ([`AttemptEnd`]): a wasm
+//! trap outside a live `run` step (a panic, a stack overflow, the memory
+//! cap) replays identically, so it pauses the invocation at once instead of
+//! being retried; inside a step it may depend on the outside world and is
+//! retried like an error.
 
 use crate::config::Limits;
 use crate::context::{DurableContext, HostTrap};
+use crate::guestlog::GuestOutput;
 use crate::records::{HandlerInfo, HandlerKind, ServiceInfo, ServiceKind};
+use crate::sandbox::{CpuTurns, InstanceMemory, MemoryBudget, Turn};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Config, Engine, PoolingAllocationConfig, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
@@ -66,8 +80,13 @@ pub enum AttemptEnd {
     Success(Vec<u8>),
     /// A terminal failure: complete the invocation with it.
     Terminal { code: u16, message: String },
-    /// A retryable failure (error, trap, interruption): try again later.
+    /// A retryable failure (an error, a trap inside a `run` step, no room
+    /// in the host's memory budget): try again later.
     Retryable(String),
+    /// The CPU or wall-clock budget ran out: try again a few times.
+    Interrupted(String),
+    /// The guest trapped where a replay traps again: pause.
+    Trapped(String),
     /// The invocation must stop without retrying (journal mismatch).
     Stopped(String),
     /// The guest waited longer than `suspend_after`; its instance is gone.
@@ -83,6 +102,8 @@ pub struct Runtime {
     limits: Limits,
     http_allow: Arc<AllowList>,
     guest_env: Vec<(String, String)>,
+    memory: Arc<MemoryBudget>,
+    turns: CpuTurns,
 }
 
 impl Runtime {
@@ -104,7 +125,10 @@ impl Runtime {
             .linear_memory_keep_resident(KEEP_RESIDENT)
             .table_keep_resident(KEEP_RESIDENT / 16)
             .pagemap_scan(wasmtime::Enabled::Auto)
-            .decommit_batch_size(64);
+            // Decommit a grown memory as soon as its instance is gone, so
+            // a burst of large guests gives its memory back (instances that
+            // stay within KEEP_RESIDENT have nothing to decommit).
+            .decommit_batch_size(1);
         let mut config = Config::new();
         config
             .epoch_interruption(true)
@@ -131,6 +155,8 @@ impl Runtime {
             limits,
             http_allow: Arc::new(AllowList::new(&host.http_allow)),
             guest_env: host.guest_env.clone().into_iter().collect(),
+            memory: MemoryBudget::new(host.limits.memory_total),
+            turns: CpuTurns::new(host.limits.service_cores()),
         })
     }
 
@@ -181,19 +207,32 @@ impl Runtime {
             let target = &durable.record().target;
             (target.service.clone(), target.handler.clone())
         };
+        let clock = durable.clock().clone();
         let mut store = self.store(Some(durable));
-        let result = async {
-            let instance = module.instantiate_async(&mut store).await?;
-            instance
-                .cairn_runtime_handler()
-                .call_invoke(&mut store, &service, &handler)
-                .await
-        }
-        .await;
-        let unconsumed = store.data().durable.as_ref().and_then(|d| d.unconsumed());
+        let result = {
+            let call = async {
+                let instance = module.instantiate_async(&mut store).await?;
+                instance
+                    .cairn_runtime_handler()
+                    .call_invoke(&mut store, &service, &handler)
+                    .await
+            };
+            tokio::select! {
+                result = call => result,
+                () = clock.expired(self.limits.wall_per_attempt) => {
+                    Err(wasmtime::Error::new(HostTrap::WallClock))
+                }
+            }
+        };
+        let data = store.data();
+        let unconsumed = data.durable.as_ref().and_then(|d| d.unconsumed());
+        let in_step = data.in_step.load(Ordering::SeqCst);
         match result {
             Ok(Ok(_) | Err(wit::HandlerError::Terminal(_))) if unconsumed.is_some() => {
                 AttemptEnd::Stopped(unconsumed.expect("checked").to_string())
+            }
+            Ok(Ok(output)) if output.len() > self.limits.max_value_bytes => {
+                too_large("the output", output.len(), self.limits.max_value_bytes)
             }
             Ok(Ok(output)) => AttemptEnd::Success(output),
             Ok(Err(wit::HandlerError::Terminal(t))) => AttemptEnd::Terminal {
@@ -201,20 +240,40 @@ impl Runtime {
                 message: t.message,
             },
             Ok(Err(wit::HandlerError::Retryable(reason))) => AttemptEnd::Retryable(reason),
-            Err(e) => match e.downcast_ref::<HostTrap>() {
-                Some(HostTrap::Mismatch(m)) => AttemptEnd::Stopped(m.to_string()),
-                Some(HostTrap::Terminal(message)) => AttemptEnd::Terminal {
-                    code: 500,
-                    message: message.clone(),
-                },
-                Some(HostTrap::Suspend) => AttemptEnd::Suspended,
-                Some(HostTrap::Fenced) => AttemptEnd::Fenced,
-                Some(HostTrap::CpuBudget) => AttemptEnd::Retryable(format!(
-                    "interrupted: the guest ran longer than its budget of {:?} per attempt",
-                    self.limits.cpu_per_attempt
-                )),
-                None => AttemptEnd::Retryable(format!("guest trapped: {e:#}")),
+            Err(e) => self.trapped(e, in_step),
+        }
+    }
+
+    /// What a trap or a host error means for the invocation.
+    fn trapped(&self, e: wasmtime::Error, in_step: bool) -> AttemptEnd {
+        let deterministic = !in_step;
+        match e.downcast_ref::<HostTrap>() {
+            Some(HostTrap::Mismatch(m)) => AttemptEnd::Stopped(m.to_string()),
+            Some(HostTrap::Terminal(message)) => AttemptEnd::Terminal {
+                code: 500,
+                message: message.clone(),
             },
+            Some(HostTrap::TooLarge(message)) => AttemptEnd::Terminal {
+                code: 413,
+                message: message.clone(),
+            },
+            Some(HostTrap::Suspend) => AttemptEnd::Suspended,
+            Some(HostTrap::Fenced) => AttemptEnd::Fenced,
+            Some(HostTrap::CpuBudget) => AttemptEnd::Interrupted(format!(
+                "interrupted: the guest ran longer than its budget of {:?} per attempt (limits.cpu_per_attempt)",
+                self.limits.cpu_per_attempt
+            )),
+            Some(HostTrap::WallClock) => AttemptEnd::Interrupted(format!(
+                "interrupted: the attempt was busy longer than {:?} (limits.wall_per_attempt)",
+                self.limits.wall_per_attempt
+            )),
+            Some(HostTrap::MemoryCap { .. }) if deterministic => {
+                AttemptEnd::Trapped(format!("guest trapped: {e}"))
+            }
+            None if deterministic && e.downcast_ref::<wasmtime::Trap>().is_some() => {
+                AttemptEnd::Trapped(format!("guest trapped: {e:#}"))
+            }
+            Some(_) | None => AttemptEnd::Retryable(format!("guest trapped: {e:#}")),
         }
     }
 
@@ -223,16 +282,22 @@ impl Runtime {
             .as_ref()
             .map(|d| (d.record().created_ms, d.seed()))
             .unwrap_or_default();
+        let service = durable
+            .as_ref()
+            .map(|d| d.record().target.service.clone())
+            .unwrap_or_default();
+        let in_step = Arc::new(AtomicBool::new(false));
+        let output = GuestOutput::for_attempt(durable.as_ref().map(|d| d.record()));
         let mut wasi = WasiCtx::builder();
-        wasi.inherit_stdout()
-            .inherit_stderr()
+        wasi.stdout(output.stream("stdout"))
+            .stderr(output.stream("stderr"))
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .wall_clock(FrozenClock(Duration::from_millis(wall_ms)))
             .monotonic_clock(FrozenClock(Duration::ZERO))
-            .secure_random(seeded(seed))
-            .insecure_random(seeded(seed ^ 1))
+            .secure_random(StepRandom::new(seed, in_step.clone()))
+            .insecure_random(StepRandom::new(seed ^ 1, in_step.clone()))
             .insecure_random_seed(u128::from(seed))
             .envs(&self.guest_env);
         let state = GuestState {
@@ -241,17 +306,17 @@ impl Runtime {
             http: WasiHttpCtx::new(),
             policy: HttpPolicy {
                 allow: self.http_allow.clone(),
-                in_step: false,
+                in_step: in_step.clone(),
             },
-            limits: StoreLimitsBuilder::new()
-                .memory_size(self.limits.memory_bytes)
-                .trap_on_grow_failure(true)
-                .build(),
+            memory: InstanceMemory::new(self.memory.clone(), self.limits.memory_bytes),
             durable,
+            in_step,
             ticks: 0,
+            turn: Turn::new(self.turns.of(&service)),
+            max_value_bytes: self.limits.max_value_bytes,
         };
         let mut store = Store::new(&self.engine, state);
-        store.limiter(|s| &mut s.limits);
+        store.limiter_async(|s| &mut s.memory);
         let budget =
             (self.limits.cpu_per_attempt.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
         store.set_epoch_deadline(1);
@@ -261,15 +326,76 @@ impl Runtime {
             if state.ticks > budget {
                 return Err(wasmtime::Error::new(HostTrap::CpuBudget));
             }
-            Ok(wasmtime::UpdateDeadline::Yield(1))
+            // Past its first tick a guest runs on its service's turns.
+            if state.ticks == 1 {
+                return Ok(wasmtime::UpdateDeadline::Yield(1));
+            }
+            Ok(wasmtime::UpdateDeadline::YieldCustom(1, state.turn.pass()))
         });
         store
     }
 }
 
-fn seeded(seed: u64) -> impl rand::Rng + Send + 'static {
-    use rand::SeedableRng;
-    rand::rngs::StdRng::seed_from_u64(seed)
+/// An invocation ended by a value over `limits.max_value_bytes`.
+fn too_large(what: &str, len: usize, max: usize) -> AttemptEnd {
+    AttemptEnd::Terminal {
+        code: 413,
+        message: format!("{what} is {len} bytes, over limits.max_value_bytes ({max})"),
+    }
+}
+
+/// The guest's random numbers: seeded from the invocation outside `run`
+/// steps (a replay draws the same), the host's secure generator inside
+/// them (unpredictable; the step's result is journaled).
+struct StepRandom {
+    seeded: rand::rngs::StdRng,
+    in_step: Arc<AtomicBool>,
+}
+
+impl StepRandom {
+    fn new(seed: u64, in_step: Arc<AtomicBool>) -> Self {
+        use rand::SeedableRng;
+        StepRandom {
+            seeded: rand::rngs::StdRng::seed_from_u64(seed),
+            in_step,
+        }
+    }
+
+    fn secure(&self) -> bool {
+        self.in_step.load(Ordering::SeqCst)
+    }
+}
+
+impl rand::TryRng for StepRandom {
+    type Error = std::convert::Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        use rand::Rng;
+        Ok(if self.secure() {
+            rand::rng().next_u32()
+        } else {
+            self.seeded.next_u32()
+        })
+    }
+
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        use rand::Rng;
+        Ok(if self.secure() {
+            rand::rng().next_u64()
+        } else {
+            self.seeded.next_u64()
+        })
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        use rand::Rng;
+        if self.secure() {
+            rand::rng().fill_bytes(dst)
+        } else {
+            self.seeded.fill_bytes(dst)
+        }
+        Ok(())
+    }
 }
 
 fn validate_manifest(manifest: wit::Manifest) -> Result<Vec<ServiceInfo>, DeployError> {
@@ -335,11 +461,18 @@ pub struct GuestState {
     table: ResourceTable,
     http: WasiHttpCtx,
     policy: HttpPolicy,
-    limits: StoreLimits,
+    memory: InstanceMemory,
     /// The invocation this instance runs (`None` while describing).
     durable: Option<DurableContext>,
+    /// Whether a live `run` step is open (outgoing HTTP allowed, random
+    /// numbers unpredictable).
+    in_step: Arc<AtomicBool>,
     /// Epoch ticks spent in guest code this attempt.
     ticks: u64,
+    /// This guest's place in its service's CPU turns.
+    turn: Turn,
+    /// `limits.max_value_bytes`.
+    max_value_bytes: usize,
 }
 
 impl GuestState {
@@ -352,9 +485,21 @@ impl GuestState {
         })
     }
 
-    /// Open or close the window in which outgoing HTTP is allowed.
+    /// Open or close a live `run` step: the window in which outgoing HTTP
+    /// is allowed and random numbers come from the secure generator.
     pub(crate) fn set_in_step(&mut self, in_step: bool) {
-        self.policy.in_step = in_step;
+        self.in_step.store(in_step, Ordering::SeqCst);
+    }
+
+    /// Refuse a value over `limits.max_value_bytes` with a terminal error.
+    pub(crate) fn check_size(&self, what: &str, len: usize) -> wasmtime::Result<()> {
+        if len > self.max_value_bytes {
+            return Err(wasmtime::Error::new(HostTrap::TooLarge(format!(
+                "{what} is {len} bytes, over limits.max_value_bytes ({})",
+                self.max_value_bytes
+            ))));
+        }
+        Ok(())
     }
 }
 
@@ -428,7 +573,7 @@ impl AllowList {
 /// The `wasi:http` hooks: deny outside `run` steps and off the allow-list.
 struct HttpPolicy {
     allow: Arc<AllowList>,
-    in_step: bool,
+    in_step: Arc<AtomicBool>,
 }
 
 impl wasmtime_wasi_http::WasiHttpHooks for HttpPolicy {
@@ -450,10 +595,11 @@ impl wasmtime_wasi_http::WasiHttpHooks for HttpPolicy {
         let host = uri.host().unwrap_or_default().to_string();
         let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let allowed = self.in_step && self.allow.permits(&host, port);
+        let in_step = self.in_step.load(Ordering::SeqCst);
+        let allowed = in_step && self.allow.permits(&host, port);
         if !allowed {
             tracing::warn!(
-                %host, port, in_step = self.in_step,
+                %host, port, in_step,
                 "outgoing HTTP denied (only inside run steps, to hosts in http_allow)"
             );
         }

@@ -5,12 +5,17 @@
 //! engine; load deployments (from stored artifacts); deploy the `--deploy`
 //! files; resume unfinished invocations; then open the ingress and admin
 //! ports. Nothing is served before recovery has queued what was in flight.
+//!
+//! Shutdown (SIGTERM or SIGINT): both listeners stop accepting, clients
+//! attached to invocations are answered 503, and open requests get
+//! `connections.shutdown_timeout` to finish (see [`crate::listener`]).
 
 use crate::clock::SystemClock;
 use crate::commit::Committer;
 use crate::config::Config;
 use crate::deployments::Registry;
 use crate::invoker::Invoker;
+use crate::listener;
 use crate::runtime::Runtime;
 use crate::store::Store;
 use anyhow::Context as _;
@@ -69,24 +74,66 @@ pub async fn serve(config: Config, deploy: Vec<PathBuf>) -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind(config.admin_addr)
         .await
         .with_context(|| format!("binding the admin API to {}", config.admin_addr))?;
+    if config.admin_token.is_none() && !config.admin_addr.ip().is_loopback() {
+        tracing::warn!(
+            "the admin API listens on {} without admin_token: anyone who reaches it controls the host",
+            config.admin_addr
+        );
+    }
     tracing::info!(
         "cairn is ready: ingress http://{}, admin http://{}",
         ingress.local_addr()?,
         admin.local_addr()?
     );
     crate::faults::arm();
-    let ingress = axum::serve(
+    let (ingress_policy, admin_policy) = policies(&config);
+    let closing = invoker.clone();
+    let ingress = listener::serve(
         ingress,
         crate::ingress::router(invoker.clone(), config.max_body_bytes),
-    )
-    .with_graceful_shutdown(shutdown());
-    let admin = axum::serve(
+        ingress_policy,
+        async move {
+            shutdown().await;
+            closing.close();
+        },
+    );
+    let admin = listener::serve(
         admin,
-        crate::admin::router(invoker, subscriptions, schedules, config.max_module_bytes),
-    )
-    .with_graceful_shutdown(shutdown());
-    tokio::try_join!(async { ingress.await }, async { admin.await })?;
+        crate::admin::with_token(
+            crate::admin::router(
+                invoker.clone(),
+                subscriptions,
+                schedules,
+                config.max_module_bytes,
+            ),
+            config.admin_token.clone(),
+        ),
+        admin_policy,
+        invoker.closing(),
+    );
+    tokio::join!(ingress, admin);
     Ok(())
+}
+
+/// The two listeners' policies; the ingress cap is lowered if both caps
+/// would not fit in the open-file limit (with room for the database,
+/// Kafka and outgoing HTTP).
+fn policies(config: &Config) -> (listener::Policy, listener::Policy) {
+    const RESERVE: u64 = 1024;
+    let c = &config.connections;
+    let files = listener::raise_open_files();
+    let room = files.saturating_sub(RESERVE + c.admin_max as u64) as usize;
+    let ingress_max = c.ingress_max.min(room.max(64));
+    if ingress_max < c.ingress_max {
+        tracing::warn!(
+            "connections.ingress_max lowered from {} to {ingress_max}: the open-file limit is {files}",
+            c.ingress_max
+        );
+    }
+    (
+        listener::Policy::new(c, ingress_max, config.max_body_bytes),
+        listener::Policy::new(c, c.admin_max, config.max_module_bytes),
+    )
 }
 
 async fn shutdown() {

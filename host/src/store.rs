@@ -227,12 +227,42 @@ impl Store {
         self.read(|t| state_names_in(&t.open_table(STATE)?, service, key))
     }
 
-    /// Every invocation that has not completed, in arrival order.
-    pub fn unfinished(&self) -> StoreResult<Vec<InvocationRecord>> {
-        let mut records = Vec::new();
-        self.for_each_unfinished(|r| records.push(r))?;
-        records.sort_by_key(|r| r.seq);
-        Ok(records)
+    /// How many invocations have not completed, and the `limit` oldest of
+    /// them (by creation order), oldest first; one pass that keeps at most
+    /// `limit` records in memory.
+    pub fn oldest_unfinished(&self, limit: usize) -> StoreResult<(usize, Vec<InvocationRecord>)> {
+        struct BySeq(InvocationRecord);
+        impl PartialEq for BySeq {
+            fn eq(&self, other: &Self) -> bool {
+                self.0.seq == other.0.seq
+            }
+        }
+        impl Eq for BySeq {}
+        impl PartialOrd for BySeq {
+            fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(other))
+            }
+        }
+        impl Ord for BySeq {
+            fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+                self.0.seq.cmp(&other.0.seq)
+            }
+        }
+        let mut total = 0;
+        let mut newest_kept = std::collections::BinaryHeap::new();
+        self.for_each_unfinished(|r| {
+            total += 1;
+            newest_kept.push(BySeq(r));
+            if newest_kept.len() > limit {
+                newest_kept.pop();
+            }
+        })?;
+        let oldest = newest_kept
+            .into_sorted_vec()
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
+        Ok((total, oldest))
     }
 
     /// Visit every invocation that has not completed, in no particular
@@ -1046,16 +1076,18 @@ mod tests {
             t.append(&a.id, &Entry::Command(Command::GetStateKeys))
         });
         assert_eq!((a.seq, b.seq), (1, 2));
-        let unfinished: Vec<_> = store
-            .unfinished()
-            .unwrap()
-            .into_iter()
-            .map(|r| r.id)
-            .collect();
+        let (total, oldest) = store.oldest_unfinished(10).unwrap();
+        let oldest: Vec<_> = oldest.into_iter().map(|r| r.id).collect();
         assert_eq!(
-            unfinished,
-            vec![a.id.clone(), b.id.clone()],
+            (total, oldest),
+            (2, vec![a.id.clone(), b.id.clone()]),
             "arrival order"
+        );
+        let (total, oldest) = store.oldest_unfinished(1).unwrap();
+        assert_eq!(
+            (total, oldest.len(), &oldest[0].id),
+            (2, 1, &a.id),
+            "the oldest"
         );
         assert_eq!(
             store.idempotent("Counter/x/add", "k").unwrap(),
@@ -1068,7 +1100,7 @@ mod tests {
             t.put_invocation(&a)?;
             t.expire_at(100, &a.id)
         });
-        assert_eq!(store.unfinished().unwrap().len(), 1);
+        assert_eq!(store.oldest_unfinished(0).unwrap(), (1, vec![]));
         assert!(store.expired(99, 10).unwrap().is_empty());
         assert_eq!(store.expired(100, 10).unwrap(), vec![(100, a.id.clone())]);
         with_tables(&store, |t| t.forget(100, &a.id));

@@ -131,6 +131,9 @@ impl Host {
             admin_port: free_port(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(120))
+                // Below the host's idle timeout (connections.header_timeout,
+                // 10 s), so a pooled connection is never one it just closed.
+                .pool_idle_timeout(Duration::from_secs(5))
                 .build()
                 .unwrap(),
         };
