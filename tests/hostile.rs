@@ -172,6 +172,19 @@ async fn values_over_the_size_limit_end_with_a_clear_terminal_error() {
 }
 
 #[tokio::test]
+async fn a_handler_writing_large_values_in_a_loop_does_not_swell_the_host() {
+    let host = host("").await;
+    let before = host.peak_rss_kib();
+    let r = host.post("/Vault/big/fill", "[3, 100]", &[]).await;
+    assert_eq!(r.body, "100", "{r:?}");
+    let grown = host.peak_rss_kib().saturating_sub(before) / 1024;
+    assert!(
+        grown < 100,
+        "300 MiB of writes grew the host by {grown} MiB"
+    );
+}
+
+#[tokio::test]
 async fn guest_output_is_tagged_and_escaped_in_the_host_log() {
     let host = host("").await;
     let r = host.post("/Hostile/shout", "3", &[]).await;

@@ -339,8 +339,21 @@ impl Context {
         UNIX_EPOCH + Duration::from_millis(host::now())
     }
 
-    /// A random number. Seeded per invocation, so a replay draws the same
-    /// numbers in the same order.
+    /// A random number.
+    ///
+    /// Outside `run` steps the numbers are seeded from the invocation id, so
+    /// a replay draws the same numbers in the same order, and **so can
+    /// anyone who knows the id** (a caller sees it in `x-restate-id`): never
+    /// use them for secrets. Inside a `run` step the host's secure generator
+    /// answers (as it does for every WASI random source there), and the step's
+    /// result is journaled, so replays still agree:
+    ///
+    /// ```no_run
+    /// # use cairn_sdk::prelude::*;
+    /// # fn f(ctx: &Context) -> HandlerResult<()> {
+    /// let nonce: u64 = ctx.run("nonce", || Ok(ctx.random_u64()))?;
+    /// # Ok(()) }
+    /// ```
     pub fn random_u64(&self) -> u64 {
         wasi::random::random::get_random_u64()
     }

@@ -34,6 +34,27 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use wasmtime::format_err;
 
+/// Payloads from this size on wait for their commit before the guest goes
+/// on (smaller ones are pipelined).
+const LARGE_WRITE: usize = 256 * 1024;
+
+/// The bytes a command carries into the journal.
+fn payload_len(command: &Command) -> usize {
+    let outcome_len = |o: &Outcome| match o {
+        Outcome::Success(v) => v.len(),
+        Outcome::Failure { message, .. } => message.len(),
+    };
+    match command {
+        Command::SetState { value, .. } | Command::Produce { value, .. } => value.len(),
+        Command::Call { input, .. } | Command::Send { input, .. } => input.len(),
+        Command::CompleteAwakeable { outcome, .. } | Command::CompletePromise { outcome, .. } => {
+            outcome_len(outcome)
+        }
+        Command::HttpCall(request) => request.body.len(),
+        _ => 0,
+    }
+}
+
 /// Why the host stopped a guest.
 #[derive(Debug, thiserror::Error)]
 pub enum HostTrap {
@@ -192,7 +213,17 @@ impl DurableContext {
         // outbox, which performs it; nothing to do here.
         match self.journal.issue(&command)? {
             Issued::Replayed(completion) => Ok(completion),
-            Issued::Live(index) => self.execute(index, command).await,
+            Issued::Live(index) => {
+                let large = payload_len(&command) >= LARGE_WRITE;
+                let completion = self.execute(index, command).await?;
+                // Large writes are not pipelined: one handler writing many
+                // megabytes must not fill the commit queue (and the host's
+                // memory) ahead of everybody else's commits.
+                if large {
+                    self.invoker.committer().barrier().await;
+                }
+                Ok(completion)
+            }
         }
     }
 

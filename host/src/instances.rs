@@ -96,12 +96,9 @@ impl Slots {
 
     fn service(&self, service: &str) -> Arc<Pool> {
         let mut services = self.services.lock().unwrap();
-        if let Some(pool) = services.get(service) {
-            return pool.clone();
-        }
-        let pool = Arc::new(Pool::new(self.per_service));
-        services.insert(service.to_string(), pool.clone());
-        pool
+        let pool = services.entry(service.to_string());
+        pool.or_insert_with(|| Arc::new(Pool::new(self.per_service)))
+            .clone()
     }
 
     /// Take a slot of `service` and one of the host, waiting for them if

@@ -189,15 +189,18 @@ impl Runtime {
     /// Ask a module for its manifest, and validate it.
     pub async fn describe(&self, module: &Module) -> Result<Vec<ServiceInfo>, DeployError> {
         let mut store = self.store(None);
-        let manifest = async {
+        let describe = async {
             let instance = module.instantiate_async(&mut store).await?;
             instance
                 .cairn_runtime_handler()
                 .call_describe(&mut store)
                 .await
-        }
-        .await
-        .map_err(|e| DeployError::BadManifest(format!("describe failed: {e:#}")))?;
+        };
+        // A module that blocks in describe must not hold the upload forever.
+        let manifest = tokio::time::timeout(self.limits.wall_per_attempt, describe)
+            .await
+            .unwrap_or_else(|_| Err(wasmtime::Error::new(HostTrap::WallClock)))
+            .map_err(|e| DeployError::BadManifest(format!("describe failed: {e:#}")))?;
         validate_manifest(manifest)
     }
 

@@ -170,12 +170,10 @@ impl CpuTurns {
     /// The turns of `service` (one entry per deployed service name).
     pub fn of(&self, service: &str) -> Arc<Semaphore> {
         let mut services = self.services.lock().unwrap();
-        if let Some(turns) = services.get(service) {
-            return turns.clone();
-        }
-        let turns = Arc::new(Semaphore::new(self.per_service));
-        services.insert(service.to_string(), turns.clone());
+        let turns = services.entry(service.to_string());
         turns
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_service)))
+            .clone()
     }
 }
 

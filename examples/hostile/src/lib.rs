@@ -110,6 +110,18 @@ impl Vault {
         ctx.set("blob", &"x".repeat(mib * 1024 * 1024));
         Ok(())
     }
+
+    /// Stores `mib` MiB under "blob" `times` times over. Each large write
+    /// waits for its commit, so the host's commit queue never holds more
+    /// than one of them.
+    pub fn fill(ctx: &Context, size: (usize, u32)) -> HandlerResult<u32> {
+        let (mib, times) = size;
+        let blob = "x".repeat(mib * 1024 * 1024);
+        for _ in 0..times {
+            ctx.set("blob", &blob);
+        }
+        Ok(times)
+    }
 }
 
 cairn_sdk::export!(Hostile, Vault);
