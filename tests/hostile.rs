@@ -106,6 +106,24 @@ async fn endless_loops_pause_after_a_few_interrupted_attempts() {
 }
 
 #[tokio::test]
+async fn a_guest_waiting_after_computing_leaves_its_service_cpu_turn_to_others() {
+    let host = host("suspend_after = \"10m\"\n").await;
+    // Long enough to run past several epoch ticks (needing the service's
+    // one turn on this machine), then waiting for good.
+    let waiter = host.post("/Hostile/crunch_then_wait/send", "300000000", &[]);
+    assert_eq!(waiter.await.status, 202);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = Instant::now();
+    let r = host.post("/Hostile/crunch", "300000000", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the second guest waited {:?} for the turn the waiting one kept",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn instances_share_one_memory_budget_and_give_memory_back() {
     let host = host(
         "[limits]\nmemory_bytes = 50331648\nmemory_total = 67108864\n\

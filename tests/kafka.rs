@@ -4,8 +4,8 @@
 //! restarts, backpressure, binary keys, headers, pause/resume.
 
 use cairn_tests::kafka::{
-    create_topic, create_topic_on, produce, produce_with, producer_on, require_broker, subscribe,
-    unique_topic, Record,
+    create_replicated_topic, create_topic, create_topic_on, produce, produce_with, producer_on,
+    require_broker, subscribe, unique_topic, Record,
 };
 use cairn_tests::server::TestServer;
 use cairn_tests::{example, until, Host, HostOptions};
@@ -187,6 +187,52 @@ fn private_broker(port: u16) -> impl Fn(&str) {
     }
 }
 
+/// A private three-broker KRaft cluster (replication factor 3,
+/// min.insync.replicas 2) on ports derived from `base`, stopped (and its
+/// data removed) when dropped.
+struct Cluster {
+    base: u16,
+}
+
+impl Cluster {
+    fn start(base: u16) -> Self {
+        let cluster = Cluster {
+            base: base + (std::process::id() % 300) as u16 * 6,
+        };
+        cluster.run(&["start"]);
+        cluster
+    }
+
+    /// `kafka.sh cluster ARGS...`.
+    fn run(&self, args: &[&str]) {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka.sh");
+        let out = std::process::Command::new(&script)
+            .arg("cluster")
+            .args(args)
+            .env("KAFKA_PORT", self.base.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kafka.sh cluster {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn bootstrap(&self) -> String {
+        (0..3)
+            .map(|n| format!("127.0.0.1:{}", self.base + 2 * n))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.run(&["stop"]);
+    }
+}
+
 /// A private broker started on a port derived from `base`, a fresh topic of
 /// two partitions on it, and a producer: (control, bootstrap, topic, producer).
 async fn private_topic(
@@ -224,6 +270,30 @@ fn batch(from: usize, n: usize) -> Vec<Record> {
     (from..from + n)
         .map(|i| Record::json(&format!("k{}", i % 10), &json!(1)))
         .collect()
+}
+
+#[tokio::test]
+async fn a_broker_of_three_killed_under_load_loses_nothing() {
+    require_broker();
+    let cluster = Cluster::start(29092);
+    let bootstrap = cluster.bootstrap();
+    let topic = unique_topic("three-brokers");
+    create_replicated_topic(&bootstrap, &topic, 3, 3).await;
+    let producer = producer_on(&bootstrap);
+    let host = Host::start_with(options("")).await;
+    subscribe(&host, &bootstrap, &topic, "service://Counter/add").await;
+    produce_with(&producer, &topic, batch(0, 5000)).await;
+    until("ingest to start", Duration::from_secs(120), || async {
+        counter(&host, "k0").await > 0
+    })
+    .await;
+    // Node 1: the first bootstrap address, a leader of some partitions.
+    cluster.run(&["kill", "1"]);
+    produce_with(&producer, &topic, batch(5000, 5000)).await;
+    counted_exactly(&host, 10_000, Duration::from_secs(300)).await;
+    cluster.run(&["start-node", "1"]);
+    produce_with(&producer, &topic, batch(10_000, 2000)).await;
+    counted_exactly(&host, 12_000, Duration::from_secs(300)).await;
 }
 
 #[tokio::test]

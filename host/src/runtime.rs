@@ -333,7 +333,7 @@ impl Runtime {
             if state.ticks == 1 {
                 return Ok(wasmtime::UpdateDeadline::Yield(1));
             }
-            Ok(wasmtime::UpdateDeadline::YieldCustom(1, state.turn.pass()))
+            Ok(wasmtime::UpdateDeadline::YieldCustom(1, state.turn.take()))
         });
         store
     }

@@ -10,12 +10,14 @@
 //!   the budget cannot cover waits for memory to be freed (up to
 //!   [`MEMORY_WAIT`]), then fails the attempt with a retryable error: the
 //!   host waits instead of swelling.
-//! - **CPU turns per service** ([`CpuTurns`]). A guest that runs longer than
-//!   one epoch tick (10 ms) must hold one of its service's turns to go on;
-//!   a service has `max(1, cores × limits.service_share)` of them, handed
-//!   out first come, first served at every tick. A thousand endless loops
-//!   of one service therefore share its turns and leave the other cores to
-//!   other services; short handlers never ask for a turn.
+//! - **CPU turns per service** ([`CpuTurns`]). A guest that runs past its
+//!   first epoch tick (10 ms) must take one of its service's turns at every
+//!   further tick; a service has `max(1, cores × limits.service_share)` of
+//!   them, handed out first come, first served, each a lease of one tick
+//!   ([`TURN`]) that expires on its own. A thousand endless loops of one
+//!   service therefore share its turns and leave the other cores to other
+//!   services; short handlers never ask for a turn, and a guest that stops
+//!   computing (to wait) never keeps one.
 //! - **A wall-clock deadline per attempt** ([`AttemptClock`]). The CPU
 //!   budget only counts time in guest code; a guest blocked in a WASI wait
 //!   (`std::thread::sleep`) or queued for turns and memory would otherwise
@@ -34,7 +36,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 
 /// How long a memory growth waits for the host-wide budget before the
 /// attempt fails (and is retried later).
@@ -177,29 +179,32 @@ impl CpuTurns {
     }
 }
 
-/// One guest's place in its service's turns.
+/// How long a CPU turn lasts: one epoch tick. A turn is a lease, not a
+/// lock: it expires on its own, so a guest that stops computing (a durable
+/// wait, a WASI wait, a host call) never keeps its service's turn.
+pub const TURN: Duration = Duration::from_millis(10);
+
+/// One guest's access to its service's turns.
 pub struct Turn {
     turns: Arc<Semaphore>,
-    held: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
 }
 
 impl Turn {
-    /// A guest of the service owning `turns`, holding no turn yet.
+    /// A guest of the service owning `turns`.
     pub fn new(turns: Arc<Semaphore>) -> Self {
-        Turn {
-            turns,
-            held: Arc::default(),
-        }
+        Turn { turns }
     }
 
-    /// Give the turn back and queue for the next one: the future the
-    /// guest yields to at a tick.
-    pub fn pass(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        drop(self.held.lock().unwrap().take());
-        let (turns, held) = (self.turns.clone(), self.held.clone());
+    /// The future the guest yields to at a tick: it waits for one of the
+    /// service's turns, first come first served, and holds it for [`TURN`].
+    pub fn take(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let turns = self.turns.clone();
         Box::pin(async move {
-            let permit = turns.acquire_owned().await.expect("never closed");
-            *held.lock().unwrap() = Some(permit);
+            let lease = turns.acquire_owned().await.expect("never closed");
+            tokio::spawn(async move {
+                tokio::time::sleep(TURN).await;
+                drop(lease);
+            });
         })
     }
 }
@@ -305,19 +310,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn turns_are_passed_on_in_arrival_order() {
+    async fn a_turn_is_a_lease_that_expires_on_its_own() {
         let turns = CpuTurns::new(1).of("S");
         let (a, b) = (Turn::new(turns.clone()), Turn::new(turns.clone()));
-        a.pass().await;
-        let b_turn = tokio::spawn(b.pass());
+        a.take().await;
+        let started = Instant::now();
+        let b_turn = tokio::spawn(b.take());
         tokio::task::yield_now().await;
         assert!(!b_turn.is_finished(), "one turn per service");
-        let a_again = tokio::spawn(a.pass());
         b_turn.await.unwrap();
-        tokio::task::yield_now().await;
-        assert!(!a_again.is_finished(), "a queues behind b");
-        drop(b);
-        a_again.await.unwrap();
+        assert!(started.elapsed() >= TURN - Duration::from_millis(2));
+        assert!(CpuTurns::new(1).of("Other").try_acquire().is_ok());
     }
 
     #[test]

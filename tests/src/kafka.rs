@@ -44,11 +44,16 @@ fn rand_suffix() -> u64 {
 
 /// Create a topic with `partitions` partitions on `bootstrap`.
 pub async fn create_topic_on(bootstrap: &str, topic: &str, partitions: i32) {
+    create_replicated_topic(bootstrap, topic, partitions, 1).await;
+}
+
+/// Create a topic with `partitions` partitions of `replicas` replicas each.
+pub async fn create_replicated_topic(bootstrap: &str, topic: &str, partitions: i32, replicas: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
         .expect("an admin client");
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replicas));
     for attempt in 0..60 {
         match admin.create_topics([&new], &AdminOptions::new()).await {
             Ok(results) if results.iter().all(|r| r.is_ok()) => return,

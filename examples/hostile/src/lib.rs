@@ -85,11 +85,29 @@ impl Hostile {
         Ok(Draws { outside, inside })
     }
 
+    /// Computes for `n` iterations (long enough to need CPU turns).
+    pub fn crunch(_ctx: &Context, n: u64) -> HandlerResult<u64> {
+        Ok(crunch(n))
+    }
+
+    /// Computes for `n` iterations, then waits for an awakeable nobody
+    /// resolves: it must not keep its service's CPU turn while it waits.
+    pub fn crunch_then_wait(ctx: &Context, n: u64) -> HandlerResult<u64> {
+        let sum = crunch(n);
+        let (_id, never) = ctx.awakeable::<()>();
+        never.wait()?;
+        Ok(sum)
+    }
+
     /// Waits for an awakeable nobody resolves.
     pub fn forever(ctx: &Context) -> HandlerResult<()> {
         let (_id, never) = ctx.awakeable::<()>();
         never.wait()
     }
+}
+
+fn crunch(n: u64) -> u64 {
+    (0..n).fold(0u64, |acc, i| std::hint::black_box(acc.wrapping_add(i)))
 }
 
 fn deep(n: u64) -> u64 {
