@@ -124,6 +124,14 @@ async fn a_guest_waiting_after_computing_leaves_its_service_cpu_turn_to_others()
 }
 
 #[tokio::test]
+async fn time_spent_waiting_on_the_host_is_not_counted_as_guest_cpu() {
+    let host = host("[limits]\ncpu_per_attempt = \"100ms\"\ninterrupted_attempts = 1\n").await;
+    // 40 durable naps of 30 ms: 1.2 s of waiting, almost no computing.
+    let r = host.post("/Hostile/patient", "40", &[]).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "40"), "{r:?}");
+}
+
+#[tokio::test]
 async fn instances_share_one_memory_budget_and_give_memory_back() {
     let host = host(
         "[limits]\nmemory_bytes = 50331648\nmemory_total = 67108864\n\

@@ -221,6 +221,7 @@ impl DurableContext {
                 // memory) ahead of everybody else's commits.
                 if large {
                     self.invoker.committer().barrier().await;
+                    self.clock.mark_waited();
                 }
                 Ok(completion)
             }
@@ -767,6 +768,7 @@ impl context::Host for GuestState {
                 Ok(true)
             })
             .await;
+        d.clock.mark_waited();
         match journaled {
             true => Ok(()),
             false => Err(wasmtime::Error::new(HostTrap::Fenced)),
@@ -937,6 +939,7 @@ impl context::Host for GuestState {
             return Err(terminal("step-backoff outside a run step"));
         }
         tokio::time::sleep(Duration::from_millis(millis.min(60_000))).await;
+        self.durable()?.clock.mark_waited();
         Ok(())
     }
 

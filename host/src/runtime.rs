@@ -234,10 +234,10 @@ impl Runtime {
             Ok(Ok(_) | Err(wit::HandlerError::Terminal(_))) if unconsumed.is_some() => {
                 AttemptEnd::Stopped(unconsumed.expect("checked").to_string())
             }
-            Ok(Ok(output)) if output.len() > self.limits.max_value_bytes => {
-                too_large("the output", output.len(), self.limits.max_value_bytes)
-            }
-            Ok(Ok(output)) => AttemptEnd::Success(output),
+            Ok(Ok(output)) => match data.check_size("the output", output.len()) {
+                Ok(()) => AttemptEnd::Success(output),
+                Err(e) => self.trapped(e, in_step),
+            },
             Ok(Err(wit::HandlerError::Terminal(t))) => AttemptEnd::Terminal {
                 code: t.code,
                 message: t.message,
@@ -325,6 +325,15 @@ impl Runtime {
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |mut ctx| {
             let state = ctx.data_mut();
+            // A tick that passed while the guest waited on the host (a
+            // durable wait, a commit) is not guest time.
+            if state
+                .durable
+                .as_ref()
+                .is_some_and(|d| d.clock().take_waited())
+            {
+                return Ok(wasmtime::UpdateDeadline::Yield(1));
+            }
             state.ticks += 1;
             if state.ticks > budget {
                 return Err(wasmtime::Error::new(HostTrap::CpuBudget));
@@ -336,14 +345,6 @@ impl Runtime {
             Ok(wasmtime::UpdateDeadline::YieldCustom(1, state.turn.take()))
         });
         store
-    }
-}
-
-/// An invocation ended by a value over `limits.max_value_bytes`.
-fn too_large(what: &str, len: usize, max: usize) -> AttemptEnd {
-    AttemptEnd::Terminal {
-        code: 413,
-        message: format!("{what} is {len} bytes, over limits.max_value_bytes ({max})"),
     }
 }
 

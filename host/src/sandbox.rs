@@ -33,7 +33,7 @@ use crate::context::HostTrap;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore};
@@ -214,6 +214,8 @@ impl Turn {
 pub struct AttemptClock {
     started: Instant,
     waits: Mutex<Waits>,
+    /// Whether a wait ended since [`AttemptClock::take_waited`] last looked.
+    waited: AtomicBool,
 }
 
 #[derive(Default)]
@@ -231,6 +233,7 @@ impl Drop for Waiting<'_> {
         if let Some(since) = waits.since.take() {
             waits.total += since.elapsed();
         }
+        self.0.mark_waited();
     }
 }
 
@@ -240,10 +243,25 @@ impl AttemptClock {
         Arc::new(AttemptClock {
             started: Instant::now(),
             waits: Mutex::default(),
+            waited: AtomicBool::new(false),
         })
     }
 
-    /// Stop counting until the returned guard is dropped.
+    /// Whether the attempt waited on the host since the last call: the
+    /// epoch tick that passed meanwhile is not guest CPU time.
+    pub fn take_waited(&self) -> bool {
+        self.waited.swap(false, Ordering::SeqCst)
+    }
+
+    /// The attempt waited on the host (a commit, a step's backoff): the
+    /// tick that passed is not guest time, though the wait counts against
+    /// the wall-clock budget.
+    pub fn mark_waited(&self) {
+        self.waited.store(true, Ordering::SeqCst);
+    }
+
+    /// Stop counting until the returned guard is dropped (a durable wait,
+    /// which suspends when it lasts).
     pub fn wait(&self) -> Waiting<'_> {
         self.waits.lock().unwrap().since = Some(Instant::now());
         Waiting(self)
@@ -332,5 +350,6 @@ mod tests {
         }
         let (busy, waiting) = clock.busy();
         assert!(!waiting && busy < Duration::from_millis(25), "{busy:?}");
+        assert!(clock.take_waited() && !clock.take_waited());
     }
 }

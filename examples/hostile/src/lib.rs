@@ -99,6 +99,15 @@ impl Hostile {
         Ok(sum)
     }
 
+    /// Takes `n` durable naps of 30 ms: not hostile, but its time is spent
+    /// waiting on the host, which no CPU budget may count.
+    pub fn patient(ctx: &Context, n: u32) -> HandlerResult<u32> {
+        for _ in 0..n {
+            ctx.sleep(Duration::from_millis(30)).wait()?;
+        }
+        Ok(n)
+    }
+
     /// Waits for an awakeable nobody resolves.
     pub fn forever(ctx: &Context) -> HandlerResult<()> {
         let (_id, never) = ctx.awakeable::<()>();
