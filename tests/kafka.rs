@@ -172,19 +172,22 @@ async fn sigkill_mid_ingest_each_record_becomes_exactly_one_invocation() {
 /// A broker of this test's own on `port` (so restarting it disturbs no
 /// other test): `kafka.sh start|stop` with `KAFKA_PORT`.
 fn private_broker(port: u16) -> impl Fn(&str) {
+    move |action: &str| kafka_sh(port, &[action])
+}
+
+/// `scripts/kafka.sh ARGS...` with `KAFKA_PORT=port`; fails with its output.
+fn kafka_sh(port: u16, args: &[&str]) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka.sh");
-    move |action: &str| {
-        let out = std::process::Command::new(&script)
-            .arg(action)
-            .env("KAFKA_PORT", port.to_string())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "kafka.sh {action}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let out = std::process::Command::new(&script)
+        .args(args)
+        .env("KAFKA_PORT", port.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kafka.sh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A private three-broker KRaft cluster (replication factor 3,
@@ -205,18 +208,7 @@ impl Cluster {
 
     /// `kafka.sh cluster ARGS...`.
     fn run(&self, args: &[&str]) {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka.sh");
-        let out = std::process::Command::new(&script)
-            .arg("cluster")
-            .args(args)
-            .env("KAFKA_PORT", self.base.to_string())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "kafka.sh cluster {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        kafka_sh(self.base, &[&["cluster"], args].concat());
     }
 
     fn bootstrap(&self) -> String {
