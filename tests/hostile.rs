@@ -323,6 +323,13 @@ async fn the_admin_api_requires_its_token_and_redacts_secrets() {
     let url = |path: &str| format!("{}{path}", host.admin());
     let anonymous = host.http.get(url("/services")).send().await.unwrap();
     assert_eq!(anonymous.status(), 401);
+    // Refused before its body is read (no upload is buffered for strangers):
+    // a 401, or the host closing the connection while the body still flows.
+    let upload = host.http.post(url("/deployments")).body(vec![0u8; 8 << 20]);
+    match upload.send().await {
+        Ok(refused) => assert_eq!(refused.status(), 401),
+        Err(cut) => assert!(cut.is_request(), "{cut}"),
+    }
     let wrong = host.http.get(url("/services")).bearer_auth("s3cret-tokeX");
     assert_eq!(wrong.send().await.unwrap().status(), 401);
     let ok = host.http.get(url("/services")).bearer_auth("s3cret-token");

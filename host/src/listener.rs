@@ -97,7 +97,6 @@ pub async fn serve(
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let router = router.layer(axum::middleware::from_fn_with_state(policy, read_body));
     let open = Arc::new(Semaphore::new(policy.max_connections));
     let (draining, drain) = watch::channel(false);
     let mut complaints = Complaints::default();
@@ -167,8 +166,14 @@ async fn connection(
     }
 }
 
-/// Buffer a request's body within the policy's time and size, before any
-/// handler runs.
+/// `router` with every request body read within the policy's time and
+/// size before a handler runs. Layers added after this one (the admin
+/// token) run before any body is read.
+pub fn bounded_bodies(router: Router, policy: Policy) -> Router {
+    router.layer(axum::middleware::from_fn_with_state(policy, read_body))
+}
+
+/// Buffer a request's body within the policy's time and size.
 async fn read_body(State(policy): State<Policy>, request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
     let limited = http_body_util::Limited::new(body, policy.max_body_bytes);

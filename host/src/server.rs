@@ -90,7 +90,10 @@ pub async fn serve(config: Config, deploy: Vec<PathBuf>) -> anyhow::Result<()> {
     let closing = invoker.clone();
     let ingress = listener::serve(
         ingress,
-        crate::ingress::router(invoker.clone(), config.max_body_bytes),
+        listener::bounded_bodies(
+            crate::ingress::router(invoker.clone(), config.max_body_bytes),
+            ingress_policy,
+        ),
         ingress_policy,
         async move {
             shutdown().await;
@@ -99,12 +102,16 @@ pub async fn serve(config: Config, deploy: Vec<PathBuf>) -> anyhow::Result<()> {
     );
     let admin = listener::serve(
         admin,
+        // The token is checked before an upload's body is read.
         crate::admin::with_token(
-            crate::admin::router(
-                invoker.clone(),
-                subscriptions,
-                schedules,
-                config.max_module_bytes,
+            listener::bounded_bodies(
+                crate::admin::router(
+                    invoker.clone(),
+                    subscriptions,
+                    schedules,
+                    config.max_module_bytes,
+                ),
+                admin_policy,
             ),
             config.admin_token.clone(),
         ),
