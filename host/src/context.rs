@@ -38,21 +38,41 @@ use wasmtime::format_err;
 /// on (smaller ones are pipelined).
 const LARGE_WRITE: usize = 256 * 1024;
 
-/// The bytes a command carries into the journal.
-fn payload_len(command: &Command) -> usize {
-    let outcome_len = |o: &Outcome| match o {
+/// What a command carries into the journal, and how many bytes.
+fn payload(command: &Command) -> Option<(&'static str, usize)> {
+    match command {
+        Command::SetState { value, .. } => Some(("the state value", value.len())),
+        Command::Produce { value, .. } => Some(("the Kafka record", value.len())),
+        Command::Call { input, .. } => Some(("the call's input", input.len())),
+        Command::Send { input, .. } => Some(("the send's input", input.len())),
+        Command::CompleteAwakeable { outcome, .. } => {
+            Some(("the awakeable's value", outcome_len(outcome)))
+        }
+        Command::CompletePromise { outcome, .. } => {
+            Some(("the promise's value", outcome_len(outcome)))
+        }
+        Command::HttpCall(request) => Some(("the HTTP request body", request.body.len())),
+        _ => None,
+    }
+}
+
+/// The bytes of an outcome (value or error message).
+fn outcome_len(outcome: &Outcome) -> usize {
+    match outcome {
         Outcome::Success(v) => v.len(),
         Outcome::Failure { message, .. } => message.len(),
-    };
-    match command {
-        Command::SetState { value, .. } | Command::Produce { value, .. } => value.len(),
-        Command::Call { input, .. } | Command::Send { input, .. } => input.len(),
-        Command::CompleteAwakeable { outcome, .. } | Command::CompletePromise { outcome, .. } => {
-            outcome_len(outcome)
-        }
-        Command::HttpCall(request) => request.body.len(),
-        _ => 0,
     }
+}
+
+/// Refuse a value over `limits.max_value_bytes` (`max`) with a terminal
+/// error naming `what` and the knob.
+pub(crate) fn check_size(what: &str, len: usize, max: usize) -> wasmtime::Result<()> {
+    if len > max {
+        return Err(wasmtime::Error::new(HostTrap::TooLarge(format!(
+            "{what} is {len} bytes, over limits.max_value_bytes ({max})"
+        ))));
+    }
+    Ok(())
 }
 
 /// Why the host stopped a guest.
@@ -214,7 +234,11 @@ impl DurableContext {
         match self.journal.issue(&command)? {
             Issued::Replayed(completion) => Ok(completion),
             Issued::Live(index) => {
-                let large = payload_len(&command) >= LARGE_WRITE;
+                let carried = payload(&command);
+                if let Some((what, len)) = carried {
+                    check_size(what, len, self.invoker.max_value_bytes())?;
+                }
+                let large = carried.is_some_and(|(_, len)| len >= LARGE_WRITE);
                 let completion = self.execute(index, command).await?;
                 // Large writes are not pipelined: one handler writing many
                 // megabytes must not fill the commit queue (and the host's
@@ -630,14 +654,6 @@ impl StateOverlay {
     }
 }
 
-/// The bytes of a guest's outcome (value or error message).
-fn outcome_len(outcome: &wit::Outcome) -> usize {
-    match outcome {
-        wit::Outcome::Success(v) => v.len(),
-        wit::Outcome::Failure(e) => e.message.len(),
-    }
-}
-
 fn to_wit(outcome: Outcome) -> wit::Outcome {
     match outcome {
         Outcome::Success(bytes) => wit::Outcome::Success(bytes),
@@ -701,7 +717,6 @@ impl context::Host for GuestState {
     }
 
     async fn state_set(&mut self, name: String, value: Vec<u8>) -> wasmtime::Result<()> {
-        self.check_size("the state value", value.len())?;
         let d = self.durable()?;
         d.writable_key()?;
         d.durable(Command::SetState { name, value }).await.map(drop)
@@ -748,13 +763,18 @@ impl context::Host for GuestState {
 
     async fn run_exit(&mut self, step_outcome: wit::Outcome) -> wasmtime::Result<()> {
         self.set_in_step(false);
-        self.check_size("the step's result", outcome_len(&step_outcome))?;
         let d = self.durable()?;
+        let step_outcome = from_wit(step_outcome);
+        check_size(
+            "the step's result",
+            outcome_len(&step_outcome),
+            d.invoker.max_value_bytes(),
+        )?;
         let (command, name) = d
             .step
             .take()
             .ok_or_else(|| terminal("run-exit without a matching run-enter"))?;
-        let value = CompletionValue::Outcome(from_wit(step_outcome));
+        let value = CompletionValue::Outcome(step_outcome);
         let (id, epoch, invoker) = (d.record.id.clone(), d.epoch, d.invoker.clone());
         let journaled = d
             .invoker
@@ -794,7 +814,6 @@ impl context::Host for GuestState {
         target: context::CallTarget,
         payload: Vec<u8>,
     ) -> wasmtime::Result<u32> {
-        self.check_size("the call's input", payload.len())?;
         let d = self.durable()?;
         let callee = InvocationId::generate().to_string();
         d.durable(Command::Call {
@@ -812,7 +831,6 @@ impl context::Host for GuestState {
         payload: Vec<u8>,
         delay_millis: u64,
     ) -> wasmtime::Result<String> {
-        self.check_size("the send's input", payload.len())?;
         let d = self.durable()?;
         let command = Command::Send {
             target: call_target(target),
@@ -847,7 +865,6 @@ impl context::Host for GuestState {
         id: String,
         completion: wit::Outcome,
     ) -> wasmtime::Result<()> {
-        self.check_size("the awakeable's value", outcome_len(&completion))?;
         let d = self.durable()?;
         d.durable(Command::CompleteAwakeable {
             id,
@@ -878,7 +895,6 @@ impl context::Host for GuestState {
         name: String,
         completion: wit::Outcome,
     ) -> wasmtime::Result<Result<(), wit::TerminalError>> {
-        self.check_size("the promise's value", outcome_len(&completion))?;
         let d = self.durable()?;
         d.key()?;
         match d
@@ -903,7 +919,6 @@ impl context::Host for GuestState {
         key: Option<Vec<u8>>,
         value: Vec<u8>,
     ) -> wasmtime::Result<u32> {
-        self.check_size("the Kafka record", value.len())?;
         let d = self.durable()?;
         d.durable(Command::Produce {
             cluster,
@@ -916,7 +931,6 @@ impl context::Host for GuestState {
     }
 
     async fn http_call(&mut self, request: context::HttpRequest) -> wasmtime::Result<u32> {
-        self.check_size("the HTTP request body", request.body.len())?;
         let d = self.durable()?;
         let request = crate::journal::HttpRequest {
             method: request.method,

@@ -284,6 +284,11 @@ impl Invoker {
         Ok(())
     }
 
+    /// `limits.max_value_bytes`: the largest value a guest may journal.
+    pub(crate) fn max_value_bytes(&self) -> usize {
+        self.config.limits.max_value_bytes
+    }
+
     /// Every concurrency limit: `(scope, max, in use)`.
     pub fn limits(&self) -> Vec<(String, usize, usize)> {
         self.limits.list()

@@ -26,7 +26,7 @@
 //! retried like an error.
 
 use crate::config::Limits;
-use crate::context::{DurableContext, HostTrap};
+use crate::context::{check_size, DurableContext, HostTrap};
 use crate::guestlog::GuestOutput;
 use crate::records::{HandlerInfo, HandlerKind, ServiceInfo, ServiceKind};
 use crate::sandbox::{CpuTurns, InstanceMemory, MemoryBudget, Turn};
@@ -234,10 +234,12 @@ impl Runtime {
             Ok(Ok(_) | Err(wit::HandlerError::Terminal(_))) if unconsumed.is_some() => {
                 AttemptEnd::Stopped(unconsumed.expect("checked").to_string())
             }
-            Ok(Ok(output)) => match data.check_size("the output", output.len()) {
-                Ok(()) => AttemptEnd::Success(output),
-                Err(e) => self.trapped(e, in_step),
-            },
+            Ok(Ok(output)) => {
+                match check_size("the output", output.len(), self.limits.max_value_bytes) {
+                    Ok(()) => AttemptEnd::Success(output),
+                    Err(e) => self.trapped(e, in_step),
+                }
+            }
             Ok(Err(wit::HandlerError::Terminal(t))) => AttemptEnd::Terminal {
                 code: t.code,
                 message: t.message,
@@ -316,7 +318,6 @@ impl Runtime {
             in_step,
             ticks: 0,
             turn: Turn::new(self.turns.of(&service)),
-            max_value_bytes: self.limits.max_value_bytes,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter_async(|s| &mut s.memory);
@@ -475,8 +476,6 @@ pub struct GuestState {
     ticks: u64,
     /// This guest's place in its service's CPU turns.
     turn: Turn,
-    /// `limits.max_value_bytes`.
-    max_value_bytes: usize,
 }
 
 impl GuestState {
@@ -493,17 +492,6 @@ impl GuestState {
     /// is allowed and random numbers come from the secure generator.
     pub(crate) fn set_in_step(&mut self, in_step: bool) {
         self.in_step.store(in_step, Ordering::SeqCst);
-    }
-
-    /// Refuse a value over `limits.max_value_bytes` with a terminal error.
-    pub(crate) fn check_size(&self, what: &str, len: usize) -> wasmtime::Result<()> {
-        if len > self.max_value_bytes {
-            return Err(wasmtime::Error::new(HostTrap::TooLarge(format!(
-                "{what} is {len} bytes, over limits.max_value_bytes ({})",
-                self.max_value_bytes
-            ))));
-        }
-        Ok(())
     }
 }
 
