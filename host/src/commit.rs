@@ -12,10 +12,17 @@
 //! Lifecycle: [`Committer::start`] spawns the thread; it stops when the
 //! last `Committer` handle is dropped, after finishing the queued jobs.
 //!
+//! In cluster mode the writer has a [`Log`]: the changes of each
+//! transaction (captured by [`crate::changelog`]) are appended to it, and
+//! only once the log has them does the redb transaction commit. The local
+//! store therefore never gets ahead of the log that a new owner restores
+//! from.
+//!
 //! A failed commit is fatal: the process aborts and recovery replays from
 //! the last durable transaction. Continuing after a failed fsync could
 //! acknowledge writes that are not on disk.
 
+use crate::changelog::{Capture, Change};
 use crate::store::{Store, StoreResult, Tables};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -27,6 +34,14 @@ pub type Continuation = Box<dyn FnOnce() + Send>;
 /// A unit of work for the writer: changes to apply, and what to do once
 /// they are durable.
 pub type Job = Box<dyn FnOnce(&mut Tables<'_>) -> StoreResult<Continuation> + Send>;
+
+/// Where a transaction's changes go before the local store commits them
+/// (cluster mode: a Kafka changelog).
+pub trait Log: Send {
+    /// Make `changes` durable, in order; returns the log position after
+    /// them. An error is fatal: the host stops before it acknowledges.
+    fn append(&mut self, changes: Vec<Change>) -> anyhow::Result<u64>;
+}
 
 /// Largest number of jobs in one transaction.
 const MAX_BATCH: usize = 4096;
@@ -48,14 +63,20 @@ pub struct Stats {
 }
 
 impl Committer {
-    /// Start the writer thread over `store`.
+    /// Start the writer thread over `store` (standalone mode).
     pub fn start(store: Arc<Store>) -> Self {
+        Self::start_with_log(store, None)
+    }
+
+    /// Start the writer thread over `store`, appending every transaction's
+    /// changes to `log` first, if any.
+    pub fn start_with_log(store: Arc<Store>, log: Option<Box<dyn Log>>) -> Self {
         let (queue, jobs) = mpsc::channel::<Job>();
         let stats = Arc::new(Stats::default());
         let counters = stats.clone();
         std::thread::Builder::new()
             .name("cairn-commit".into())
-            .spawn(move || writer(&store, jobs, &counters))
+            .spawn(move || writer(&store, log, jobs, &counters))
             .expect("the commit thread starts");
         Committer { queue, stats }
     }
@@ -146,7 +167,7 @@ impl Committer {
     }
 }
 
-fn writer(store: &Store, jobs: mpsc::Receiver<Job>, stats: &Stats) {
+fn writer(store: &Store, mut log: Option<Box<dyn Log>>, jobs: mpsc::Receiver<Job>, stats: &Stats) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -156,7 +177,7 @@ fn writer(store: &Store, jobs: mpsc::Receiver<Job>, stats: &Stats) {
             }
         }
         let size = batch.len();
-        match apply(store, batch) {
+        match apply(store, log.as_deref_mut(), batch) {
             Ok(continuations) => {
                 tracing::trace!(jobs = size, "group commit");
                 stats.transactions.fetch_add(1, Ordering::Relaxed);
@@ -171,14 +192,28 @@ fn writer(store: &Store, jobs: mpsc::Receiver<Job>, stats: &Stats) {
     }
 }
 
-fn apply(store: &Store, batch: Vec<Job>) -> StoreResult<Vec<Continuation>> {
+fn apply(
+    store: &Store,
+    log: Option<&mut (dyn Log + 'static)>,
+    batch: Vec<Job>,
+) -> anyhow::Result<Vec<Continuation>> {
     let txn = store.begin_write()?;
+    let capture = match log {
+        Some(_) => Capture::on(),
+        None => Capture::off(),
+    };
     let continuations = {
-        let mut tables = Tables::open(&txn)?;
-        batch
+        let mut tables = Tables::open_capturing(&txn, capture.clone())?;
+        let continuations = batch
             .into_iter()
             .map(|job| job(&mut tables))
-            .collect::<StoreResult<Vec<_>>>()?
+            .collect::<StoreResult<Vec<_>>>()?;
+        let changes = capture.take();
+        if let (Some(log), false) = (log, changes.is_empty()) {
+            let next = log.append(changes)?;
+            tables.set_changelog_next(next)?;
+        }
+        continuations
     };
     txn.commit()
         .map_err(|e| crate::store::StoreError::Redb(e.into()))?;

@@ -9,7 +9,8 @@
 //!
 //! - [`ids`], [`clock`], [`config`], [`records`]: vocabulary.
 //! - [`journal`]: journal entries and the replay rule.
-//! - [`store`]: the redb tables; [`commit`]: the group-commit writer.
+//! - [`store`]: the redb tables; [`commit`]: the group-commit writer;
+//!   [`changelog`]: a transaction's changes as data (cluster mode).
 //! - [`runtime`]: wasmtime, sandboxing and limits; [`context`]: the host
 //!   side of the guest's `context` interface; [`instances`]: the instance
 //!   slots, and when a waiting attempt gives its slot up.
@@ -30,6 +31,7 @@
 //! `docs/design.md` describes the journal, the tables and the replay rules.
 
 pub mod admin;
+pub mod changelog;
 pub mod clock;
 pub mod commit;
 pub mod config;
