@@ -694,7 +694,7 @@ impl<'txn> Tables<'txn> {
 
     /// Disarm a timer; `false` if it was not armed (already fired).
     pub fn take_timer(&mut self, at_ms: u64, id: &InvocationId, command: u32) -> StoreResult<bool> {
-        Ok(self.timers.remove((at_ms, id.as_str(), command))?)
+        self.timers.remove((at_ms, id.as_str(), command))
     }
 
     /// Record an outside effect to perform (in its command's transaction).
@@ -706,7 +706,7 @@ impl<'txn> Tables<'txn> {
     /// Take an outside effect out of the outbox (in its answer's
     /// transaction); `false` if it was answered already.
     pub fn take_outbox(&mut self, id: &InvocationId, command: u32) -> StoreResult<bool> {
-        Ok(self.outbox.remove((id.as_str(), command))?)
+        self.outbox.remove((id.as_str(), command))
     }
 
     /// Register a pending awakeable.
@@ -717,7 +717,7 @@ impl<'txn> Tables<'txn> {
 
     /// Take a pending awakeable; `false` if unknown or already completed.
     pub fn take_awakeable(&mut self, id: &InvocationId, command: u32) -> StoreResult<bool> {
-        Ok(self.awakeables.remove((id.as_str(), command))?)
+        self.awakeables.remove((id.as_str(), command))
     }
 
     /// A workflow promise's outcome, as of this transaction.
@@ -943,7 +943,7 @@ impl<'txn> Tables<'txn> {
 
     /// Remove a concurrency limit; `false` if there was none.
     pub fn remove_limit(&mut self, scope: &str) -> StoreResult<bool> {
-        Ok(self.limits.remove(scope)?)
+        self.limits.remove(scope)
     }
 
     /// Store (or replace) a schedule.
@@ -956,7 +956,7 @@ impl<'txn> Tables<'txn> {
     /// Delete a schedule; `false` if there was none.
     pub fn remove_schedule(&mut self, name: &str) -> StoreResult<bool> {
         self.meta.remove(last_tick_key(name).as_str())?;
-        Ok(self.schedules.remove(name)?)
+        self.schedules.remove(name)
     }
 
     /// The last tick (ms) schedule `name` fired, if any.
@@ -977,7 +977,7 @@ impl<'txn> Tables<'txn> {
     /// Delete a subscription (and its stop reason); `false` if there was none.
     pub fn remove_subscription(&mut self, id: &str) -> StoreResult<bool> {
         self.set_subscription_stop(id, None)?;
-        Ok(self.subscriptions.remove(id)?)
+        self.subscriptions.remove(id)
     }
 
     /// Remember that this copy of the store holds the changelog up to
