@@ -106,6 +106,22 @@
 //! # Unfinished invocations per subscription before its partitions pause.
 //! max_in_flight = 10000
 //!
+//! # Cluster mode (docs/scale-out.md): every group commit also goes to a
+//! # replicated Kafka changelog, in a transaction, before the local redb;
+//! # a host started on another machine (or an empty data_dir) restores from
+//! # it, and fences the previous owner. Also --cluster and --cluster-app.
+//! [cluster]
+//! bootstrap = "127.0.0.1:9092"
+//! # Names the topic (cairn.<app>.changelog) and the transactional id.
+//! app = "shop"
+//! # A Kafka transaction not committed within this stops the host (the
+//! # next owner takes over from the last committed one).
+//! commit_timeout = "10s"
+//! # How long a starting host may take to read the changelog.
+//! restore_timeout = "10m"
+//! # librdkafka properties for the cluster's clients (SASL, TLS, ...).
+//! properties = { "client.id" = "cairn-a" }
+//!
 //! # A handler invoked on a cron expression (5 fields, or 6 with seconds), UTC.
 //! [[schedules]]
 //! name = "nightly-report"
@@ -169,6 +185,8 @@ pub struct Config {
     pub retry: RetryPolicy,
     /// Kafka ingest.
     pub kafka: KafkaConfig,
+    /// Cluster mode: the Kafka changelog, if any.
+    pub cluster: Option<ClusterConfig>,
     /// Cron schedules registered at start.
     pub schedules: Vec<ScheduleConfig>,
     /// Concurrency limits set at start.
@@ -290,6 +308,36 @@ impl Default for KafkaConfig {
     }
 }
 
+/// Cluster mode: where the replicated changelog lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Kafka bootstrap servers.
+    pub bootstrap: String,
+    /// The application's name: topics and transactional ids derive from it.
+    pub app: String,
+    /// Longest time a changelog transaction may take (fatal after it).
+    #[serde(deserialize_with = "duration")]
+    pub commit_timeout: Duration,
+    /// Longest time reading the changelog at start may take.
+    #[serde(deserialize_with = "duration")]
+    pub restore_timeout: Duration,
+    /// Extra librdkafka properties.
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            bootstrap: "127.0.0.1:9092".into(),
+            app: "cairn".into(),
+            commit_timeout: Duration::from_secs(10),
+            restore_timeout: Duration::from_secs(600),
+            properties: Default::default(),
+        }
+    }
+}
+
 /// Exponential backoff for retryable failures.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -326,6 +374,7 @@ impl Default for Config {
             retry: RetryPolicy::default(),
             retry_overrides: Default::default(),
             kafka: KafkaConfig::default(),
+            cluster: None,
             schedules: Vec::new(),
             concurrency: Vec::new(),
         }

@@ -10,7 +10,8 @@
 //! - [`ids`], [`clock`], [`config`], [`records`]: vocabulary.
 //! - [`journal`]: journal entries and the replay rule.
 //! - [`store`]: the redb tables; [`commit`]: the group-commit writer;
-//!   [`changelog`]: a transaction's changes as data (cluster mode).
+//!   [`changelog`]: a transaction's changes as data; [`cluster`]: the
+//!   store replicated through a Kafka changelog, restore and fencing.
 //! - [`runtime`]: wasmtime, sandboxing and limits; [`context`]: the host
 //!   side of the guest's `context` interface; [`instances`]: the instance
 //!   slots, and when a waiting attempt gives its slot up.
@@ -33,6 +34,7 @@
 pub mod admin;
 pub mod changelog;
 pub mod clock;
+pub mod cluster;
 pub mod commit;
 pub mod config;
 pub mod context;

@@ -286,6 +286,13 @@ struct Serve {
     /// Allow guests to reach this host (host, host:port or host:*); repeatable.
     #[arg(long)]
     http_allow: Vec<String>,
+    /// Cluster mode: replicate the store through the Kafka cluster at these
+    /// bootstrap servers (see [cluster] in the config).
+    #[arg(long, env = "CAIRN_CLUSTER")]
+    cluster: Option<String>,
+    /// Cluster mode: the application's name (topics derive from it).
+    #[arg(long, env = "CAIRN_CLUSTER_APP", requires = "cluster")]
+    cluster_app: Option<String>,
     /// Require this bearer token on the admin API (see admin_token).
     #[arg(long, env = "CAIRN_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -309,6 +316,15 @@ impl Serve {
         config.http_allow.extend(self.http_allow);
         if let Some(token) = self.admin_token {
             config.admin_token = Some(token);
+        }
+        if let Some(bootstrap) = self.cluster {
+            config
+                .cluster
+                .get_or_insert_with(Default::default)
+                .bootstrap = bootstrap;
+        }
+        if let (Some(app), Some(cluster)) = (self.cluster_app, config.cluster.as_mut()) {
+            cluster.app = app;
         }
         Ok((config, self.deploy))
     }

@@ -1,7 +1,8 @@
 //! Assembling a host: store, writer, runtime, registry, invoker, and the two
 //! HTTP servers, in the order they depend on each other.
 //!
-//! Start-up: open the store; start the group-commit writer; build the
+//! Start-up: open the store; in cluster mode, fence the previous owner and
+//! restore the store from the changelog; start the group-commit writer; build the
 //! engine; load deployments (from stored artifacts); deploy the `--deploy`
 //! files; resume unfinished invocations; then open the ingress and admin
 //! ports. Nothing is served before recovery has queued what was in flight.
@@ -28,7 +29,19 @@ pub async fn serve(config: Config, deploy: Vec<PathBuf>) -> anyhow::Result<()> {
         Store::open_with_cache(&config.data_dir, config.db_cache_bytes)
             .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
     );
-    let committer = Committer::start(store.clone());
+    let committer = match &config.cluster {
+        None => Committer::start(store.clone()),
+        Some(cluster) => {
+            let mut log = crate::cluster::KafkaLog::open(cluster)
+                .await
+                .with_context(|| {
+                    format!("joining cluster {:?} at {}", cluster.app, cluster.bootstrap)
+                })?;
+            let restored = crate::cluster::restore(store.clone(), &mut log, cluster).await?;
+            tracing::info!(?restored, app = %cluster.app, "cluster mode: the store follows the changelog");
+            Committer::start_with_log(store.clone(), Some(Box::new(log)))
+        }
+    };
     let runtime = Arc::new(Runtime::new(&config)?);
     let registry =
         Arc::new(Registry::load(runtime.clone(), store.clone(), committer.clone()).await?);

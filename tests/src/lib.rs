@@ -259,6 +259,12 @@ impl Host {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// Start the host again on the same data and ports, with `options`.
+    pub async fn restart_with(&mut self, options: HostOptions) {
+        self.options = options;
+        self.restart().await;
+    }
+
     /// Start the host again on the same data and ports.
     pub async fn restart(&mut self) {
         self.kill();

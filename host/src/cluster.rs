@@ -1,0 +1,372 @@
+//! Cluster mode: the store replicated through Kafka, so that losing a host
+//! (or its disk) loses nothing, and a zombie host cannot write.
+//!
+//! Why Kafka: teams that run event-driven systems already run a replicated,
+//! partitioned log with zombie fencing; Cairn uses it instead of a
+//! consensus protocol of its own (`docs/scale-out.md` has the design and
+//! the alternatives rejected).
+//!
+//! What it does today (one partition: the whole application):
+//!
+//! - **Commit.** Every group commit's changes ([`crate::changelog`]) are
+//!   written to partition 0 of the compacted topic
+//!   `cairn.<app>.changelog` in one Kafka transaction; only after the
+//!   transaction commits does the local redb transaction commit and do the
+//!   answers leave the host ([`KafkaLog`]).
+//! - **Fencing.** The transactional id is `cairn.<app>.p0`. A host that
+//!   starts calls `init_transactions`, which bumps the producer epoch: a
+//!   previous owner that is still alive (paused, partitioned away) fails its
+//!   next commit with a fenced error, before its redb or any client sees
+//!   the write, and stops.
+//! - **Restore.** A host that starts compares its local store with the log
+//!   ([`restore`]): if nobody wrote after its last commit it goes on from
+//!   its local copy; otherwise it rebuilds the store from the whole
+//!   changelog (compaction keeps it to the live rows).
+//!
+//! Lifecycle: [`KafkaLog::open`] (fence) → [`restore`] → the committer
+//! appends to the log for the life of the host. A failed append is fatal,
+//! like a failed fsync in standalone mode.
+
+use crate::changelog::Change;
+use crate::commit::Log;
+use crate::config::ClusterConfig;
+use crate::store::{Store, Tables};
+use anyhow::Context as _;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The only partition of the changelog today.
+const PARTITION: i32 = 0;
+
+/// Largest changelog record (a deployment's module is one record).
+const MAX_RECORD_BYTES: usize = 128 * 1024 * 1024;
+
+/// Changes applied per redb transaction while restoring.
+const RESTORE_BATCH: usize = 10_000;
+
+/// The changelog topic of `app`.
+pub fn changelog_topic(app: &str) -> String {
+    format!("cairn.{app}.changelog")
+}
+
+fn client(config: &ClusterConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.bootstrap);
+    for (k, v) in &config.properties {
+        client.set(k, v);
+    }
+    client
+}
+
+/// Create the changelog topic if it does not exist: compacted, replicated
+/// on up to three brokers, two in sync for a write.
+async fn ensure_topic(config: &ClusterConfig) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = client(config).create()?;
+    let brokers = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))
+        .context("reaching the cluster's Kafka")?
+        .brokers()
+        .len() as i32;
+    let replicas = brokers.clamp(1, 3);
+    let min_isr = (replicas - 1).max(1).to_string();
+    let max_bytes = MAX_RECORD_BYTES.to_string();
+    let topic = changelog_topic(&config.app);
+    let new = NewTopic::new(&topic, 1, TopicReplication::Fixed(replicas))
+        .set("cleanup.policy", "compact")
+        .set("min.insync.replicas", &min_isr)
+        .set("max.message.bytes", &max_bytes);
+    for result in admin.create_topics([&new], &AdminOptions::new()).await? {
+        match result {
+            Ok(_) => tracing::info!(%topic, replicas, "created the changelog topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, e)) => anyhow::bail!("creating {topic}: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// Tracks the highest offset delivered to the changelog.
+struct Delivered(Arc<AtomicI64>);
+
+impl ClientContext for Delivered {}
+
+impl ProducerContext for Delivered {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Ok(message) = result {
+            self.0.fetch_max(message.offset(), Ordering::SeqCst);
+        }
+    }
+}
+
+/// The changelog as the committer's [`Log`]: one Kafka transaction per
+/// group commit.
+pub struct KafkaLog {
+    producer: BaseProducer<Delivered>,
+    topic: String,
+    delivered: Arc<AtomicI64>,
+    timeout: Duration,
+}
+
+impl KafkaLog {
+    /// Create the topic if needed and take the transactional id over,
+    /// fencing any previous owner.
+    pub async fn open(config: &ClusterConfig) -> anyhow::Result<Self> {
+        ensure_topic(config).await?;
+        let delivered = Arc::new(AtomicI64::new(-1));
+        let producer: BaseProducer<Delivered> = client(config)
+            .set(
+                "transactional.id",
+                format!("cairn.{}.p{PARTITION}", config.app),
+            )
+            .set("linger.ms", "0")
+            // A transaction that starts while the broker still writes the
+            // previous one's markers is refused (CONCURRENT_TRANSACTIONS)
+            // and retried after this backoff; librdkafka's 100 ms default
+            // would add up to 100 ms to every commit.
+            .set("retry.backoff.ms", "2")
+            .set("retry.backoff.max.ms", "20")
+            .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
+            .set(
+                "transaction.timeout.ms",
+                config.commit_timeout.as_millis().max(1000).to_string(),
+            )
+            .create_with_context(Delivered(delivered.clone()))?;
+        let timeout = config.commit_timeout;
+        let producer = tokio::task::spawn_blocking(move || {
+            producer.init_transactions(timeout).map(|()| producer)
+        })
+        .await?
+        .context("taking the changelog's transactional id over")?;
+        tracing::info!(app = %config.app, "owner of partition 0 (previous owners fenced)");
+        Ok(KafkaLog {
+            producer,
+            topic: changelog_topic(&config.app),
+            delivered,
+            timeout,
+        })
+    }
+
+    fn send(&self, change: &Change) -> Result<(), KafkaError> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let mut record = BaseRecord::to(&self.topic)
+                .partition(PARTITION)
+                .key(&change.key);
+            if let Some(value) = &change.value {
+                record = record.payload(value);
+            }
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                    if Instant::now() < deadline =>
+                {
+                    self.producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    fn transaction(&self, changes: &[Change]) -> Result<(), KafkaError> {
+        self.producer.begin_transaction()?;
+        changes.iter().try_for_each(|c| self.send(c))?;
+        self.deliver()?;
+        self.producer.commit_transaction(self.timeout)
+    }
+
+    /// Wait until every record sent is delivered. rdkafka's own flush
+    /// polls in 100 ms steps that a delivery does not cut short, which
+    /// would add up to 100 ms to every commit.
+    fn deliver(&self) -> Result<(), KafkaError> {
+        let deadline = Instant::now() + self.timeout;
+        while self.producer.in_flight_count() > 0 {
+            if Instant::now() >= deadline {
+                return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
+            }
+            self.producer.poll(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+}
+
+impl Log for KafkaLog {
+    fn append(&mut self, changes: Vec<Change>) -> anyhow::Result<u64> {
+        if let Err(e) = self.transaction(&changes) {
+            let fenced = matches!(
+                e.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+            );
+            if fenced {
+                anyhow::bail!("another host took the changelog over (this host is fenced): {e}");
+            }
+            anyhow::bail!("the changelog transaction failed: {e}");
+        }
+        Ok(self.delivered.load(Ordering::SeqCst) as u64 + 1)
+    }
+}
+
+/// What [`restore`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Restored {
+    /// The local store already held the whole changelog.
+    UpToDate,
+    /// The log was empty: the local store (maybe a standalone one) was
+    /// written to it as its first transaction.
+    Seeded {
+        /// Rows written.
+        rows: usize,
+    },
+    /// The local store was rebuilt from the changelog.
+    Rebuilt {
+        /// Records applied.
+        records: usize,
+    },
+}
+
+/// Bring the local store in line with the changelog; call after
+/// [`KafkaLog::open`] (so no other writer has a transaction open) and
+/// before the committer starts.
+pub async fn restore(
+    store: Arc<Store>,
+    log: &mut KafkaLog,
+    config: &ClusterConfig,
+) -> anyhow::Result<Restored> {
+    let consumer: BaseConsumer = client(config)
+        .set("group.id", format!("cairn.{}.restore", config.app))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .set("fetch.max.bytes", MAX_RECORD_BYTES.to_string())
+        .set("max.partition.fetch.bytes", MAX_RECORD_BYTES.to_string())
+        .set(
+            "receive.message.max.bytes",
+            (2 * MAX_RECORD_BYTES).to_string(),
+        )
+        .create()?;
+    let topic = changelog_topic(&config.app);
+    let deadline = Instant::now() + config.restore_timeout;
+    let (low, high) = consumer.fetch_watermarks(&topic, PARTITION, Duration::from_secs(10))?;
+    let next = store.changelog_next()?;
+    if high == 0 {
+        let rows = store.snapshot()?;
+        let count = rows.len();
+        if count > 0 {
+            let next = tokio::task::block_in_place(|| log.append(rows))?;
+            commit_local(&store, |t| t.set_changelog_next(next))?;
+        }
+        return Ok(Restored::Seeded { rows: count });
+    }
+    if next.is_none() && !store.snapshot()?.is_empty() {
+        anyhow::bail!(
+            "the data directory holds a store that was never part of cluster {:?}, and the cluster's \
+             changelog is not empty: start this host with an empty --data-dir",
+            config.app
+        );
+    }
+    if let Some(n) = next.map(|n| n as i64) {
+        if (low..=high).contains(&n) && !has_records(&consumer, &topic, n, deadline)? {
+            return Ok(Restored::UpToDate);
+        }
+    }
+    let records = tokio::task::block_in_place(|| rebuild(&store, &consumer, &topic, deadline))?;
+    Ok(Restored::Rebuilt { records })
+}
+
+fn assign(consumer: &BaseConsumer, topic: &str, from: Offset) -> anyhow::Result<()> {
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, PARTITION, from)?;
+    consumer.assign(&list)?;
+    Ok(())
+}
+
+/// The next committed record or the end of the partition (`None`).
+fn next_record(
+    consumer: &BaseConsumer,
+    deadline: Instant,
+) -> anyhow::Result<Option<(i64, Change)>> {
+    loop {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the changelog was not read to its end within cluster.restore_timeout"
+        );
+        match consumer.poll(Duration::from_millis(200)) {
+            None => continue,
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(None),
+            Some(Err(e)) => return Err(e).context("reading the changelog"),
+            Some(Ok(m)) => {
+                let key = m.key().filter(|k| !k.is_empty()).ok_or_else(|| {
+                    anyhow::anyhow!("changelog record at offset {} has no key", m.offset())
+                })?;
+                let change = Change {
+                    key: key.to_vec(),
+                    value: m.payload().map(<[u8]>::to_vec),
+                };
+                return Ok(Some((m.offset(), change)));
+            }
+        }
+    }
+}
+
+/// Whether committed records follow offset `from` (someone else wrote).
+fn has_records(
+    consumer: &BaseConsumer,
+    topic: &str,
+    from: i64,
+    deadline: Instant,
+) -> anyhow::Result<bool> {
+    assign(consumer, topic, Offset::Offset(from))?;
+    tokio::task::block_in_place(|| next_record(consumer, deadline)).map(|r| r.is_some())
+}
+
+/// Clear the replicated rows and apply the whole changelog.
+fn rebuild(
+    store: &Store,
+    consumer: &BaseConsumer,
+    topic: &str,
+    deadline: Instant,
+) -> anyhow::Result<usize> {
+    commit_local(store, |t| t.clear_replicated())?;
+    assign(consumer, topic, Offset::Beginning)?;
+    let (mut applied, mut batch) = (0, Vec::new());
+    let mut end = false;
+    while !end {
+        match next_record(consumer, deadline)? {
+            Some(record) => batch.push(record),
+            None => end = true,
+        }
+        if batch.len() >= RESTORE_BATCH || (end && !batch.is_empty()) {
+            let next = batch.last().map(|(offset, _)| *offset as u64 + 1);
+            applied += batch.len();
+            let changes = std::mem::take(&mut batch);
+            commit_local(store, move |t| {
+                changes.iter().try_for_each(|(_, c)| t.apply(c))?;
+                t.set_changelog_next(next.expect("a batch is not empty"))
+            })?;
+        }
+    }
+    tracing::info!(records = applied, "rebuilt the store from the changelog");
+    Ok(applied)
+}
+
+/// One local redb transaction (restore runs before the committer starts).
+fn commit_local(
+    store: &Store,
+    f: impl FnOnce(&mut Tables<'_>) -> crate::store::StoreResult<()>,
+) -> anyhow::Result<()> {
+    let txn = store.begin_write()?;
+    f(&mut Tables::open(&txn)?)?;
+    txn.commit()?;
+    Ok(())
+}
