@@ -4,6 +4,8 @@
 #   scripts/bench.sh soak [--soak-minutes 30]   # full-rate steps3 with
 #     completed_retention = "1m"; prints rate, p99, RSS and data size every minute
 #   scripts/bench.sh wrk    # steps3, counter-keys, counter-hot with wrk (32 connections, 20 s)
+#     CAIRN_BENCH_CLUSTER=127.0.0.1:9092 scripts/bench.sh wrk   # the same host in
+#     cluster mode (every commit a Kafka transaction; start Kafka first)
 #   scripts/bench.sh timers [--timers N]   # a million sends due in a day: memory,
 #     then the restart time after a SIGKILL
 set -euo pipefail
@@ -19,11 +21,15 @@ if [ "${1:-}" = wrk ]; then
   port=${CAIRN_BENCH_PORT:-18080}
   printf 'data_dir = "%s/db"\ningress_addr = "127.0.0.1:%s"\nadmin_addr = "127.0.0.1:%s"\n' \
     "$dir" "$port" "$((port + 1))" > "$dir/cairn.toml"
+  if [ -n "${CAIRN_BENCH_CLUSTER:-}" ]; then
+    printf '[cluster]\nbootstrap = "%s"\napp = "bench-%s"\n' \
+      "$CAIRN_BENCH_CLUSTER" "$(date +%s%N)" >> "$dir/cairn.toml"
+  fi
   "$CARGO_TARGET_DIR/release/cairn" serve --config "$dir/cairn.toml" \
     --deploy "$CARGO_TARGET_DIR/examples-wasm/basics.wasm" > "$dir/log" 2>&1 &
   pid=$!
   trap 'kill -9 $pid 2>/dev/null; rm -rf "$dir"' EXIT
-  for _ in $(seq 100); do
+  for _ in $(seq 300); do
     curl -sf "http://127.0.0.1:$((port + 1))/health" >/dev/null && break
     sleep 0.1
   done

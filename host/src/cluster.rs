@@ -58,7 +58,8 @@ pub fn changelog_topic(app: &str) -> String {
     format!("cairn.{app}.changelog")
 }
 
-fn client(config: &ClusterConfig) -> ClientConfig {
+/// A librdkafka client configuration for the cluster's Kafka.
+pub(crate) fn client(config: &ClusterConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &config.bootstrap);
     for (k, v) in &config.properties {
@@ -67,9 +68,11 @@ fn client(config: &ClusterConfig) -> ClientConfig {
     client
 }
 
-/// Create the changelog topic if it does not exist: compacted, replicated
-/// on up to three brokers, two in sync for a write.
-async fn ensure_topic(config: &ClusterConfig) -> anyhow::Result<()> {
+/// Create the cluster's topics if they do not exist: the changelog, the
+/// input topic whose assignment is ownership, and the owners' directory.
+/// All compacted but the input, replicated on up to three brokers, two in
+/// sync for a write.
+pub async fn ensure_topics(config: &ClusterConfig) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = client(config).create()?;
     let brokers = admin
         .inner()
@@ -80,16 +83,30 @@ async fn ensure_topic(config: &ClusterConfig) -> anyhow::Result<()> {
     let replicas = brokers.clamp(1, 3);
     let min_isr = (replicas - 1).max(1).to_string();
     let max_bytes = MAX_RECORD_BYTES.to_string();
-    let topic = changelog_topic(&config.app);
-    let new = NewTopic::new(&topic, 1, TopicReplication::Fixed(replicas))
-        .set("cleanup.policy", "compact")
-        .set("min.insync.replicas", &min_isr)
-        .set("max.message.bytes", &max_bytes);
-    for result in admin.create_topics([&new], &AdminOptions::new()).await? {
+    let app = &config.app;
+    let names = [
+        changelog_topic(app),
+        crate::membership::input_topic(app),
+        crate::membership::owners_topic(app),
+    ];
+    let topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|name| {
+            let topic = NewTopic::new(name, 1, TopicReplication::Fixed(replicas))
+                .set("min.insync.replicas", &min_isr);
+            match name.ends_with(".in") {
+                true => topic,
+                false => topic
+                    .set("cleanup.policy", "compact")
+                    .set("max.message.bytes", &max_bytes),
+            }
+        })
+        .collect();
+    for result in admin.create_topics(&topics, &AdminOptions::new()).await? {
         match result {
-            Ok(_) => tracing::info!(%topic, replicas, "created the changelog topic"),
+            Ok(topic) => tracing::info!(%topic, replicas, "created a cluster topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((_, e)) => anyhow::bail!("creating {topic}: {e}"),
+            Err((topic, e)) => anyhow::bail!("creating {topic}: {e}"),
         }
     }
     Ok(())
@@ -123,7 +140,7 @@ impl KafkaLog {
     /// Create the topic if needed and take the transactional id over,
     /// fencing any previous owner.
     pub async fn open(config: &ClusterConfig) -> anyhow::Result<Self> {
-        ensure_topic(config).await?;
+        ensure_topics(config).await?;
         let delivered = Arc::new(AtomicI64::new(-1));
         let producer: BaseProducer<Delivered> = client(config)
             .set(

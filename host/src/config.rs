@@ -119,6 +119,12 @@
 //! commit_timeout = "10s"
 //! # How long a starting host may take to read the changelog.
 //! restore_timeout = "10m"
+//! # Every host joins the consumer group cairn.<app>; the one assigned the
+//! # partition owns it, the others forward requests to it. A host silent
+//! # for this long loses the partition to another (the takeover time).
+//! session_timeout = "6s"
+//! # How other hosts reach this one (default: the ingress address's IP).
+//! advertise_host = "10.0.0.5"
 //! # librdkafka properties for the cluster's clients (SASL, TLS, ...).
 //! properties = { "client.id" = "cairn-a" }
 //!
@@ -322,6 +328,12 @@ pub struct ClusterConfig {
     /// Longest time reading the changelog at start may take.
     #[serde(deserialize_with = "duration")]
     pub restore_timeout: Duration,
+    /// A host silent for this long loses the partition to another host.
+    #[serde(deserialize_with = "duration")]
+    pub session_timeout: Duration,
+    /// The host name or IP other hosts reach this one at (forwarded
+    /// requests); default: the ingress address's IP.
+    pub advertise_host: Option<String>,
     /// Extra librdkafka properties.
     pub properties: std::collections::BTreeMap<String, String>,
 }
@@ -333,6 +345,8 @@ impl Default for ClusterConfig {
             app: "cairn".into(),
             commit_timeout: Duration::from_secs(10),
             restore_timeout: Duration::from_secs(600),
+            session_timeout: Duration::from_secs(6),
+            advertise_host: None,
             properties: Default::default(),
         }
     }
