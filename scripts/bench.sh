@@ -30,7 +30,11 @@ if [ "${1:-}" = wrk ]; then
   pid=$!
   trap 'kill -9 $pid 2>/dev/null; rm -rf "$dir"' EXIT
   for _ in $(seq 300); do
-    curl -sf "http://127.0.0.1:$((port + 1))/health" >/dev/null && break
+    if [ -n "${CAIRN_BENCH_CLUSTER:-}" ]; then
+      curl -sf "http://127.0.0.1:$((port + 1))/cluster" | grep -q '"role":"owner"' && break
+    else
+      curl -sf "http://127.0.0.1:$((port + 1))/health" >/dev/null && break
+    fi
     sleep 0.1
   done
   for workload in steps3 counter-keys counter-hot; do

@@ -79,6 +79,11 @@ share.coordinator.state.topic.replication.factor=$2
 share.coordinator.state.topic.min.isr=$3
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=true
+# A dead broker is noticed by the controllers in 3 s (default 9 s), so its
+# partitions' leaders and its group coordinators move well within a Cairn
+# cluster's 6 s session timeout.
+broker.session.timeout.ms=3000
+broker.heartbeat.interval.ms=500
 PROPS
 }
 

@@ -20,12 +20,20 @@ fn options(extra: &str) -> HostOptions {
     }
 }
 
+/// A counter's value; a cluster host without an owner yet (503) is asked
+/// again for up to a minute.
 async fn counter(host: &Host, key: &str) -> i64 {
-    host.post(&format!("/Counter/{key}/get"), "", &[])
-        .await
-        .body
-        .parse()
-        .unwrap()
+    let started = Instant::now();
+    loop {
+        let r = host.post(&format!("/Counter/{key}/get"), "", &[]).await;
+        if r.status == 503 && started.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        return r.body.parse().unwrap_or_else(|_| {
+            panic!("Counter/{key}/get: {} {}\n{}", r.status, r.body, host.log())
+        });
+    }
 }
 
 async fn counters(host: &Host, keys: usize) -> Vec<i64> {
@@ -264,6 +272,9 @@ fn batch(from: usize, n: usize) -> Vec<Record> {
         .collect()
 }
 
+/// Two Cairn hosts in cluster mode on the three brokers (their changelog
+/// replicated three times) ingest a topic while a broker is SIGKILLed; HTTP
+/// adds go through both hosts meanwhile.
 #[tokio::test]
 async fn a_broker_of_three_killed_under_load_loses_nothing() {
     require_broker();
@@ -272,20 +283,80 @@ async fn a_broker_of_three_killed_under_load_loses_nothing() {
     let topic = unique_topic("three-brokers");
     create_replicated_topic(&bootstrap, &topic, 3, 3).await;
     let producer = producer_on(&bootstrap);
-    let host = Host::start_with(options("")).await;
-    subscribe(&host, &bootstrap, &topic, "service://Counter/add").await;
+    let app = format!(
+        "[cluster]\nbootstrap = {bootstrap:?}\napp = {:?}\n",
+        unique_topic("brokers")
+    );
+    let owner = Host::start_with(options(&app)).await;
+    until(
+        "the first host owns the partition",
+        Duration::from_secs(60),
+        || async { owner.admin_get("/cluster").await["role"] == "owner" },
+    )
+    .await;
+    let standby = Host::start_with(options(&app)).await;
+    until(
+        "the standby knows the owner",
+        Duration::from_secs(60),
+        || async { !standby.admin_get("/cluster").await["owner"].is_null() },
+    )
+    .await;
+    subscribe(&standby, &bootstrap, &topic, "service://Counter/add").await;
     produce_with(&producer, &topic, batch(0, 5000)).await;
     until("ingest to start", Duration::from_secs(120), || async {
-        counter(&host, "k0").await > 0
+        counter(&owner, "k0").await > 0
     })
     .await;
+    let adds = tokio::spawn({
+        let hosts = [
+            (owner.http.clone(), owner.ingress()),
+            (standby.http.clone(), standby.ingress()),
+        ];
+        async move {
+            // Each add retried with its key until acknowledged (bounded).
+            // Each add goes to the next host, and so does each retry.
+            let mut turn = 0usize;
+            for i in 0..200u32 {
+                let started = Instant::now();
+                loop {
+                    let (http, ingress) = &hosts[turn % 2];
+                    turn += 1;
+                    let acked = http
+                        .post(format!("{ingress}/Counter/http/add"))
+                        .header("idempotency-key", format!("http-{i}"))
+                        .body("1")
+                        .timeout(Duration::from_secs(10))
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success());
+                    if acked {
+                        break;
+                    }
+                    assert!(
+                        started.elapsed() < Duration::from_secs(120),
+                        "add {i} never acknowledged"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
     // Node 1: the first bootstrap address, a leader of some partitions.
     cluster.run(&["kill", "1"]);
     produce_with(&producer, &topic, batch(5000, 5000)).await;
-    counted_exactly(&host, 10_000, Duration::from_secs(300)).await;
+    counted_exactly(&standby, 10_000, Duration::from_secs(300)).await;
     cluster.run(&["start-node", "1"]);
     produce_with(&producer, &topic, batch(10_000, 2000)).await;
-    counted_exactly(&host, 12_000, Duration::from_secs(300)).await;
+    counted_exactly(&standby, 12_000, Duration::from_secs(300)).await;
+    adds.await.unwrap();
+    assert_eq!(counter(&standby, "http").await, 200, "every HTTP add once");
+    let (mut owner, mut standby) = (owner, standby);
+    assert!(
+        owner.running() && standby.running(),
+        "a host stopped when a broker was lost:\n{}\n{}",
+        owner.log(),
+        standby.log()
+    );
 }
 
 #[tokio::test]

@@ -17,8 +17,12 @@
 //! Lifecycle: [`Membership::join`] starts a thread that polls both
 //! consumers; [`Membership::owned`] resolves when this host is assigned the
 //! partition. Ownership is never given back while the host runs: a host
-//! that loses the partition (its session expired while it was paused, say)
-//! exits at once, and a fenced commit would stop it anyway (`cluster.rs`).
+//! that the group gives the partition away from exits at once. An owner
+//! whose session expired (it was paused, or the group coordinator's broker
+//! failed over) keeps serving while it rejoins: if it is assigned the
+//! partition again it goes on; if another host took it over, that host has
+//! fenced this one's commits, and this one exits after twice the session
+//! timeout at the latest.
 //! [`Membership::leave`] closes the group member on shutdown, which hands
 //! the partition over without waiting for the session to expire.
 
@@ -31,8 +35,8 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// The partition every host competes for (one today).
@@ -61,6 +65,10 @@ pub struct Address {
 struct Group {
     owned: watch::Sender<bool>,
     leaving: Arc<AtomicBool>,
+    /// When this owner lost contact with the group (its session expired,
+    /// e.g. while the group coordinator's broker failed over), if it has
+    /// not been assigned the partition back since.
+    lost: Mutex<Option<Instant>>,
     topic: String,
 }
 
@@ -70,27 +78,47 @@ impl Group {
             .iter()
             .any(|e| e.partition() == PARTITION)
     }
+
+    /// How long this owner has been out of contact with the group.
+    fn lost_for(&self) -> Option<Duration> {
+        self.lost.lock().unwrap().map(|at| at.elapsed())
+    }
 }
 
 impl ClientContext for Group {}
 
 impl ConsumerContext for Group {
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let owner = *self.owned.borrow();
         match rebalance {
             Rebalance::Assign(list) if self.has_partition(list) => {
-                tracing::info!("assigned partition {PARTITION}: taking it over");
+                if self.lost.lock().unwrap().take().is_some() {
+                    tracing::info!("assigned partition {PARTITION} back after losing contact");
+                } else {
+                    tracing::info!("assigned partition {PARTITION}: taking it over");
+                }
                 self.owned.send_replace(true);
             }
-            Rebalance::Revoke(list) if self.has_partition(list) => {
+            Rebalance::Revoke(list) if owner && self.has_partition(list) => {
                 if self.leaving.load(Ordering::SeqCst) {
                     return;
                 }
-                if *self.owned.borrow() {
-                    // Another host now owns the partition (it fences this
-                    // one's commits); nothing this host holds may be served.
-                    tracing::error!("lost partition {PARTITION} to another host; exiting");
-                    std::process::exit(3);
+                if consumer.assignment_lost() {
+                    // This host's session expired: maybe it was paused,
+                    // maybe the group coordinator's broker failed. Keep
+                    // serving until the partition is assigned again or
+                    // another host takes it over (which fences this host's
+                    // commits); `follow` exits if neither happens.
+                    tracing::warn!(
+                        "lost contact with the consumer group; keeping partition {PARTITION} until it is assigned again"
+                    );
+                    self.lost.lock().unwrap().get_or_insert_with(Instant::now);
+                    return;
                 }
+                // The group gave the partition to another host, which
+                // fences this one's commits: nothing here may be served.
+                tracing::error!("lost partition {PARTITION} to another host; exiting");
+                std::process::exit(3);
             }
             Rebalance::Error(e) => tracing::warn!("consumer group rebalance: {e}"),
             _ => {}
@@ -125,6 +153,7 @@ impl Membership {
             .create_with_context(Group {
                 owned: owned_tx,
                 leaving: leaving.clone(),
+                lost: Mutex::new(None),
                 topic: topic.clone(),
             })
             .context("joining the cluster's consumer group")?;
@@ -141,9 +170,12 @@ impl Membership {
             .create()?;
         let owners = Arc::new(RwLock::new(BTreeMap::new()));
         let (stop, table) = (leaving.clone(), owners.clone());
+        // An owner out of contact for this long has most likely been
+        // replaced; it stops rather than serve what it may no longer own.
+        let patience = 2 * config.session_timeout;
         let stopped = std::thread::Builder::new()
             .name("cairn-membership".into())
-            .spawn(move || follow(group, directory, table, stop))?;
+            .spawn(move || follow(group, directory, table, stop, patience))?;
         Ok(Membership {
             owned,
             owners,
@@ -214,8 +246,19 @@ fn follow(
     directory: BaseConsumer,
     owners: Arc<RwLock<BTreeMap<i32, Address>>>,
     stop: Arc<AtomicBool>,
+    patience: Duration,
 ) {
     while !stop.load(Ordering::SeqCst) {
+        if group
+            .context()
+            .lost_for()
+            .is_some_and(|lost| lost > patience)
+        {
+            tracing::error!(
+                "partition {PARTITION} not assigned back within {patience:?} of losing contact; exiting"
+            );
+            std::process::exit(3);
+        }
         if let Some(Err(e)) = group.poll(Duration::from_millis(50)) {
             tracing::warn!("consumer group: {e}");
         }
