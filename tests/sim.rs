@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 
 /// The seeds CI runs: odd seeds also inject fsync faults.
 const CI_SEEDS: &[u64] = &[1, 2, 3, 4, 5, 6];
+/// The seeds CI runs against a three-host cluster.
+const CI_CLUSTER_SEEDS: &[u64] = &[1, 2];
 
 const EXACT: usize = 6;
 /// Partitions of the simulation's topic.
@@ -91,6 +93,7 @@ struct Model {
 
 /// A `Flow` workflow: it adds `go + n` to `key` once its promise `go` is
 /// resolved, and returns that sum.
+#[derive(Clone)]
 struct FlowModel {
     id: String,
     key: String,
@@ -101,7 +104,11 @@ struct FlowModel {
 struct Sim {
     seed: u64,
     rng: Rng,
-    host: Host,
+    /// One host, or the hosts of a cluster (`docs/scale-out.md`): any of
+    /// them serves any request, forwarding it to the partition's owner.
+    hosts: Vec<Host>,
+    /// The host the next requests go to.
+    entry: usize,
     sink: TestServer,
     /// The subscription that feeds the simulation's topic back to `Acct`.
     subscription: String,
@@ -121,7 +128,7 @@ fn key(class: char, i: usize) -> String {
 }
 
 impl Sim {
-    async fn start(seed: u64) -> Sim {
+    async fn start(seed: u64, cluster: usize) -> Sim {
         let sink = TestServer::start(Duration::ZERO).await;
         let port = sink.url.rsplit(':').next().unwrap().to_string();
         let broker = require_broker();
@@ -144,15 +151,28 @@ impl Sim {
         } else {
             std::env::remove_var("CAIRN_FAULTS");
         }
-        let host = Host::start_with(HostOptions {
-            config,
-            deploy: vec![example("sim")],
-        })
-        .await;
+        let config = match cluster {
+            0 => config,
+            _ => format!(
+                "{config}[cluster]\nbootstrap = {broker:?}\napp = {:?}\n",
+                unique_topic("sim")
+            ),
+        };
+        let mut hosts = Vec::new();
+        for _ in 0..cluster.max(1) {
+            hosts.push(
+                Host::start_with(HostOptions {
+                    config: config.clone(),
+                    deploy: vec![example("sim")],
+                })
+                .await,
+            );
+        }
         let mut sim = Sim {
             seed,
             rng: Rng(seed),
-            host,
+            hosts,
+            entry: 0,
             sink,
             subscription: String::new(),
             model: Model::default(),
@@ -179,15 +199,39 @@ impl Sim {
         &mut self,
         request: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
     ) -> (u16, String) {
-        for _ in 0..20 {
-            if let Ok(r) = request(&self.http, &self.host.admin()).send().await {
-                let status = r.status().as_u16();
-                return (status, r.text().await.unwrap_or_default());
+        let (r, _) = self
+            .answered("the admin API", |http, host| request(http, &host.admin()))
+            .await;
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap_or_default())
+    }
+
+    /// Send the request `build` makes for the entry host until a host
+    /// answers, and with something else than 503 (a cluster between two
+    /// owners); dead hosts are restarted meanwhile. Bounded: 90 s. Also
+    /// tells whether an earlier try may have reached a host.
+    async fn answered(
+        &mut self,
+        what: &str,
+        build: impl Fn(&reqwest::Client, &Host) -> reqwest::RequestBuilder,
+    ) -> (reqwest::Response, bool) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        for tries in 0.. {
+            if let Ok(r) = build(&self.http, self.host()).send().await {
+                if r.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE {
+                    return (r, tries > 0);
+                }
             }
+            assert!(
+                Instant::now() < deadline,
+                "seed {}: {what} never answered\n{}",
+                self.seed,
+                self.logs()
+            );
             self.revive().await;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("seed {}: the admin API never answered", self.seed);
+        unreachable!("the loop returns or panics")
     }
 
     /// Register the broker and subscribe `Acct/apply` to `topic`; the
@@ -237,12 +281,47 @@ impl Sim {
         format!("s{}-{prefix}{}", self.seed, self.next_id)
     }
 
-    /// Restart the host if it died (a failed fsync aborts it).
-    async fn revive(&mut self) {
-        if !self.host.running() {
-            self.crashes += 1;
-            self.host.restart().await;
+    /// The host requests go to now.
+    fn host(&self) -> &Host {
+        &self.hosts[self.entry]
+    }
+
+    /// Send the next requests to a random host of a cluster (a single
+    /// host draws nothing, so a seed's schedule stays what it was).
+    fn pick_entry(&mut self) {
+        if self.hosts.len() > 1 {
+            self.entry = self.rng.below(self.hosts.len() as u64) as usize;
         }
+    }
+
+    /// Restart every host that died (a failed fsync aborts it; a cluster
+    /// host that lost its partition exits).
+    async fn revive(&mut self) {
+        for host in &mut self.hosts {
+            if !host.running() {
+                self.crashes += 1;
+                host.restart().await;
+            }
+        }
+    }
+
+    /// SIGKILL a random host (of a cluster) and start it again.
+    async fn kill_one(&mut self) {
+        let victim = match self.hosts.len() {
+            1 => 0,
+            n => self.rng.below(n as u64) as usize,
+        };
+        self.kills += 1;
+        self.hosts[victim].restart().await;
+    }
+
+    /// Every host's log, for reports.
+    fn logs(&self) -> String {
+        self.hosts
+            .iter()
+            .map(|h| h.log())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// A random program for `key`, and its effect on the model.
@@ -330,23 +409,21 @@ impl Sim {
         body: &str,
         idempotency: Option<&str>,
     ) -> (u16, String, bool) {
-        for tries in 0..20 {
-            let mut req = self
-                .http
-                .post(format!("{}{path}", self.host.ingress()))
-                .header("content-type", "application/json")
-                .body(body.to_string());
-            if let Some(key) = idempotency {
-                req = req.header("idempotency-key", key);
-            }
-            if let Ok(r) = req.send().await {
-                let status = r.status().as_u16();
-                return (status, r.text().await.unwrap_or_default(), tries > 0);
-            }
-            self.revive().await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("seed {}: the ingress never answered {path}", self.seed);
+        let what = format!("the ingress ({path})");
+        let (r, retried) = self
+            .answered(&what, |http, host| {
+                let req = http
+                    .post(format!("{}{path}", host.ingress()))
+                    .header("content-type", "application/json")
+                    .body(body.to_string());
+                match idempotency {
+                    Some(key) => req.header("idempotency-key", key),
+                    None => req,
+                }
+            })
+            .await;
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap_or_default(), retried)
     }
 
     /// A `/send` with an idempotency key, retried until the host answers;
@@ -386,7 +463,7 @@ impl Sim {
             .rng
             .chance(8)
             .then(|| Duration::from_millis(self.rng.below(40)));
-        let ingress = self.host.ingress();
+        let ingress = self.host().ingress();
         let sends: Vec<_> = requests
             .iter()
             .map(|(k, idem, body)| {
@@ -399,7 +476,7 @@ impl Sim {
                 tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()) })
             })
             .collect();
-        let pid = self.host.pid();
+        let pid = self.host().pid();
         let killer = async move {
             if let Some(after) = kill_after {
                 tokio::time::sleep(after).await;
@@ -416,7 +493,7 @@ impl Sim {
         tokio::join!(all_sent, killer);
         if kill_after.is_some() {
             self.kills += 1;
-            self.host.restart().await;
+            self.hosts[self.entry].restart().await;
         }
         self.revive().await;
         // Every client learns its invocation id, retrying with its key
@@ -494,8 +571,11 @@ impl Sim {
     }
 
     async fn admin(&mut self, method: reqwest::Method, path: &str) -> Option<(u16, Value)> {
-        let url = format!("{}{path}", self.host.admin());
-        let r = self.http.request(method, url).send().await.ok()?;
+        let (r, _) = self
+            .answered("the admin API", |http, host| {
+                http.request(method.clone(), format!("{}{path}", host.admin()))
+            })
+            .await;
         let status = r.status().as_u16();
         Some((status, r.json().await.unwrap_or(Value::Null)))
     }
@@ -587,18 +667,16 @@ impl Sim {
 
     /// Every workflow returned its promise's value plus its `n`.
     async fn check_flows(&mut self) {
-        for flow in &self.model.flows {
-            let url = format!(
-                "{}/restate/workflow/Flow/{}/output",
-                self.host.ingress(),
-                flow.id
-            );
-            let r = self
-                .http
-                .get(url)
-                .send()
-                .await
-                .expect("the ingress answers");
+        for flow in self.model.flows.clone() {
+            let (r, _) = self
+                .answered("the ingress (workflow output)", |http, host| {
+                    http.get(format!(
+                        "{}/restate/workflow/Flow/{}/output",
+                        host.ingress(),
+                        flow.id
+                    ))
+                })
+                .await;
             let status = r.status().as_u16();
             let body = r.text().await.unwrap_or_default();
             let expected = flow.go.map(|go| go + flow.n).unwrap();
@@ -689,6 +767,7 @@ impl Sim {
     }
 
     async fn step(&mut self) {
+        self.pick_entry();
         match self.rng.below(100) {
             0..=52 => self.burst().await,
             53..=64 => self.operate().await,
@@ -696,10 +775,7 @@ impl Sim {
             75..=77 => self.sample_journals().await,
             78..=80 => self.read_balance().await,
             81..=83 if !self.redeployed => self.redeploy().await,
-            84..=87 => {
-                self.kills += 1;
-                self.host.restart().await;
-            }
+            84..=87 => self.kill_one().await,
             88..=92 => self.flow().await,
             93 if self.broker_restart.is_none() => self.restart_broker(),
             _ => tokio::time::sleep(Duration::from_millis(20 + self.rng.below(80))).await,
@@ -775,12 +851,16 @@ impl Sim {
     }
 
     async fn stuck_report(&self) -> String {
-        let url = format!("{}/subscriptions/{}", self.host.admin(), self.subscription);
+        let url = format!(
+            "{}/subscriptions/{}",
+            self.host().admin(),
+            self.subscription
+        );
         let mut report = match self.http.get(url).send().await {
             Ok(r) => format!("subscription: {}\n", r.text().await.unwrap_or_default()),
             Err(e) => format!("subscription: {e}\n"),
         };
-        let log = self.host.log();
+        let log = self.logs();
         let noteworthy: Vec<&str> = log
             .lines()
             .filter(|l| l.contains("WARN") || l.contains("ERROR"))
@@ -788,13 +868,13 @@ impl Sim {
         for line in &noteworthy[noteworthy.len().saturating_sub(20)..] {
             report.push_str(&format!("host: {line}\n"));
         }
-        let url = format!("{}/invocations", self.host.admin());
+        let url = format!("{}/invocations", self.host().admin());
         if let Ok(r) = self.http.get(url).send().await {
             let v: Value = r.json().await.unwrap_or(Value::Null);
             for u in v["unfinished"].as_array().into_iter().flatten() {
                 let url = format!(
                     "{}/invocations/{}",
-                    self.host.admin(),
+                    self.host().admin(),
                     u["id"].as_str().unwrap_or("")
                 );
                 if let Ok(r) = self.http.get(url).send().await {
@@ -806,7 +886,7 @@ impl Sim {
             }
         }
         for (id, k) in &self.model.invocations {
-            let url = format!("{}/invocations/{id}", self.host.admin());
+            let url = format!("{}/invocations/{id}", self.host().admin());
             let Ok(r) = self.http.get(url).send().await else {
                 continue;
             };
@@ -933,9 +1013,9 @@ impl Sim {
     }
 }
 
-async fn run_seed(seed: u64, steps: usize) {
+async fn run_seed(seed: u64, steps: usize, cluster: usize) {
     let started = Instant::now();
-    let mut sim = Sim::start(seed).await;
+    let mut sim = Sim::start(seed, cluster).await;
     for _ in 0..steps {
         sim.step().await;
     }
@@ -944,10 +1024,10 @@ async fn run_seed(seed: u64, steps: usize) {
     sim.check_memory_drained().await;
     // Everything holds across one more SIGKILL, too (and the subscription
     // ingests nothing twice when it resumes).
-    sim.host.restart().await;
+    sim.kill_one().await;
     sim.settle().await;
     sim.check().await;
-    let injected = sim.host.log().matches("injected fsync failure").count();
+    let injected = sim.logs().matches("injected fsync failure").count();
     println!(
         "seed {seed}: {} invocations, {} SIGKILLs, {} crashes on {injected} injected fsync \
          failures, {} broker restarts, {} effects, {} Kafka records, {} workflows, {} shared \
@@ -979,14 +1059,33 @@ fn seeds() -> Vec<u64> {
     }
 }
 
-#[tokio::test]
-async fn the_guarantees_hold_under_random_schedules_of_faults() {
-    let steps = std::env::var("SIM_STEPS")
+fn steps() -> usize {
+    std::env::var("SIM_STEPS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(120);
+        .unwrap_or(120)
+}
+
+#[tokio::test]
+async fn the_guarantees_hold_under_random_schedules_of_faults() {
     for seed in seeds() {
         println!("seed {seed}: replay with `scripts/sim.sh --seed {seed}`");
-        run_seed(seed, steps).await;
+        run_seed(seed, steps(), 0).await;
+    }
+}
+
+/// The same workload and checks against three cluster hosts
+/// (`docs/scale-out.md`): requests enter at a random host and are
+/// forwarded to the owner, kills hit any host (the owner's kill is a
+/// takeover), and fsync failures abort whichever host they hit.
+#[tokio::test]
+async fn the_guarantees_hold_in_a_three_host_cluster() {
+    let seeds = match std::env::var("SIM_SEEDS") {
+        Ok(_) => seeds(),
+        Err(_) => CI_CLUSTER_SEEDS.to_vec(),
+    };
+    for seed in seeds {
+        println!("seed {seed} (cluster): replay with `scripts/sim.sh --cluster --seed {seed}`");
+        run_seed(seed, steps(), 3).await;
     }
 }

@@ -40,7 +40,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,7 +50,7 @@ const PARTITION: i32 = 0;
 /// Largest changelog record (a deployment's module is one record).
 const MAX_RECORD_BYTES: usize = 128 * 1024 * 1024;
 
-/// Changes applied per redb transaction while restoring.
+/// Changes applied per redb transaction while restoring or following.
 const RESTORE_BATCH: usize = 10_000;
 
 /// The changelog topic of `app`.
@@ -83,6 +83,7 @@ pub async fn ensure_topics(config: &ClusterConfig) -> anyhow::Result<()> {
     let replicas = brokers.clamp(1, 3);
     let min_isr = (replicas - 1).max(1).to_string();
     let max_bytes = MAX_RECORD_BYTES.to_string();
+    let tombstones_kept = TOMBSTONES_KEPT.as_millis().to_string();
     let app = &config.app;
     let names = [
         changelog_topic(app),
@@ -98,6 +99,7 @@ pub async fn ensure_topics(config: &ClusterConfig) -> anyhow::Result<()> {
                 true => topic,
                 false => topic
                     .set("cleanup.policy", "compact")
+                    .set("delete.retention.ms", &tombstones_kept)
                     .set("max.message.bytes", &max_bytes),
             }
         })
@@ -239,6 +241,11 @@ impl Log for KafkaLog {
 pub enum Restored {
     /// The local store already held the whole changelog.
     UpToDate,
+    /// The local store was recent enough to apply only what followed it.
+    CaughtUp {
+        /// Records applied.
+        records: usize,
+    },
     /// The log was empty: the local store (maybe a standalone one) was
     /// written to it as its first transaction.
     Seeded {
@@ -252,6 +259,10 @@ pub enum Restored {
     },
 }
 
+/// How long compaction keeps a tombstone (`delete.retention.ms`, set on
+/// the changelog when Cairn creates it).
+pub const TOMBSTONES_KEPT: Duration = Duration::from_secs(24 * 3600);
+
 /// Bring the local store in line with the changelog; call after
 /// [`KafkaLog::open`] (so no other writer has a transaction open) and
 /// before the committer starts.
@@ -260,121 +271,246 @@ pub async fn restore(
     log: &mut KafkaLog,
     config: &ClusterConfig,
 ) -> anyhow::Result<Restored> {
-    let consumer: BaseConsumer = client(config)
-        .set("group.id", format!("cairn.{}.restore", config.app))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .set("fetch.max.bytes", MAX_RECORD_BYTES.to_string())
-        .set("max.partition.fetch.bytes", MAX_RECORD_BYTES.to_string())
-        .set(
-            "receive.message.max.bytes",
-            (2 * MAX_RECORD_BYTES).to_string(),
-        )
-        .create()?;
-    let topic = changelog_topic(&config.app);
+    let reader = Reader::new(config)?;
     let deadline = Instant::now() + config.restore_timeout;
-    let (low, high) = consumer.fetch_watermarks(&topic, PARTITION, Duration::from_secs(10))?;
-    let next = store.changelog_next()?;
+    let (low, high) = reader.watermarks()?;
+    let position = store.changelog_position()?;
     if high == 0 {
         let rows = store.snapshot()?;
         let count = rows.len();
         if count > 0 {
             let next = tokio::task::block_in_place(|| log.append(rows))?;
-            commit_local(&store, |t| t.set_changelog_next(next))?;
+            commit_local(&store, |t| t.set_changelog_position(next, now_ms()))?;
         }
         return Ok(Restored::Seeded { rows: count });
     }
-    if next.is_none() && !store.snapshot()?.is_empty() {
+    if position.is_none() && !store.snapshot()?.is_empty() {
         anyhow::bail!(
             "the data directory holds a store that was never part of cluster {:?}, and the cluster's \
              changelog is not empty: start this host with an empty --data-dir",
             config.app
         );
     }
-    if let Some(n) = next.map(|n| n as i64) {
-        if (low..=high).contains(&n) && !has_records(&consumer, &topic, n, deadline)? {
-            return Ok(Restored::UpToDate);
+    tokio::task::block_in_place(|| match position {
+        Some((next, at_head_ms))
+            if (low..=high).contains(&(next as i64)) && trusted(at_head_ms, config) =>
+        {
+            let records = reader.apply(&store, Some(next), || Instant::now() < deadline)?;
+            Ok(match records {
+                0 => Restored::UpToDate,
+                records => Restored::CaughtUp { records },
+            })
+        }
+        _ => {
+            // Until the rebuild reaches the head, the copy is trusted by
+            // nobody (its "at the head" time is 0).
+            commit_local(&store, |t| {
+                t.clear_replicated()?;
+                t.set_changelog_position(0, 0)
+            })?;
+            let records = reader.apply(&store, None, || Instant::now() < deadline)?;
+            tracing::info!(records, "rebuilt the store from the changelog");
+            Ok(Restored::Rebuilt { records })
+        }
+    })
+}
+
+/// A standby's copy of the store following the changelog, so that a
+/// takeover applies only the tail (a *hot standby*). Stopped (and joined)
+/// before the host takes the partition over.
+pub struct Follower {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Follower {
+    /// Follow the changelog into `store`: from its position if it is
+    /// trusted, else from the beginning. A store that was never part of
+    /// the cluster is not touched ([`restore`] refuses it at takeover).
+    pub fn start(store: Arc<Store>, config: &ClusterConfig) -> anyhow::Result<Follower> {
+        let reader = Reader::new(config)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (running, config) = (stop.clone(), config.clone());
+        let thread = std::thread::Builder::new()
+            .name("cairn-follower".into())
+            .spawn(move || {
+                let following = || !running.load(Ordering::SeqCst);
+                let followed = follow_from(&store, &config).and_then(|from| match from {
+                    Some(from) => reader.follow(&store, from, following),
+                    None => Ok(0),
+                });
+                if let Err(e) = followed {
+                    tracing::warn!("the standby stopped following the changelog: {e:#}");
+                }
+            })?;
+        Ok(Follower {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stop following; returns once the thread wrote its last batch.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
-    let records = tokio::task::block_in_place(|| rebuild(&store, &consumer, &topic, deadline))?;
-    Ok(Restored::Rebuilt { records })
 }
 
-fn assign(consumer: &BaseConsumer, topic: &str, from: Offset) -> anyhow::Result<()> {
-    let mut list = TopicPartitionList::new();
-    list.add_partition_offset(topic, PARTITION, from)?;
-    consumer.assign(&list)?;
-    Ok(())
+/// Where a standby's copy starts following: its position if it is
+/// trusted, else the beginning (after clearing it); `None` (do not touch
+/// it) for a store that was never part of the cluster.
+fn follow_from(store: &Store, config: &ClusterConfig) -> anyhow::Result<Option<Option<u64>>> {
+    match store.changelog_position()? {
+        Some((next, at)) if trusted(at, config) => Ok(Some(Some(next))),
+        None if !store.snapshot()?.is_empty() => Ok(None),
+        _ => {
+            commit_local(store, |t| {
+                t.clear_replicated()?;
+                t.set_changelog_position(0, 0)
+            })?;
+            Ok(Some(None))
+        }
+    }
 }
 
-/// The next committed record or the end of the partition (`None`).
-fn next_record(
-    consumer: &BaseConsumer,
-    deadline: Instant,
-) -> anyhow::Result<Option<(i64, Change)>> {
-    loop {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the changelog was not read to its end within cluster.restore_timeout"
-        );
-        match consumer.poll(Duration::from_millis(200)) {
-            None => continue,
-            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(None),
-            Some(Err(e)) => return Err(e).context("reading the changelog"),
-            Some(Ok(m)) => {
-                let key = m.key().filter(|k| !k.is_empty()).ok_or_else(|| {
-                    anyhow::anyhow!("changelog record at offset {} has no key", m.offset())
-                })?;
-                let change = Change {
-                    key: key.to_vec(),
-                    value: m.payload().map(<[u8]>::to_vec),
-                };
-                return Ok(Some((m.offset(), change)));
+/// Whether a copy last at the head of the log at `at_head_ms` may apply
+/// only what followed: every delete since is still in the log as a
+/// tombstone while it is younger than [`TOMBSTONES_KEPT`], so
+/// `cluster.trusted_for` must stay below that. An older copy is rebuilt.
+fn trusted(at_head_ms: u64, config: &ClusterConfig) -> bool {
+    now_ms().saturating_sub(at_head_ms) < config.trusted_for.as_millis() as u64
+}
+
+/// Reads the changelog (committed records only) into a local store.
+struct Reader {
+    consumer: BaseConsumer,
+    topic: String,
+}
+
+impl Reader {
+    fn new(config: &ClusterConfig) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer = client(config)
+            .set("group.id", format!("cairn.{}.restore", config.app))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.max.bytes", MAX_RECORD_BYTES.to_string())
+            .set("max.partition.fetch.bytes", MAX_RECORD_BYTES.to_string())
+            .set(
+                "receive.message.max.bytes",
+                (2 * MAX_RECORD_BYTES).to_string(),
+            )
+            .create()?;
+        Ok(Reader {
+            consumer,
+            topic: changelog_topic(&config.app),
+        })
+    }
+
+    fn watermarks(&self) -> anyhow::Result<(i64, i64)> {
+        Ok(self
+            .consumer
+            .fetch_watermarks(&self.topic, PARTITION, Duration::from_secs(10))?)
+    }
+
+    /// Apply the records from `from` (the beginning: `None`) to the end;
+    /// the number applied. Gives up when `more` says so.
+    fn apply(
+        &self,
+        store: &Store,
+        from: Option<u64>,
+        more: impl Fn() -> bool,
+    ) -> anyhow::Result<usize> {
+        self.read(store, from, &more, true)
+    }
+
+    /// Apply the records from `from` (the beginning: `None`) as they
+    /// come, until `more` says no.
+    fn follow(
+        &self,
+        store: &Store,
+        from: Option<u64>,
+        more: impl Fn() -> bool,
+    ) -> anyhow::Result<usize> {
+        self.read(store, from, &more, false)
+    }
+
+    /// The local position moves with every batch applied; its "at the
+    /// head" time only when the end of the log is reached (or, following,
+    /// while nothing new came since).
+    fn read(
+        &self,
+        store: &Store,
+        from: Option<u64>,
+        more: &dyn Fn() -> bool,
+        until_end: bool,
+    ) -> anyhow::Result<usize> {
+        const IDLE: Duration = Duration::from_secs(10);
+        let mut list = TopicPartitionList::new();
+        let offset = from.map_or(Offset::Beginning, |o| Offset::Offset(o as i64));
+        list.add_partition_offset(&self.topic, PARTITION, offset)?;
+        self.consumer.assign(&list)?;
+        let mut next = from.unwrap_or(0);
+        let mut at_head = store.changelog_position()?.map_or(0, |(_, at)| at);
+        let (mut applied, mut batch, mut at_end, mut quiet) =
+            (0, Vec::new(), false, Instant::now());
+        loop {
+            if !more() {
+                anyhow::ensure!(
+                    !until_end,
+                    "the changelog was not read to its end within cluster.restore_timeout"
+                );
+                flush(store, &mut batch, next, at_head)?;
+                return Ok(applied);
+            }
+            match self.consumer.poll(Duration::from_millis(200)) {
+                None if at_end && quiet.elapsed() > IDLE => {
+                    (at_head, quiet) = (now_ms(), Instant::now());
+                    flush(store, &mut batch, next, at_head)?;
+                }
+                None => {}
+                Some(Err(KafkaError::PartitionEOF(_))) => {
+                    (at_end, at_head, quiet) = (true, now_ms(), Instant::now());
+                    flush(store, &mut batch, next, at_head)?;
+                    if until_end {
+                        return Ok(applied);
+                    }
+                }
+                Some(Err(e)) => return Err(e).context("reading the changelog"),
+                Some(Ok(m)) => {
+                    let key = m.key().filter(|k| !k.is_empty()).ok_or_else(|| {
+                        anyhow::anyhow!("changelog record at offset {} has no key", m.offset())
+                    })?;
+                    batch.push(Change {
+                        key: key.to_vec(),
+                        value: m.payload().map(<[u8]>::to_vec),
+                    });
+                    (next, at_end, applied) = (m.offset() as u64 + 1, false, applied + 1);
+                    if batch.len() >= RESTORE_BATCH {
+                        flush(store, &mut batch, next, at_head)?;
+                    }
+                }
             }
         }
     }
 }
 
-/// Whether committed records follow offset `from` (someone else wrote).
-fn has_records(
-    consumer: &BaseConsumer,
-    topic: &str,
-    from: i64,
-    deadline: Instant,
-) -> anyhow::Result<bool> {
-    assign(consumer, topic, Offset::Offset(from))?;
-    tokio::task::block_in_place(|| next_record(consumer, deadline)).map(|r| r.is_some())
+/// Apply `batch` in one local transaction, with the position after it.
+fn flush(store: &Store, batch: &mut Vec<Change>, next: u64, at_head_ms: u64) -> anyhow::Result<()> {
+    let changes = std::mem::take(batch);
+    commit_local(store, move |t| {
+        changes.iter().try_for_each(|c| t.apply(c))?;
+        t.set_changelog_position(next, at_head_ms)
+    })
 }
 
-/// Clear the replicated rows and apply the whole changelog.
-fn rebuild(
-    store: &Store,
-    consumer: &BaseConsumer,
-    topic: &str,
-    deadline: Instant,
-) -> anyhow::Result<usize> {
-    commit_local(store, |t| t.clear_replicated())?;
-    assign(consumer, topic, Offset::Beginning)?;
-    let (mut applied, mut batch) = (0, Vec::new());
-    let mut end = false;
-    while !end {
-        match next_record(consumer, deadline)? {
-            Some(record) => batch.push(record),
-            None => end = true,
-        }
-        if batch.len() >= RESTORE_BATCH || (end && !batch.is_empty()) {
-            let next = batch.last().map(|(offset, _)| *offset as u64 + 1);
-            applied += batch.len();
-            let changes = std::mem::take(&mut batch);
-            commit_local(store, move |t| {
-                changes.iter().try_for_each(|(_, c)| t.apply(c))?;
-                t.set_changelog_next(next.expect("a batch is not empty"))
-            })?;
-        }
-    }
-    tracing::info!(records = applied, "rebuilt the store from the changelog");
-    Ok(applied)
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// One local redb transaction (restore runs before the committer starts).

@@ -211,7 +211,11 @@ fn apply(
         let changes = capture.take();
         if let (Some(log), false) = (log, changes.is_empty()) {
             let next = log.append(changes)?;
-            tables.set_changelog_next(next)?;
+            // The owner's copy is at the head of the log by definition.
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            tables.set_changelog_position(next, now_ms)?;
         }
         continuations
     };

@@ -119,6 +119,11 @@
 //! commit_timeout = "10s"
 //! # How long a starting host may take to read the changelog.
 //! restore_timeout = "10m"
+//! # A local copy that was at the head of the changelog less than this
+//! # long ago applies only the records after it when its host takes over;
+//! # an older one is rebuilt from the whole log (compaction drops the
+//! # tombstones of deletes after 24 h, so keep it below that).
+//! trusted_for = "12h"
 //! # Every host joins the consumer group cairn.<app>; the one assigned the
 //! # partition owns it, the others forward requests to it. A host silent
 //! # for this long loses the partition to another (the takeover time).
@@ -328,6 +333,11 @@ pub struct ClusterConfig {
     /// Longest time reading the changelog at start may take.
     #[serde(deserialize_with = "duration")]
     pub restore_timeout: Duration,
+    /// A local copy last at the head of the changelog less than this long
+    /// ago applies only what followed it; an older one is rebuilt. Below
+    /// the changelog's tombstone retention (24 h).
+    #[serde(deserialize_with = "duration")]
+    pub trusted_for: Duration,
     /// A host silent for this long loses the partition to another host.
     #[serde(deserialize_with = "duration")]
     pub session_timeout: Duration,
@@ -346,6 +356,7 @@ impl Default for ClusterConfig {
             commit_timeout: Duration::from_secs(10),
             restore_timeout: Duration::from_secs(600),
             session_timeout: Duration::from_secs(6),
+            trusted_for: Duration::from_secs(12 * 3600),
             advertise_host: None,
             properties: Default::default(),
         }

@@ -37,21 +37,25 @@ enum Api {
 pub struct Front {
     local: OnceLock<(Router, Router)>,
     membership: Arc<Membership>,
+    store: Arc<crate::store::Store>,
     client: reqwest::Client,
     max_body_bytes: usize,
     max_module_bytes: usize,
 }
 
 impl Front {
-    /// A front that forwards until [`Front::serve_locally`].
+    /// A front that forwards until [`Front::serve_locally`]; `store` is
+    /// this host's copy (reported by `GET /cluster`).
     pub fn new(
         membership: Arc<Membership>,
+        store: Arc<crate::store::Store>,
         max_body_bytes: usize,
         max_module_bytes: usize,
     ) -> Arc<Self> {
         Arc::new(Front {
             local: OnceLock::new(),
             membership,
+            store,
             client: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .connect_timeout(std::time::Duration::from_secs(2))
@@ -142,14 +146,26 @@ impl Front {
     }
 }
 
-/// `GET /cluster`: this host's role and the owner it knows.
+/// `GET /cluster`: this host's role, the owner it knows, and how far its
+/// copy of the store follows the changelog.
 async fn status(State(front): State<Arc<Front>>) -> Json<serde_json::Value> {
     let m = &front.membership;
+    let serving = front.local.get().is_some();
+    let role = match (serving, m.is_owner()) {
+        (true, _) => "owner",
+        (false, true) => "taking-over",
+        (false, false) => "standby",
+    };
+    let copy = front.store.changelog_position().ok().flatten();
     Json(serde_json::json!({
         "partition": crate::membership::PARTITION,
-        "role": if front.local.get().is_some() { "owner" } else if m.is_owner() { "taking-over" } else { "standby" },
+        "role": role,
         "this_host": m.me(),
-        "owner": if front.local.get().is_some() { Some(m.me().clone()) } else { m.owner() },
+        "owner": if serving { Some(m.me().clone()) } else { m.owner() },
+        "copy": copy.map(|(next, at_head_ms)| serde_json::json!({
+            "next": next,
+            "at_head_ms": at_head_ms,
+        })),
     }))
 }
 

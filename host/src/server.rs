@@ -76,14 +76,18 @@ async fn serve_cluster(
     store: Arc<Store>,
     deploy: Vec<PathBuf>,
 ) -> anyhow::Result<()> {
-    crate::cluster::ensure_topics(&cluster)
-        .await
-        .with_context(|| format!("joining cluster {:?} at {}", cluster.app, cluster.bootstrap))?;
+    anyhow::ensure!(
+        cluster.trusted_for < crate::cluster::TOMBSTONES_KEPT,
+        "cluster.trusted_for must stay below the changelog's tombstone retention ({:?})",
+        crate::cluster::TOMBSTONES_KEPT
+    );
+    reach_kafka(&cluster).await?;
     let (ingress, admin) = bind(&config).await?;
     let me = advertised(&config, &cluster, &ingress, &admin)?;
     let membership = Arc::new(Membership::join(&cluster, me)?);
     let front = Front::new(
         membership.clone(),
+        store.clone(),
         config.max_body_bytes,
         config.max_module_bytes,
     );
@@ -101,8 +105,12 @@ async fn serve_cluster(
             }
         },
     );
+    let follower = crate::cluster::Follower::start(store.clone(), &cluster)?;
     let takeover = async {
         membership.owned().await;
+        // The standby's copy stops following before the fence: from here
+        // on only the restore (then the committer) writes to it.
+        tokio::task::spawn_blocking(move || follower.stop()).await?;
         let mut log = crate::cluster::KafkaLog::open(&cluster).await?;
         let restored = crate::cluster::restore(store.clone(), &mut log, &cluster).await?;
         tracing::info!(?restored, app = %cluster.app, "cluster mode: the store follows the changelog");
@@ -121,6 +129,26 @@ async fn serve_cluster(
     }
     served.await;
     Ok(())
+}
+
+/// Create the cluster's topics, waiting for Kafka (a broker restarting)
+/// for up to `cluster.restore_timeout`.
+async fn reach_kafka(cluster: &ClusterConfig) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + cluster.restore_timeout;
+    loop {
+        match crate::cluster::ensure_topics(cluster).await {
+            Ok(()) => return Ok(()),
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::warn!("cannot reach the cluster's Kafka yet ({e:#}); retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("joining cluster {:?} at {}", cluster.app, cluster.bootstrap)
+                })
+            }
+        }
+    }
 }
 
 /// This host's addresses as other hosts reach them.

@@ -142,6 +142,8 @@ tables! {
 
 /// The `local` row holding the changelog position applied.
 const CHANGELOG_NEXT: &str = "changelog_next";
+/// The `local` row holding when the copy was last at the head of the log.
+const CHANGELOG_AT_HEAD: &str = "changelog_at_head_ms";
 
 /// The page cache size used by [`Store::open`] (the config's default).
 pub const DEFAULT_CACHE_BYTES: usize = 16 * 1024 * 1024;
@@ -236,9 +238,15 @@ impl Store {
     }
 
     /// The changelog position this copy of the store holds up to (not
-    /// including), if it was ever written in cluster mode.
-    pub fn changelog_next(&self) -> StoreResult<Option<u64>> {
-        self.read(|t| Ok(t.open_table(LOCAL)?.get(CHANGELOG_NEXT)?.map(|v| v.value())))
+    /// including), and when it was last at the head of the log (ms), if
+    /// it was ever written in cluster mode.
+    pub fn changelog_position(&self) -> StoreResult<Option<(u64, u64)>> {
+        self.read(|t| {
+            let local = t.open_table(LOCAL)?;
+            let next = local.get(CHANGELOG_NEXT)?.map(|v| v.value());
+            let at = local.get(CHANGELOG_AT_HEAD)?.map_or(0, |v| v.value());
+            Ok(next.map(|next| (next, at)))
+        })
     }
 
     /// One invocation.
@@ -981,9 +989,11 @@ impl<'txn> Tables<'txn> {
     }
 
     /// Remember that this copy of the store holds the changelog up to
-    /// (not including) position `next`.
-    pub fn set_changelog_next(&mut self, next: u64) -> StoreResult<()> {
-        self.local.insert(CHANGELOG_NEXT, next)
+    /// (not including) position `next`, and was last at the head of the
+    /// log at `at_head_ms` (0: never, a rebuild in progress).
+    pub fn set_changelog_position(&mut self, next: u64, at_head_ms: u64) -> StoreResult<()> {
+        self.local.insert(CHANGELOG_NEXT, next)?;
+        self.local.insert(CHANGELOG_AT_HEAD, at_head_ms)
     }
 
     /// Replace a deployment's compiled artifact (after an engine upgrade).
@@ -1235,7 +1245,7 @@ mod tests {
             let mut t = Tables::open_capturing(&txn, capture.clone()).unwrap();
             t.put_artifact(&DeploymentId::for_module(b"m"), b"native code")
                 .unwrap();
-            t.set_changelog_next(7).unwrap();
+            t.set_changelog_position(7, 1).unwrap();
         }
         assert!(capture.take().is_empty());
     }
