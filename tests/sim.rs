@@ -883,6 +883,18 @@ impl Sim {
                         r.text().await.unwrap_or_default()
                     ));
                 }
+                // What each host said about it, and about ownership.
+                let id = u["id"].as_str().unwrap_or("?");
+                for (i, host) in self.hosts.iter().enumerate() {
+                    for line in host.log().lines().filter(|l| {
+                        l.contains(id)
+                            || l.contains("partition 0")
+                            || l.contains("follows the changelog")
+                            || l.contains("cairn is ready")
+                    }) {
+                        report.push_str(&format!("host {i}: {line}\n"));
+                    }
+                }
             }
         }
         for (id, k) in &self.model.invocations {

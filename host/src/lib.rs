@@ -11,7 +11,9 @@
 //! - [`journal`]: journal entries and the replay rule.
 //! - [`store`]: the redb tables; [`commit`]: the group-commit writer;
 //!   [`changelog`]: a transaction's changes as data; [`cluster`]: the
-//!   store replicated through a Kafka changelog, restore and fencing.
+//!   store replicated through a Kafka changelog, restore, fencing and hot
+//!   standbys; [`membership`]: which host owns the partition;
+//!   [`forward`]: standbys forwarding requests to the owner.
 //! - [`runtime`]: wasmtime, sandboxing and limits; [`context`]: the host
 //!   side of the guest's `context` interface; [`instances`]: the instance
 //!   slots, and when a waiting attempt gives its slot up.
