@@ -301,3 +301,36 @@ async fn forgetting_an_invocation_removes_every_row_it_owned() {
     .await;
     assert_eq!(balance(&host, "a").await, 1, "object state outlives them");
 }
+
+/// A delayed send shorter than a commit: the child's start timer is armed
+/// by the job that creates its record, so it fell due before the record
+/// was durable, found nothing, and the child never ran (seen first in
+/// cluster mode, where a commit is a Kafka transaction). With every fsync
+/// taking a second, a 300 ms delay falls due in the middle of the commit
+/// (a shorter one is already due when the job runs, and starts at once).
+#[tokio::test]
+async fn a_delayed_send_due_before_its_commit_still_starts() {
+    let host = Host::start_with_faults(
+        HostOptions {
+            config: String::new(),
+            deploy: vec![example("coordination")],
+        },
+        Some("fsync_delay_ms=1000"),
+    )
+    .await;
+    for i in 0..3 {
+        let r = host
+            .post(
+                "/Sleeper/later",
+                &format!(r#"["soon","hello {i}",300]"#),
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let lines = || async { host.post("/Log/soon/lines", "", &[]).await.json() };
+    cairn_tests::until("every delayed send ran", MINUTE, || async {
+        lines().await.as_array().is_some_and(|l| l.len() == 3)
+    })
+    .await;
+}

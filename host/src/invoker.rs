@@ -673,6 +673,12 @@ impl Invoker {
                 }
                 let me = self.clone();
                 self.tokio.spawn(async move {
+                    // The timer is armed by the job that creates the
+                    // record, before that job's commit: a short delay can
+                    // fall due while the commit is still on its way (a
+                    // slow disk, a Kafka transaction). Read the record
+                    // only once everything queued so far is durable.
+                    me.committer.barrier().await;
                     match me.store.invocation(&id) {
                         Ok(Some(r)) if r.status == Status::Ready => me.admit(Arc::new(r)),
                         Ok(_) => {}

@@ -109,6 +109,8 @@ pub struct Host {
     child: Option<Child>,
     data: tempfile::TempDir,
     options: HostOptions,
+    /// `CAIRN_FAULTS` for this host only, if set.
+    faults: Option<String>,
     ingress_port: u16,
     admin_port: u16,
     /// HTTP client for tests.
@@ -123,10 +125,17 @@ impl Host {
 
     /// Start a host with these options.
     pub async fn start_with(options: HostOptions) -> Host {
+        Host::start_with_faults(options, None).await
+    }
+
+    /// Start a host with these options and, for it alone, the fault
+    /// injection `faults` (`CAIRN_FAULTS`, e.g. `"fsync_delay_ms=200"`).
+    pub async fn start_with_faults(options: HostOptions, faults: Option<&str>) -> Host {
         let mut host = Host {
             child: None,
             data: tempfile::tempdir().expect("a temp dir"),
             options,
+            faults: faults.map(str::to_string),
             ingress_port: free_port(),
             admin_port: free_port(),
             http: reqwest::Client::builder()
@@ -168,6 +177,9 @@ impl Host {
             .stderr(Stdio::from(log));
         if std::env::var("RUST_LOG").is_err() {
             cmd.env("RUST_LOG", "info,wasmtime=warn,cranelift=warn");
+        }
+        if let Some(faults) = &self.faults {
+            cmd.env("CAIRN_FAULTS", faults);
         }
         // A host that an injected fault (CAIRN_FAULTS) aborted right after
         // it became ready is started again, as an operator's supervisor would.
