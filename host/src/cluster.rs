@@ -222,7 +222,10 @@ impl KafkaLog {
 
 impl Log for KafkaLog {
     fn append(&mut self, changes: Vec<Change>) -> anyhow::Result<u64> {
-        if let Err(e) = self.transaction(&changes) {
+        let started = Instant::now();
+        let result = self.transaction(&changes);
+        tracing::debug!(records = changes.len(), took = ?started.elapsed(), "changelog transaction");
+        if let Err(e) = result {
             let fenced = matches!(
                 e.rdkafka_error_code(),
                 Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
