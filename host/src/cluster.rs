@@ -298,7 +298,9 @@ pub async fn restore(
         Some((next, at_head_ms))
             if (low..=high).contains(&(next as i64)) && trusted(at_head_ms, config) =>
         {
-            let records = reader.apply(&store, Some(next), || Instant::now() < deadline)?;
+            let records = reader.read(&store, Some(next), Until::End, &|| {
+                Instant::now() < deadline
+            })?;
             Ok(match records {
                 0 => Restored::UpToDate,
                 records => Restored::CaughtUp { records },
@@ -311,7 +313,7 @@ pub async fn restore(
                 t.clear_replicated()?;
                 t.set_changelog_position(0, 0)
             })?;
-            let records = reader.apply(&store, None, || Instant::now() < deadline)?;
+            let records = reader.read(&store, None, Until::End, &|| Instant::now() < deadline)?;
             tracing::info!(records, "rebuilt the store from the changelog");
             Ok(Restored::Rebuilt { records })
         }
@@ -339,7 +341,7 @@ impl Follower {
             .spawn(move || {
                 let following = || !running.load(Ordering::SeqCst);
                 let followed = follow_from(&store, &config).and_then(|from| match from {
-                    Some(from) => reader.follow(&store, from, following),
+                    Some(from) => reader.read(&store, from, Until::Stopped, &following),
                     None => Ok(0),
                 });
                 if let Err(e) = followed {
@@ -386,6 +388,15 @@ fn trusted(at_head_ms: u64, config: &ClusterConfig) -> bool {
     now_ms().saturating_sub(at_head_ms) < config.trusted_for.as_millis() as u64
 }
 
+/// How long a [`Reader`] reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// To the end of the log (a restore).
+    End,
+    /// Until told to stop (a standby following the log).
+    Stopped,
+}
+
 /// Reads the changelog (committed records only) into a local store.
 struct Reader {
     consumer: BaseConsumer,
@@ -419,38 +430,19 @@ impl Reader {
             .fetch_watermarks(&self.topic, PARTITION, Duration::from_secs(10))?)
     }
 
-    /// Apply the records from `from` (the beginning: `None`) to the end;
-    /// the number applied. Gives up when `more` says so.
-    fn apply(
-        &self,
-        store: &Store,
-        from: Option<u64>,
-        more: impl Fn() -> bool,
-    ) -> anyhow::Result<usize> {
-        self.read(store, from, &more, true)
-    }
-
-    /// Apply the records from `from` (the beginning: `None`) as they
-    /// come, until `more` says no.
-    fn follow(
-        &self,
-        store: &Store,
-        from: Option<u64>,
-        more: impl Fn() -> bool,
-    ) -> anyhow::Result<usize> {
-        self.read(store, from, &more, false)
-    }
-
-    /// The local position moves with every batch applied; its "at the
-    /// head" time only when the end of the log is reached (or, following,
-    /// while nothing new came since).
+    /// Apply the records from `from` (the beginning: `None`) until the end
+    /// of the log, or as they come while `more` says so; the number
+    /// applied. The local position moves with every batch applied; its
+    /// "at the head" time only when the end of the log is reached (or,
+    /// following, while nothing new came since).
     fn read(
         &self,
         store: &Store,
         from: Option<u64>,
+        until: Until,
         more: &dyn Fn() -> bool,
-        until_end: bool,
     ) -> anyhow::Result<usize> {
+        let until_end = until == Until::End;
         const IDLE: Duration = Duration::from_secs(10);
         let mut list = TopicPartitionList::new();
         let offset = from.map_or(Offset::Beginning, |o| Offset::Offset(o as i64));
