@@ -506,6 +506,51 @@ async fn any_host_serves_any_request_and_the_partition_moves_when_its_owner_dies
 }
 
 #[tokio::test]
+async fn a_host_that_joins_leaves_the_partition_where_it_is() {
+    let app = unique_topic("join");
+    let owner = Host::start_with(options(&app, true)).await;
+    until_owner(&owner, TAKEOVER).await;
+    let stop = Arc::new(Mutex::new(false));
+    let adds = load_through(vec![(owner.http.clone(), owner.ingress())], stop.clone());
+    // Two hosts join while adds go on: the sticky assignor keeps the
+    // partition with its owner, so no client waits for a takeover.
+    let mut joined = Vec::new();
+    for _ in 0..2 {
+        let host = Host::start_with(options(&app, true)).await;
+        until_forwarding(&host).await;
+        joined.push(host);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    *stop.lock().unwrap() = true;
+    let (requests, gaps) = adds.await.unwrap();
+    assert_eq!(role(&owner).await, "owner");
+    for host in &joined {
+        assert_eq!(role(host).await, "standby");
+    }
+    assert!(
+        !owner.log().contains("assigned partition 0 back"),
+        "the owner lost contact while hosts joined:\n{}",
+        owner.log()
+    );
+    let longest = *gaps.iter().max().unwrap();
+    assert!(
+        longest < Duration::from_secs(3),
+        "a client waited {longest:?} while hosts joined"
+    );
+    let total: i64 = {
+        let mut sum = 0;
+        for k in 0..KEYS {
+            sum += counter(&joined[0], &format!("k{k}")).await;
+        }
+        sum
+    };
+    assert_eq!(
+        total, requests as i64,
+        "every add once, read through a joined host"
+    );
+}
+
+#[tokio::test]
 async fn a_graceful_leave_hands_the_partition_over() {
     let app = unique_topic("leave");
     let mut owner = Host::start_with(options(&app, true)).await;
