@@ -350,13 +350,26 @@ async fn a_broker_of_three_killed_under_load_loses_nothing() {
     counted_exactly(&standby, 12_000, Duration::from_secs(300)).await;
     adds.await.unwrap();
     assert_eq!(counter(&standby, "http").await, 200, "every HTTP add once");
-    let (mut owner, mut standby) = (owner, standby);
-    assert!(
-        owner.running() && standby.running(),
-        "a host stopped when a broker was lost:\n{}\n{}",
-        owner.log(),
-        standby.log()
-    );
+    // The hosts go on. When the lost broker was the group coordinator and
+    // its replacement took longer than the session timeout, the group may
+    // move the partition: the old owner then exits for its supervisor to
+    // start it again as a standby (docs/scale-out.md); nothing else may
+    // stop a host.
+    for mut host in [owner, standby] {
+        if !host.running() {
+            let log = host.log();
+            assert!(
+                log.contains("lost partition 0 to another host; exiting"),
+                "a host stopped when a broker was lost:\n{log}"
+            );
+            host.restart().await;
+        }
+        assert_eq!(
+            counter(&host, "http").await,
+            200,
+            "served after the broker came back"
+        );
+    }
 }
 
 #[tokio::test]

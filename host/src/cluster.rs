@@ -177,8 +177,7 @@ impl KafkaLog {
         })
     }
 
-    fn send(&self, change: &Change) -> Result<(), KafkaError> {
-        let deadline = Instant::now() + self.timeout;
+    fn send(&self, change: &Change, deadline: Instant) -> Result<(), KafkaError> {
         loop {
             let mut record = BaseRecord::to(&self.topic)
                 .partition(PARTITION)
@@ -198,18 +197,50 @@ impl KafkaLog {
         }
     }
 
+    /// One transaction with `changes`, within `commit_timeout`. A broker
+    /// failing over (a partition leader or the transaction coordinator
+    /// moving) is waited out: a commit whose outcome is unknown is retried
+    /// as librdkafka asks, and a transaction it can only abort is aborted
+    /// (its records are never visible) and written again.
     fn transaction(&self, changes: &[Change]) -> Result<(), KafkaError> {
-        self.producer.begin_transaction()?;
-        changes.iter().try_for_each(|c| self.send(c))?;
-        self.deliver()?;
-        self.producer.commit_transaction(self.timeout)
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let attempt = self
+                .producer
+                .begin_transaction()
+                .and_then(|()| changes.iter().try_for_each(|c| self.send(c, deadline)))
+                .and_then(|()| self.deliver(deadline))
+                .and_then(|()| self.commit(deadline));
+            match attempt {
+                Err(KafkaError::Transaction(e))
+                    if e.txn_requires_abort() && !e.is_fatal() && Instant::now() < deadline =>
+                {
+                    tracing::warn!("the changelog transaction must be written again: {e}");
+                    self.producer.abort_transaction(remaining(deadline))?;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Commit the open transaction, again while its outcome is unknown.
+    fn commit(&self, deadline: Instant) -> Result<(), KafkaError> {
+        loop {
+            match self.producer.commit_transaction(remaining(deadline)) {
+                Err(KafkaError::Transaction(e))
+                    if e.is_retriable() && Instant::now() < deadline =>
+                {
+                    tracing::warn!("committing the changelog transaction again: {e}");
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Wait until every record sent is delivered. rdkafka's own flush
     /// polls in 100 ms steps that a delivery does not cut short, which
     /// would add up to 100 ms to every commit.
-    fn deliver(&self) -> Result<(), KafkaError> {
-        let deadline = Instant::now() + self.timeout;
+    fn deliver(&self, deadline: Instant) -> Result<(), KafkaError> {
         while self.producer.in_flight_count() > 0 {
             if Instant::now() >= deadline {
                 return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
@@ -450,6 +481,7 @@ impl Reader {
         self.consumer.assign(&list)?;
         let mut next = from.unwrap_or(0);
         let mut at_head = store.changelog_position()?.map_or(0, |(_, at)| at);
+        let mut complaint: Option<String> = None;
         let (mut applied, mut batch, mut at_end, mut quiet) =
             (0, Vec::new(), false, Instant::now());
         loop {
@@ -474,8 +506,17 @@ impl Reader {
                         return Ok(applied);
                     }
                 }
-                Some(Err(e)) => return Err(e).context("reading the changelog"),
+                // librdkafka retries by itself (a broker failing over);
+                // the error is reported once until the next record.
+                Some(Err(e)) => {
+                    let said = e.to_string();
+                    if complaint.as_deref() != Some(said.as_str()) {
+                        tracing::warn!("reading the changelog: {said} (retrying)");
+                        complaint = Some(said);
+                    }
+                }
                 Some(Ok(m)) => {
+                    complaint = None;
                     let key = m.key().filter(|k| !k.is_empty()).ok_or_else(|| {
                         anyhow::anyhow!("changelog record at offset {} has no key", m.offset())
                     })?;
@@ -506,6 +547,13 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The time left until `deadline` (at least a millisecond).
+fn remaining(deadline: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1))
 }
 
 /// One local redb transaction (restore runs before the committer starts).

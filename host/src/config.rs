@@ -115,8 +115,10 @@
 //! # Names the topic (cairn.<app>.changelog) and the transactional id.
 //! app = "shop"
 //! # A Kafka transaction not committed within this stops the host (the
-//! # next owner takes over from the last committed one).
-//! commit_timeout = "10s"
+//! # next owner takes over from the last committed one). A broker failing
+//! # over (leaders and the transaction coordinator moving) is waited out
+//! # within it; commits wait meanwhile.
+//! commit_timeout = "30s"
 //! # How long a starting host may take to read the changelog.
 //! restore_timeout = "10m"
 //! # A local copy that was at the head of the changelog less than this
@@ -353,7 +355,7 @@ impl Default for ClusterConfig {
         ClusterConfig {
             bootstrap: "127.0.0.1:9092".into(),
             app: "cairn".into(),
-            commit_timeout: Duration::from_secs(10),
+            commit_timeout: Duration::from_secs(30),
             restore_timeout: Duration::from_secs(600),
             session_timeout: Duration::from_secs(6),
             trusted_for: Duration::from_secs(12 * 3600),

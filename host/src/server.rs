@@ -118,7 +118,7 @@ async fn serve_cluster(
         let started = Engine::start(&config, store.clone(), committer, deploy).await?;
         let _ = engine.set(started.invoker.clone());
         front.serve_locally(started.ingress, started.admin);
-        membership.publish()?;
+        tokio::task::block_in_place(|| membership.publish())?;
         tracing::info!("this host owns the partition and serves it");
         anyhow::Ok(())
     };
