@@ -18,16 +18,20 @@
 //!   previous owner that is still alive (paused, partitioned away) fails its
 //!   next commit with a fenced error, before its redb or any client sees
 //!   the write, and stops.
-//! - **Restore.** A host that starts compares its local store with the log
-//!   ([`restore`]): if nobody wrote after its last commit it goes on from
-//!   its local copy; otherwise it rebuilds the store from the whole
-//!   changelog (compaction keeps it to the live rows).
+//! - **Restore.** A host that takes over brings its local copy in line
+//!   with the log ([`restore`]): a recent copy applies only the records
+//!   after its position, an old or foreign one is rebuilt from the whole
+//!   compacted changelog, an empty log is seeded from the local store.
+//! - **Hot standbys.** Until then a standby's copy follows the log
+//!   ([`Follower`]), so that a takeover applies only a tail.
 //!
-//! Lifecycle: [`KafkaLog::open`] (fence) → [`restore`] → the committer
+//! Lifecycle: [`ensure_topics`] at start → [`Follower`] while standby →
+//! [`KafkaLog::open`] (fence) → [`restore`] → the committer
 //! appends to the log for the life of the host. A failed append is fatal,
 //! like a failed fsync in standalone mode.
 
 use crate::changelog::Change;
+use crate::clock::{Clock, SystemClock};
 use crate::commit::Log;
 use crate::config::ClusterConfig;
 use crate::store::{Store, Tables};
@@ -139,10 +143,9 @@ pub struct KafkaLog {
 }
 
 impl KafkaLog {
-    /// Create the topic if needed and take the transactional id over,
-    /// fencing any previous owner.
+    /// Take the transactional id over, fencing any previous owner (the
+    /// topics exist: [`ensure_topics`] ran at start).
     pub async fn open(config: &ClusterConfig) -> anyhow::Result<Self> {
-        ensure_topics(config).await?;
         let delivered = Arc::new(AtomicI64::new(-1));
         let producer: BaseProducer<Delivered> = client(config)
             .set(
@@ -314,11 +317,13 @@ pub async fn restore(
         let count = rows.len();
         if count > 0 {
             let next = tokio::task::block_in_place(|| log.append(rows))?;
-            commit_local(&store, |t| t.set_changelog_position(next, now_ms()))?;
+            commit_local(&store, |t| {
+                t.set_changelog_position(next, SystemClock.now_ms())
+            })?;
         }
         return Ok(Restored::Seeded { rows: count });
     }
-    if position.is_none() && !store.snapshot()?.is_empty() {
+    if position.is_none() && store.holds_replicated_rows()? {
         anyhow::bail!(
             "the data directory holds a store that was never part of cluster {:?}, and the cluster's \
              changelog is not empty: start this host with an empty --data-dir",
@@ -338,12 +343,7 @@ pub async fn restore(
             })
         }
         _ => {
-            // Until the rebuild reaches the head, the copy is trusted by
-            // nobody (its "at the head" time is 0).
-            commit_local(&store, |t| {
-                t.clear_replicated()?;
-                t.set_changelog_position(0, 0)
-            })?;
+            start_over(&store)?;
             let records = reader.read(&store, None, Until::End, &|| Instant::now() < deadline)?;
             tracing::info!(records, "rebuilt the store from the changelog");
             Ok(Restored::Rebuilt { records })
@@ -400,15 +400,22 @@ impl Follower {
 fn follow_from(store: &Store, config: &ClusterConfig) -> anyhow::Result<Option<Option<u64>>> {
     match store.changelog_position()? {
         Some((next, at)) if trusted(at, config) => Ok(Some(Some(next))),
-        None if !store.snapshot()?.is_empty() => Ok(None),
+        None if store.holds_replicated_rows()? => Ok(None),
         _ => {
-            commit_local(store, |t| {
-                t.clear_replicated()?;
-                t.set_changelog_position(0, 0)
-            })?;
+            start_over(store)?;
             Ok(Some(None))
         }
     }
+}
+
+/// Empty the copy before it is rebuilt from the beginning of the log. Until
+/// the rebuild reaches the head, the copy is trusted by nobody (its "at
+/// the head" time is 0).
+fn start_over(store: &Store) -> anyhow::Result<()> {
+    commit_local(store, |t| {
+        t.clear_replicated()?;
+        t.set_changelog_position(0, 0)
+    })
 }
 
 /// Whether a copy last at the head of the log at `at_head_ms` may apply
@@ -416,7 +423,7 @@ fn follow_from(store: &Store, config: &ClusterConfig) -> anyhow::Result<Option<O
 /// tombstone while it is younger than [`TOMBSTONES_KEPT`], so
 /// `cluster.trusted_for` must stay below that. An older copy is rebuilt.
 fn trusted(at_head_ms: u64, config: &ClusterConfig) -> bool {
-    now_ms().saturating_sub(at_head_ms) < config.trusted_for.as_millis() as u64
+    SystemClock.now_ms().saturating_sub(at_head_ms) < config.trusted_for.as_millis() as u64
 }
 
 /// How long a [`Reader`] reads.
@@ -495,12 +502,12 @@ impl Reader {
             }
             match self.consumer.poll(Duration::from_millis(200)) {
                 None if at_end && quiet.elapsed() > IDLE => {
-                    (at_head, quiet) = (now_ms(), Instant::now());
+                    (at_head, quiet) = (SystemClock.now_ms(), Instant::now());
                     flush(store, &mut batch, next, at_head)?;
                 }
                 None => {}
                 Some(Err(KafkaError::PartitionEOF(_))) => {
-                    (at_end, at_head, quiet) = (true, now_ms(), Instant::now());
+                    (at_end, at_head, quiet) = (true, SystemClock.now_ms(), Instant::now());
                     flush(store, &mut batch, next, at_head)?;
                     if until_end {
                         return Ok(applied);
@@ -541,12 +548,6 @@ fn flush(store: &Store, batch: &mut Vec<Change>, next: u64, at_head_ms: u64) -> 
         changes.iter().try_for_each(|c| t.apply(c))?;
         t.set_changelog_position(next, at_head_ms)
     })
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The time left until `deadline` (at least a millisecond).

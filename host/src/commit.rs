@@ -23,6 +23,7 @@
 //! acknowledge writes that are not on disk.
 
 use crate::changelog::{Capture, Change};
+use crate::clock::{Clock, SystemClock};
 use crate::store::{Store, StoreResult, Tables};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -212,10 +213,7 @@ fn apply(
         if let (Some(log), false) = (log, changes.is_empty()) {
             let next = log.append(changes)?;
             // The owner's copy is at the head of the log by definition.
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            tables.set_changelog_position(next, now_ms)?;
+            tables.set_changelog_position(next, SystemClock.now_ms())?;
         }
         continuations
     };

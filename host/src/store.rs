@@ -49,6 +49,18 @@ macro_rules! tables {
                 })*
                 Ok(rows)
             }
+
+            /// Whether any replicated table holds a row (without reading them).
+            pub fn holds_replicated_rows(&self) -> StoreResult<bool> {
+                use redb::ReadableTableMetadata;
+                let txn = self.db.begin_read().map_err(StoreError::redb)?;
+                $(if Option::<u8>::from($id).is_some()
+                    && !txn.open_table($def).map_err(StoreError::redb)?.is_empty().map_err(StoreError::redb)?
+                {
+                    return Ok(true);
+                })*
+                Ok(false)
+            }
         }
 
         impl<'txn> Tables<'txn> {
@@ -696,8 +708,7 @@ impl<'txn> Tables<'txn> {
 
     /// Arm a durable timer.
     pub fn put_timer(&mut self, at_ms: u64, id: &InvocationId, command: u32) -> StoreResult<()> {
-        self.timers.insert((at_ms, id.as_str(), command), ())?;
-        Ok(())
+        self.timers.insert((at_ms, id.as_str(), command), ())
     }
 
     /// Disarm a timer; `false` if it was not armed (already fired).
@@ -707,8 +718,7 @@ impl<'txn> Tables<'txn> {
 
     /// Record an outside effect to perform (in its command's transaction).
     pub fn put_outbox(&mut self, id: &InvocationId, command: u32) -> StoreResult<()> {
-        self.outbox.insert((id.as_str(), command), ())?;
-        Ok(())
+        self.outbox.insert((id.as_str(), command), ())
     }
 
     /// Take an outside effect out of the outbox (in its answer's
@@ -719,8 +729,7 @@ impl<'txn> Tables<'txn> {
 
     /// Register a pending awakeable.
     pub fn put_awakeable(&mut self, id: &InvocationId, command: u32) -> StoreResult<()> {
-        self.awakeables.insert((id.as_str(), command), ())?;
-        Ok(())
+        self.awakeables.insert((id.as_str(), command), ())
     }
 
     /// Take a pending awakeable; `false` if unknown or already completed.
@@ -794,14 +803,12 @@ impl<'txn> Tables<'txn> {
         name: &str,
         value: &[u8],
     ) -> StoreResult<()> {
-        self.state.insert((service, key, name), value)?;
-        Ok(())
+        self.state.insert((service, key, name), value)
     }
 
     /// Remove a state value.
     pub fn clear_state(&mut self, service: &str, key: &str, name: &str) -> StoreResult<()> {
-        self.state.remove((service, key, name))?;
-        Ok(())
+        self.state.remove((service, key, name)).map(drop)
     }
 
     /// Remove every state value of a key.
@@ -829,14 +836,12 @@ impl<'txn> Tables<'txn> {
         key: &str,
         id: &InvocationId,
     ) -> StoreResult<()> {
-        self.idempotency.insert((target, key), id.as_str())?;
-        Ok(())
+        self.idempotency.insert((target, key), id.as_str())
     }
 
     /// Forget a completed invocation at `at_ms`.
     pub fn expire_at(&mut self, at_ms: u64, id: &InvocationId) -> StoreResult<()> {
-        self.expiry.insert((at_ms, id.as_str()), ())?;
-        Ok(())
+        self.expiry.insert((at_ms, id.as_str()), ())
     }
 
     /// Delete a completed invocation whose retention ended at `expiry_ms`:
@@ -907,8 +912,7 @@ impl<'txn> Tables<'txn> {
         let id = record.id.as_str();
         self.deployments.insert(id, encode(record).as_slice())?;
         self.modules.insert(id, module)?;
-        self.artifacts.insert(id, artifact)?;
-        Ok(())
+        self.artifacts.insert(id, artifact)
     }
 
     /// Register (or replace) a Kafka cluster.
@@ -945,8 +949,7 @@ impl<'txn> Tables<'txn> {
 
     /// Set a concurrency limit.
     pub fn put_limit(&mut self, scope: &str, max: u64) -> StoreResult<()> {
-        self.limits.insert(scope, max)?;
-        Ok(())
+        self.limits.insert(scope, max)
     }
 
     /// Remove a concurrency limit; `false` if there was none.
@@ -957,8 +960,7 @@ impl<'txn> Tables<'txn> {
     /// Store (or replace) a schedule.
     pub fn put_schedule(&mut self, schedule: &ScheduleRecord) -> StoreResult<()> {
         self.schedules
-            .insert(schedule.name.as_str(), encode(schedule).as_slice())?;
-        Ok(())
+            .insert(schedule.name.as_str(), encode(schedule).as_slice())
     }
 
     /// Delete a schedule; `false` if there was none.
@@ -978,8 +980,7 @@ impl<'txn> Tables<'txn> {
 
     /// Remember that schedule `name` fired its tick `tick_ms`.
     pub fn put_last_tick(&mut self, name: &str, tick_ms: u64) -> StoreResult<()> {
-        self.meta.insert(last_tick_key(name).as_str(), tick_ms)?;
-        Ok(())
+        self.meta.insert(last_tick_key(name).as_str(), tick_ms)
     }
 
     /// Delete a subscription (and its stop reason); `false` if there was none.
@@ -998,8 +999,7 @@ impl<'txn> Tables<'txn> {
 
     /// Replace a deployment's compiled artifact (after an engine upgrade).
     pub fn put_artifact(&mut self, id: &DeploymentId, artifact: &[u8]) -> StoreResult<()> {
-        self.artifacts.insert(id.as_str(), artifact)?;
-        Ok(())
+        self.artifacts.insert(id.as_str(), artifact)
     }
 }
 
@@ -1232,6 +1232,11 @@ mod tests {
             // Clearing then applying again gives the same rows as well.
             with_tables(&copy, |t| t.clear_replicated());
             assert!(copy.snapshot().unwrap().is_empty());
+            assert!(!copy.holds_replicated_rows().unwrap());
+            assert_eq!(
+                store.holds_replicated_rows().unwrap(),
+                !store.snapshot().unwrap().is_empty()
+            );
         }
     }
 
