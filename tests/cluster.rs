@@ -5,7 +5,7 @@
 //! paused owner fenced, a graceful leave.
 
 use cairn_tests::kafka::{require_broker, unique_topic};
-use cairn_tests::{example, until, Host, HostOptions};
+use cairn_tests::{add_until_acked, example, until, Host, HostOptions};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -410,27 +410,10 @@ fn load_through(
         // Bounded: 100,000 requests at most.
         while !*stop.lock().unwrap() && request < 100_000 {
             let started = Instant::now();
-            let mut attempt = 0usize;
-            loop {
-                let (http, ingress) = &hosts[(request as usize + attempt) % hosts.len()];
-                let acked = http
-                    .post(format!("{ingress}/Counter/k{}/add", request % KEYS))
-                    .header("idempotency-key", format!("add-{request}"))
-                    .body("1")
-                    .timeout(Duration::from_secs(5))
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success());
-                if acked {
-                    break;
-                }
-                attempt += 1;
-                assert!(
-                    started.elapsed() < Duration::from_secs(90),
-                    "request {request} found no host to serve it for 90 s"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            let mut turn = request as usize;
+            let path = format!("/Counter/k{}/add", request % KEYS);
+            let key = format!("add-{request}");
+            add_until_acked(&hosts, &mut turn, &path, &key, Duration::from_secs(90)).await;
             gaps.push(started.elapsed());
             request += 1;
         }

@@ -8,7 +8,7 @@ use cairn_tests::kafka::{
     require_broker, subscribe, unique_topic, Record,
 };
 use cairn_tests::server::TestServer;
-use cairn_tests::{example, until, Host, HostOptions};
+use cairn_tests::{add_until_acked, example, until, Host, HostOptions};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -313,31 +313,12 @@ async fn a_broker_of_three_killed_under_load_loses_nothing() {
             (standby.http.clone(), standby.ingress()),
         ];
         async move {
-            // Each add retried with its key until acknowledged (bounded).
             // Each add goes to the next host, and so does each retry.
-            let mut turn = 0usize;
+            let mut turn = 0;
             for i in 0..200u32 {
-                let started = Instant::now();
-                loop {
-                    let (http, ingress) = &hosts[turn % 2];
-                    turn += 1;
-                    let acked = http
-                        .post(format!("{ingress}/Counter/http/add"))
-                        .header("idempotency-key", format!("http-{i}"))
-                        .body("1")
-                        .timeout(Duration::from_secs(10))
-                        .send()
-                        .await
-                        .is_ok_and(|r| r.status().is_success());
-                    if acked {
-                        break;
-                    }
-                    assert!(
-                        started.elapsed() < Duration::from_secs(120),
-                        "add {i} never acknowledged"
-                    );
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                let key = format!("http-{i}");
+                let within = Duration::from_secs(120);
+                add_until_acked(&hosts, &mut turn, "/Counter/http/add", &key, within).await;
             }
         }
     });

@@ -379,6 +379,40 @@ impl Drop for Host {
     }
 }
 
+/// POST `1` to `path` with idempotency key `idempotency` on the hosts
+/// (`(client, ingress URL)`) in turn, starting at `*turn`, until one
+/// acknowledges it; every retry goes to the next host. Panics after
+/// `within`, naming the request.
+pub async fn add_until_acked(
+    hosts: &[(reqwest::Client, String)],
+    turn: &mut usize,
+    path: &str,
+    idempotency: &str,
+    within: Duration,
+) {
+    let started = Instant::now();
+    loop {
+        let (http, ingress) = &hosts[*turn % hosts.len()];
+        *turn += 1;
+        let acked = http
+            .post(format!("{ingress}{path}"))
+            .header("idempotency-key", idempotency)
+            .body("1")
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if acked {
+            return;
+        }
+        assert!(
+            started.elapsed() < within,
+            "{path} ({idempotency}) was not acknowledged by any host within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Poll `check` every 100 ms until it holds; fail naming `what` after `timeout`.
 pub async fn until<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where
