@@ -5,7 +5,7 @@
 //! paused owner fenced, a graceful leave.
 
 use cairn_tests::kafka::{require_broker, unique_topic};
-use cairn_tests::{add_until_acked, example, until, Host, HostOptions};
+use cairn_tests::{add_once, add_until_acked, example, until, Host, HostOptions};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -86,16 +86,14 @@ async fn counter(host: &Host, key: &str) -> i64 {
 }
 
 async fn add(host: &Host, key: &str, request: u64) -> bool {
-    let idempotency = format!("add-{request}");
-    let r = host
-        .http
-        .post(format!("{}/Counter/{key}/add", host.ingress()))
-        .header("idempotency-key", &idempotency)
-        .body("1")
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await;
-    r.is_ok_and(|r| r.status().is_success())
+    let url = format!("{}/Counter/{key}/add", host.ingress());
+    add_once(
+        &host.http,
+        &url,
+        &format!("add-{request}"),
+        Duration::from_secs(5),
+    )
+    .await
 }
 
 async fn send(host: &Host, path: &str, body: &str) -> String {
@@ -131,15 +129,9 @@ fn load(host: &Host, stop: Arc<Mutex<bool>>) -> tokio::task::JoinHandle<BTreeMap
         let mut request = 0u64;
         // Bounded: at most 100,000 requests even if `stop` never comes.
         while !*stop.lock().unwrap() && request < 100_000 {
-            let idempotency = format!("add-{request}");
-            let acked = http
-                .post(format!("{ingress}/Counter/k{}/add", request % KEYS))
-                .header("idempotency-key", &idempotency)
-                .body("1")
-                .timeout(Duration::from_secs(5))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
+            let url = format!("{ingress}/Counter/k{}/add", request % KEYS);
+            let five = Duration::from_secs(5);
+            let acked = add_once(&http, &url, &format!("add-{request}"), five).await;
             sent.insert(request, acked);
             request += 1;
             if !acked {

@@ -379,6 +379,23 @@ impl Drop for Host {
     }
 }
 
+/// POST `1` to `url` with idempotency key `idempotency`, once; whether it
+/// was acknowledged within `timeout`.
+pub async fn add_once(
+    http: &reqwest::Client,
+    url: &str,
+    idempotency: &str,
+    timeout: Duration,
+) -> bool {
+    http.post(url)
+        .header("idempotency-key", idempotency)
+        .body("1")
+        .timeout(timeout)
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
+
 /// POST `1` to `path` with idempotency key `idempotency` on the hosts
 /// (`(client, ingress URL)`) in turn, starting at `*turn`, until one
 /// acknowledges it; every retry goes to the next host. Panics after
@@ -394,15 +411,8 @@ pub async fn add_until_acked(
     loop {
         let (http, ingress) = &hosts[*turn % hosts.len()];
         *turn += 1;
-        let acked = http
-            .post(format!("{ingress}{path}"))
-            .header("idempotency-key", idempotency)
-            .body("1")
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success());
-        if acked {
+        let ten = Duration::from_secs(10);
+        if add_once(http, &format!("{ingress}{path}"), idempotency, ten).await {
             return;
         }
         assert!(
