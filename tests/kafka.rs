@@ -291,14 +291,14 @@ async fn a_broker_of_three_killed_under_load_loses_nothing() {
     until(
         "the first host owns the partition",
         Duration::from_secs(60),
-        || async { owner.admin_get("/cluster").await["role"] == "owner" },
+        || async { owner.admin_get("/cluster").await["partitions"][0]["role"] == "owner" },
     )
     .await;
     let standby = Host::start_with(options(&app)).await;
     until(
         "the standby knows the owner",
         Duration::from_secs(60),
-        || async { !standby.admin_get("/cluster").await["owner"].is_null() },
+        || async { !standby.admin_get("/cluster").await["partitions"][0]["owner"].is_null() },
     )
     .await;
     subscribe(&standby, &bootstrap, &topic, "service://Counter/add").await;

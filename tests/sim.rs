@@ -154,7 +154,7 @@ impl Sim {
         let config = match cluster {
             0 => config,
             _ => format!(
-                "{config}[cluster]\nbootstrap = {broker:?}\napp = {:?}\n",
+                "{config}[cluster]\nbootstrap = {broker:?}\napp = {:?}\npartitions = 4\n",
                 unique_topic("sim")
             ),
         };
@@ -1086,10 +1086,11 @@ async fn the_guarantees_hold_under_random_schedules_of_faults() {
     }
 }
 
-/// The same workload and checks against three cluster hosts
-/// (`docs/scale-out.md`): requests enter at a random host and are
-/// forwarded to the owner, kills hit any host (the owner's kill is a
-/// takeover), and fsync failures abort whichever host they hit.
+/// The same workload and checks against three cluster hosts sharing four
+/// partitions (`docs/scale-out.md`): requests enter at a random host and
+/// are forwarded to their partition's owner, calls and sends cross
+/// partitions, kills hit any host (its partitions move), and fsync
+/// failures abort whichever host they hit.
 #[tokio::test]
 async fn the_guarantees_hold_in_a_three_host_cluster() {
     let seeds = match std::env::var("SIM_SEEDS") {

@@ -47,10 +47,37 @@ impl Change {
     }
 }
 
+/// A message for another partition (see [`crate::partition`]), written in
+/// the same Kafka transaction as the changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The receiving partition.
+    pub partition: u32,
+    /// The encoded [`crate::partition::Message`].
+    pub payload: Vec<u8>,
+}
+
+/// What one write transaction wrote: its changes, and the messages it
+/// sends to other partitions.
+#[derive(Debug, Default)]
+pub struct Captured {
+    /// Rows written or deleted, in order.
+    pub changes: Vec<Change>,
+    /// Messages for other partitions, in order.
+    pub outgoing: Vec<Outgoing>,
+}
+
+impl Captured {
+    /// Nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.outgoing.is_empty()
+    }
+}
+
 /// The change buffer of one write transaction, shared by its tables; empty
 /// (`Capture::off`) when nobody reads the changes (standalone mode).
 #[derive(Clone, Default)]
-pub struct Capture(Option<Rc<RefCell<Vec<Change>>>>);
+pub struct Capture(Option<Rc<RefCell<Captured>>>);
 
 impl Capture {
     /// Record nothing.
@@ -63,20 +90,34 @@ impl Capture {
         Capture(Some(Rc::default()))
     }
 
-    /// The changes recorded so far, in order; the buffer is emptied.
-    pub fn take(&self) -> Vec<Change> {
+    /// What was recorded so far, in order; the buffer is emptied.
+    pub fn take(&self) -> Captured {
         self.0
             .as_ref()
             .map(|c| std::mem::take(&mut *c.borrow_mut()))
             .unwrap_or_default()
     }
 
+    /// Send a message to another partition with this transaction; refused
+    /// when nothing is captured (standalone mode has no other partition).
+    pub fn send(&self, outgoing: Outgoing) -> StoreResult<()> {
+        let captured = self.0.as_ref().ok_or_else(|| StoreError::Corrupt {
+            table: "partitions",
+            reason: format!(
+                "a message for partition {} without a cluster",
+                outgoing.partition
+            ),
+        })?;
+        captured.borrow_mut().outgoing.push(outgoing);
+        Ok(())
+    }
+
     fn record(&self, table: u8, row: &[u8], value: Option<&[u8]>) {
-        if let Some(changes) = &self.0 {
+        if let Some(captured) = &self.0 {
             let mut key = Vec::with_capacity(1 + row.len());
             key.push(table);
             key.extend_from_slice(row);
-            changes.borrow_mut().push(Change {
+            captured.borrow_mut().changes.push(Change {
                 key,
                 value: value.map(<[u8]>::to_vec),
             });

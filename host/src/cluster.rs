@@ -30,7 +30,7 @@
 //! appends to the log for the life of the host. A failed append is fatal,
 //! like a failed fsync in standalone mode.
 
-use crate::changelog::Change;
+use crate::changelog::{Captured, Change, Outgoing};
 use crate::clock::{Clock, SystemClock};
 use crate::commit::Log;
 use crate::config::ClusterConfig;
@@ -47,9 +47,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// The only partition of the changelog today.
-const PARTITION: i32 = 0;
+use tokio::sync::mpsc::error::TrySendError;
 
 /// Largest changelog record (a deployment's module is one record).
 const MAX_RECORD_BYTES: usize = 128 * 1024 * 1024;
@@ -94,26 +92,45 @@ pub async fn ensure_topics(config: &ClusterConfig) -> anyhow::Result<()> {
         crate::membership::input_topic(app),
         crate::membership::owners_topic(app),
     ];
+    let partitions = config.partitions as i32;
     let topics: Vec<NewTopic<'_>> = names
         .iter()
         .map(|name| {
-            let topic = NewTopic::new(name, 1, TopicReplication::Fixed(replicas))
-                .set("min.insync.replicas", &min_isr);
+            let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(replicas))
+                .set("min.insync.replicas", &min_isr)
+                .set("max.message.bytes", &max_bytes);
             match name.ends_with(".in") {
                 true => topic,
                 false => topic
                     .set("cleanup.policy", "compact")
-                    .set("delete.retention.ms", &tombstones_kept)
-                    .set("max.message.bytes", &max_bytes),
+                    .set("delete.retention.ms", &tombstones_kept),
             }
         })
         .collect();
     for result in admin.create_topics(&topics, &AdminOptions::new()).await? {
         match result {
-            Ok(topic) => tracing::info!(%topic, replicas, "created a cluster topic"),
+            Ok(topic) => tracing::info!(%topic, replicas, partitions, "created a cluster topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, e)) => anyhow::bail!("creating {topic}: {e}"),
         }
+    }
+    let metadata = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))
+        .context("reaching the cluster's Kafka")?;
+    for topic in metadata
+        .topics()
+        .iter()
+        .filter(|t| names.contains(&t.name().to_string()))
+    {
+        let found = topic.partitions().len() as i32;
+        anyhow::ensure!(
+            found == partitions,
+            "cluster {app:?} was created with {found} partitions ({} has {found}) and this host is \
+             configured with cluster.partitions = {partitions}: the count is fixed when the cluster \
+             is created",
+            topic.name()
+        );
     }
     Ok(())
 }
@@ -138,19 +155,21 @@ impl ProducerContext for Delivered {
 pub struct KafkaLog {
     producer: BaseProducer<Delivered>,
     topic: String,
+    input: String,
+    partition: u32,
     delivered: Arc<AtomicI64>,
     timeout: Duration,
 }
 
 impl KafkaLog {
-    /// Take the transactional id over, fencing any previous owner (the
-    /// topics exist: [`ensure_topics`] ran at start).
-    pub async fn open(config: &ClusterConfig) -> anyhow::Result<Self> {
+    /// Take partition `partition`'s transactional id over, fencing any
+    /// previous owner (the topics exist: [`ensure_topics`] ran at start).
+    pub async fn open(config: &ClusterConfig, partition: u32) -> anyhow::Result<Self> {
         let delivered = Arc::new(AtomicI64::new(-1));
         let producer: BaseProducer<Delivered> = client(config)
             .set(
                 "transactional.id",
-                format!("cairn.{}.p{PARTITION}", config.app),
+                format!("cairn.{}.p{partition}", config.app),
             )
             .set("linger.ms", "0")
             // A transaction that starts while the broker still writes the
@@ -171,28 +190,51 @@ impl KafkaLog {
         })
         .await?
         .context("taking the changelog's transactional id over")?;
-        tracing::info!(app = %config.app, "owner of partition 0 (previous owners fenced)");
+        tracing::info!(app = %config.app, partition, "owner of the partition (previous owners fenced)");
         Ok(KafkaLog {
             producer,
             topic: changelog_topic(&config.app),
+            input: crate::membership::input_topic(&config.app),
+            partition,
             delivered,
             timeout,
         })
     }
 
-    fn send(&self, change: &Change, deadline: Instant) -> Result<(), KafkaError> {
+    /// The partition whose changelog this is.
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    fn send_change(&self, change: &Change, deadline: Instant) -> Result<(), KafkaError> {
+        let mut record = BaseRecord::to(&self.topic)
+            .partition(self.partition as i32)
+            .key(&change.key);
+        if let Some(value) = &change.value {
+            record = record.payload(value);
+        }
+        self.send(record, deadline)
+    }
+
+    fn send_message(&self, message: &Outgoing, deadline: Instant) -> Result<(), KafkaError> {
+        let record = BaseRecord::<(), _>::to(&self.input)
+            .partition(message.partition as i32)
+            .payload(&message.payload);
+        self.send(record, deadline)
+    }
+
+    fn send<K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(
+        &self,
+        mut record: BaseRecord<'_, K, P>,
+        deadline: Instant,
+    ) -> Result<(), KafkaError> {
         loop {
-            let mut record = BaseRecord::to(&self.topic)
-                .partition(PARTITION)
-                .key(&change.key);
-            if let Some(value) = &change.value {
-                record = record.payload(value);
-            }
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
                     if Instant::now() < deadline =>
                 {
+                    record = back;
                     self.producer.poll(Duration::from_millis(10));
                 }
                 Err((e, _)) => return Err(e),
@@ -205,13 +247,24 @@ impl KafkaLog {
     /// moving) is waited out: a commit whose outcome is unknown is retried
     /// as librdkafka asks, and a transaction it can only abort is aborted
     /// (its records are never visible) and written again.
-    fn transaction(&self, changes: &[Change]) -> Result<(), KafkaError> {
+    fn transaction(&self, captured: &Captured) -> Result<(), KafkaError> {
         let deadline = Instant::now() + self.timeout;
         loop {
             let attempt = self
                 .producer
                 .begin_transaction()
-                .and_then(|()| changes.iter().try_for_each(|c| self.send(c, deadline)))
+                .and_then(|()| {
+                    captured
+                        .changes
+                        .iter()
+                        .try_for_each(|c| self.send_change(c, deadline))
+                })
+                .and_then(|()| {
+                    captured
+                        .outgoing
+                        .iter()
+                        .try_for_each(|m| self.send_message(m, deadline))
+                })
                 .and_then(|()| self.deliver(deadline))
                 .and_then(|()| self.commit(deadline));
             match attempt {
@@ -255,10 +308,16 @@ impl KafkaLog {
 }
 
 impl Log for KafkaLog {
-    fn append(&mut self, changes: Vec<Change>) -> anyhow::Result<u64> {
+    fn append(&mut self, captured: Captured) -> anyhow::Result<u64> {
         let started = Instant::now();
-        let result = self.transaction(&changes);
-        tracing::debug!(records = changes.len(), took = ?started.elapsed(), "changelog transaction");
+        let result = self.transaction(&captured);
+        tracing::debug!(
+            partition = self.partition,
+            records = captured.changes.len(),
+            messages = captured.outgoing.len(),
+            took = ?started.elapsed(),
+            "changelog transaction"
+        );
         if let Err(e) = result {
             let fenced = matches!(
                 e.rdkafka_error_code(),
@@ -308,15 +367,24 @@ pub async fn restore(
     log: &mut KafkaLog,
     config: &ClusterConfig,
 ) -> anyhow::Result<Restored> {
-    let reader = Reader::new(config)?;
+    let reader = Reader::new(config, log.partition())?;
     let deadline = Instant::now() + config.restore_timeout;
     let (low, high) = reader.watermarks()?;
     let position = store.changelog_position()?;
     if high == 0 {
         let rows = store.snapshot()?;
         let count = rows.len();
+        anyhow::ensure!(
+            count == 0 || config.partitions == 1,
+            "the data directory holds a store, and a store can only seed a cluster of one \
+             partition (its keys would belong to others): start this host with an empty --data-dir"
+        );
         if count > 0 {
-            let next = tokio::task::block_in_place(|| log.append(rows))?;
+            let captured = Captured {
+                changes: rows,
+                outgoing: Vec::new(),
+            };
+            let next = tokio::task::block_in_place(|| log.append(captured))?;
             commit_local(&store, |t| {
                 t.set_changelog_position(next, SystemClock.now_ms())
             })?;
@@ -363,8 +431,12 @@ impl Follower {
     /// Follow the changelog into `store`: from its position if it is
     /// trusted, else from the beginning. A store that was never part of
     /// the cluster is not touched ([`restore`] refuses it at takeover).
-    pub fn start(store: Arc<Store>, config: &ClusterConfig) -> anyhow::Result<Follower> {
-        let reader = Reader::new(config)?;
+    pub fn start(
+        store: Arc<Store>,
+        config: &ClusterConfig,
+        partition: u32,
+    ) -> anyhow::Result<Follower> {
+        let reader = Reader::new(config, partition)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (running, config) = (stop.clone(), config.clone());
         let thread = std::thread::Builder::new()
@@ -386,6 +458,88 @@ impl Follower {
     }
 
     /// Stop following; returns once the thread wrote its last batch.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The reader of a partition's input: the messages other partitions sent
+/// it ([`crate::partition`]), committed ones only, from the position its
+/// store holds; the engine applies each with that position.
+pub struct Inputs {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A message read from a partition's input, with the offset after it.
+pub type Input = (u64, Result<crate::partition::Message, String>);
+
+impl Inputs {
+    /// Read partition `partition` of the input topic from offset `from`
+    /// into `sink` (bounded: a slow engine slows the reader).
+    pub fn start(
+        config: &ClusterConfig,
+        partition: u32,
+        from: u64,
+        sink: tokio::sync::mpsc::Sender<Input>,
+    ) -> anyhow::Result<Inputs> {
+        let consumer = committed_reader(config)?;
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(
+            &crate::membership::input_topic(&config.app),
+            partition as i32,
+            Offset::Offset(from as i64),
+        )?;
+        consumer.assign(&list)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let running = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("cairn-input-p{partition}"))
+            .spawn(move || {
+                let mut complaint: Option<String> = None;
+                while !running.load(Ordering::SeqCst) {
+                    match consumer.poll(Duration::from_millis(100)) {
+                        None | Some(Err(KafkaError::PartitionEOF(_))) => {}
+                        Some(Err(e)) => {
+                            let said = e.to_string();
+                            if complaint.as_deref() != Some(said.as_str()) {
+                                tracing::warn!(partition, "reading the input: {said} (retrying)");
+                                complaint = Some(said);
+                            }
+                        }
+                        Some(Ok(m)) => {
+                            complaint = None;
+                            let message =
+                                crate::partition::Message::decode(m.payload().unwrap_or_default());
+                            let mut input = (m.offset() as u64 + 1, message);
+                            // Not `blocking_send`: a full queue must not
+                            // keep `stop` from returning.
+                            loop {
+                                match sink.try_send(input) {
+                                    Ok(()) => break,
+                                    Err(TrySendError::Full(back))
+                                        if !running.load(Ordering::SeqCst) =>
+                                    {
+                                        input = back;
+                                        std::thread::sleep(Duration::from_millis(2));
+                                    }
+                                    Err(_) => return,
+                                }
+                            }
+                        }
+                    }
+                }
+            })?;
+        Ok(Inputs {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stop reading; returns once the thread is gone.
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.thread.take() {
@@ -439,33 +593,39 @@ enum Until {
 struct Reader {
     consumer: BaseConsumer,
     topic: String,
+    partition: i32,
+}
+
+/// A consumer of committed records only, of records up to the largest size.
+fn committed_reader(config: &ClusterConfig) -> anyhow::Result<BaseConsumer> {
+    Ok(client(config)
+        .set("group.id", format!("cairn.{}.restore", config.app))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.max.bytes", MAX_RECORD_BYTES.to_string())
+        .set("max.partition.fetch.bytes", MAX_RECORD_BYTES.to_string())
+        .set(
+            "receive.message.max.bytes",
+            (2 * MAX_RECORD_BYTES).to_string(),
+        )
+        .create()?)
 }
 
 impl Reader {
-    fn new(config: &ClusterConfig) -> anyhow::Result<Self> {
-        let consumer: BaseConsumer = client(config)
-            .set("group.id", format!("cairn.{}.restore", config.app))
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "true")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.max.bytes", MAX_RECORD_BYTES.to_string())
-            .set("max.partition.fetch.bytes", MAX_RECORD_BYTES.to_string())
-            .set(
-                "receive.message.max.bytes",
-                (2 * MAX_RECORD_BYTES).to_string(),
-            )
-            .create()?;
+    fn new(config: &ClusterConfig, partition: u32) -> anyhow::Result<Self> {
         Ok(Reader {
-            consumer,
+            consumer: committed_reader(config)?,
             topic: changelog_topic(&config.app),
+            partition: partition as i32,
         })
     }
 
     fn watermarks(&self) -> anyhow::Result<(i64, i64)> {
         Ok(self
             .consumer
-            .fetch_watermarks(&self.topic, PARTITION, Duration::from_secs(10))?)
+            .fetch_watermarks(&self.topic, self.partition, Duration::from_secs(10))?)
     }
 
     /// Apply the records from `from` (the beginning: `None`) until the end
@@ -484,7 +644,7 @@ impl Reader {
         const IDLE: Duration = Duration::from_secs(10);
         let mut list = TopicPartitionList::new();
         let offset = from.map_or(Offset::Beginning, |o| Offset::Offset(o as i64));
-        list.add_partition_offset(&self.topic, PARTITION, offset)?;
+        list.add_partition_offset(&self.topic, self.partition, offset)?;
         self.consumer.assign(&list)?;
         let mut next = from.unwrap_or(0);
         let mut at_head = store.changelog_position()?.map_or(0, |(_, at)| at);

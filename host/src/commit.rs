@@ -10,7 +10,10 @@
 //! commit order.
 //!
 //! Lifecycle: [`Committer::start`] spawns the thread; it stops when the
-//! last `Committer` handle is dropped, after finishing the queued jobs.
+//! last `Committer` handle is dropped, after finishing the queued jobs, or
+//! at [`Committer::stop`] (a cluster host handing a partition over), which
+//! drops what is still queued: those jobs are never applied nor answered,
+//! as if the host had crashed before their commit.
 //!
 //! In cluster mode the writer has a [`Log`]: the changes of each
 //! transaction (captured by [`crate::changelog`]) are appended to it, and
@@ -22,12 +25,12 @@
 //! the last durable transaction. Continuing after a failed fsync could
 //! acknowledge writes that are not on disk.
 
-use crate::changelog::{Capture, Change};
+use crate::changelog::{Capture, Captured};
 use crate::clock::{Clock, SystemClock};
 use crate::store::{Store, StoreResult, Tables};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Runs after the transaction that applied the job is durable.
 pub type Continuation = Box<dyn FnOnce() + Send>;
@@ -39,9 +42,10 @@ pub type Job = Box<dyn FnOnce(&mut Tables<'_>) -> StoreResult<Continuation> + Se
 /// Where a transaction's changes go before the local store commits them
 /// (cluster mode: a Kafka changelog).
 pub trait Log: Send {
-    /// Make `changes` durable, in order; returns the log position after
-    /// them. An error is fatal: the host stops before it acknowledges.
-    fn append(&mut self, changes: Vec<Change>) -> anyhow::Result<u64>;
+    /// Make a transaction's changes and outgoing messages durable, in
+    /// order; returns the log position after them. An error is fatal: the
+    /// host stops before it acknowledges.
+    fn append(&mut self, captured: Captured) -> anyhow::Result<u64>;
 }
 
 /// Largest number of jobs in one transaction.
@@ -52,6 +56,8 @@ const MAX_BATCH: usize = 4096;
 pub struct Committer {
     queue: mpsc::Sender<Job>,
     stats: Arc<Stats>,
+    stopped: Arc<AtomicBool>,
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 /// Counters of the writer, for the admin API and the benchmark.
@@ -74,12 +80,32 @@ impl Committer {
     pub fn start_with_log(store: Arc<Store>, log: Option<Box<dyn Log>>) -> Self {
         let (queue, jobs) = mpsc::channel::<Job>();
         let stats = Arc::new(Stats::default());
-        let counters = stats.clone();
-        std::thread::Builder::new()
+        let stopped = Arc::new(AtomicBool::new(false));
+        let (counters, stop) = (stats.clone(), stopped.clone());
+        let thread = std::thread::Builder::new()
             .name("cairn-commit".into())
-            .spawn(move || writer(&store, log, jobs, &counters))
+            .spawn(move || writer(&store, log, jobs, &counters, &stop))
             .expect("the commit thread starts");
-        Committer { queue, stats }
+        Committer {
+            queue,
+            stats,
+            stopped,
+            thread: Arc::new(Mutex::new(Some(thread))),
+        }
+    }
+
+    /// Stop the writer after the transaction it is writing; jobs queued
+    /// or submitted later are dropped unapplied. Returns once the writer
+    /// is gone, so nothing more reaches the store or the log.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        let _ = self
+            .queue
+            .send(Box::new(|_| Ok(Box::new(|| ()) as Continuation)));
+        let thread = self.thread.lock().unwrap().take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
     }
 
     /// `(transactions, jobs)` committed so far.
@@ -92,7 +118,7 @@ impl Committer {
 
     /// Queue a job; its continuation runs after its commit.
     pub fn submit(&self, job: Job) {
-        if self.queue.send(job).is_err() {
+        if self.queue.send(job).is_err() && !self.stopped.load(Ordering::SeqCst) {
             tracing::error!("the commit writer is gone; aborting so that recovery takes over");
             std::process::abort();
         }
@@ -107,7 +133,7 @@ impl Committer {
     {
         self.commit_queued(f)
             .await
-            .expect("the commit writer answers every job")
+            .expect("the commit writer answers every job until the partition moves")
     }
 
     /// Queue `f` now; the receiver yields its result once it is durable.
@@ -146,7 +172,10 @@ impl Committer {
                 let _ = tx.send(result);
             }) as Continuation)
         }));
-        async { rx.await.expect("the commit writer answers every job") }
+        async {
+            rx.await
+                .expect("the commit writer answers every job until the partition moves")
+        }
     }
 
     /// Wait until everything queued so far is durable.
@@ -168,8 +197,17 @@ impl Committer {
     }
 }
 
-fn writer(store: &Store, mut log: Option<Box<dyn Log>>, jobs: mpsc::Receiver<Job>, stats: &Stats) {
+fn writer(
+    store: &Store,
+    mut log: Option<Box<dyn Log>>,
+    jobs: mpsc::Receiver<Job>,
+    stats: &Stats,
+    stopped: &AtomicBool,
+) {
     while let Ok(first) = jobs.recv() {
+        if stopped.load(Ordering::SeqCst) {
+            return;
+        }
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match jobs.try_recv() {
@@ -209,9 +247,9 @@ fn apply(
             .into_iter()
             .map(|job| job(&mut tables))
             .collect::<StoreResult<Vec<_>>>()?;
-        let changes = capture.take();
-        if let (Some(log), false) = (log, changes.is_empty()) {
-            let next = log.append(changes)?;
+        let captured = capture.take();
+        if let (Some(log), false) = (log, captured.is_empty()) {
+            let next = log.append(captured)?;
             // The owner's copy is at the head of the log by definition.
             tables.set_changelog_position(next, SystemClock.now_ms())?;
         }
@@ -233,7 +271,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let committer = Committer::start(store.clone());
-        let id = InvocationId::generate();
+        let id = InvocationId::generate(0);
         let writers = (0..200u32).map(|i| {
             let committer = committer.clone();
             let id = id.clone();

@@ -126,9 +126,14 @@
 //! # an older one is rebuilt from the whole log (compaction drops the
 //! # tombstones of deletes after 24 h, so keep it below that).
 //! trusted_for = "12h"
-//! # Every host joins the consumer group cairn.<app>; the one assigned the
-//! # partition owns it, the others forward requests to it. A host silent
-//! # for this long loses the partition to another (the takeover time).
+//! # The application's partitions (keys and invocations are spread over
+//! # them by hash; each has its own store, changelog and owner). Fixed when
+//! # the cluster is created: a host configured otherwise refuses to start.
+//! partitions = 4
+//! # Every host joins the consumer group cairn.<app>; each partition is
+//! # owned by the host assigned it, the others forward requests to it. A
+//! # host silent for this long loses its partitions to the others (the
+//! # takeover time).
 //! session_timeout = "6s"
 //! # How other hosts reach this one (default: the ingress address's IP).
 //! advertise_host = "10.0.0.5"
@@ -340,7 +345,9 @@ pub struct ClusterConfig {
     /// the changelog's tombstone retention (24 h).
     #[serde(deserialize_with = "duration")]
     pub trusted_for: Duration,
-    /// A host silent for this long loses the partition to another host.
+    /// The application's partition count, fixed at cluster creation.
+    pub partitions: u32,
+    /// A host silent for this long loses its partitions to other hosts.
     #[serde(deserialize_with = "duration")]
     pub session_timeout: Duration,
     /// The host name or IP other hosts reach this one at (forwarded
@@ -358,6 +365,7 @@ impl Default for ClusterConfig {
             commit_timeout: Duration::from_secs(30),
             restore_timeout: Duration::from_secs(600),
             session_timeout: Duration::from_secs(6),
+            partitions: 1,
             trusted_for: Duration::from_secs(12 * 3600),
             advertise_host: None,
             properties: Default::default(),

@@ -18,7 +18,7 @@
 //! instance dropped, and it is replayed when a completion arrives.
 
 use crate::fence::Epoch;
-use crate::ids::{awakeable_id, InvocationId};
+use crate::ids::awakeable_id;
 use crate::invoker::{Invoker, NewInvocation};
 use crate::journal::{
     Command, Completion, CompletionValue, Entry, Issued, Journal, JournalMismatch, Outcome,
@@ -278,7 +278,7 @@ impl DurableContext {
                 Ok(child) => {
                     let sent = CompletionValue::Id(child.id.to_string());
                     self.append_with(command, Some(sent.clone()), index, move |t, inv| {
-                        inv.create(t, child).map(|_| None)
+                        inv.create_child(t, child)
                     });
                     return Ok(Some(sent));
                 }
@@ -302,22 +302,7 @@ impl DurableContext {
                             .parse()
                             .map_err(|e: String| format_err!("corrupt call command: {e}"))?;
                         self.append_with(command, None, index, move |t, inv| {
-                            match inv.create(t, child)? {
-                                None => Ok(None),
-                                Some(existing) => {
-                                    let message =
-                                        format!("the workflow was already started by {existing}");
-                                    inv.complete_in(
-                                        t,
-                                        &id,
-                                        index,
-                                        CompletionValue::Outcome(Outcome::Failure {
-                                            code: 409,
-                                            message,
-                                        }),
-                                    )
-                                }
-                            }
+                            inv.create_child(t, child)
                         });
                         return Ok(None);
                     }
@@ -815,9 +800,10 @@ impl context::Host for GuestState {
         payload: Vec<u8>,
     ) -> wasmtime::Result<u32> {
         let d = self.durable()?;
-        let callee = InvocationId::generate().to_string();
+        let target = call_target(target);
+        let callee = d.invoker.new_id(&target, None).to_string();
         d.durable(Command::Call {
-            target: call_target(target),
+            target,
             input: payload,
             callee,
         })

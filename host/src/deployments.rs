@@ -9,6 +9,7 @@
 
 use crate::commit::Committer;
 use crate::ids::DeploymentId;
+use crate::partition::{Message, Partitioning};
 use crate::records::{DeploymentRecord, ServiceInfo};
 use crate::runtime::{DeployError, Module, Runtime};
 use crate::store::{Store, StoreError};
@@ -28,6 +29,7 @@ pub struct Registry {
     runtime: Arc<Runtime>,
     store: Arc<Store>,
     committer: Committer,
+    partitioning: Partitioning,
     inner: RwLock<Inner>,
 }
 
@@ -62,16 +64,19 @@ pub enum UploadError {
 
 impl Registry {
     /// Load every stored deployment (recompiling artifacts that no longer
-    /// match the engine).
+    /// match the engine). Partition 0 of a cluster sends every new
+    /// deployment to the other partitions ([`crate::partition`]).
     pub async fn load(
         runtime: Arc<Runtime>,
         store: Arc<Store>,
         committer: Committer,
+        partitioning: Partitioning,
     ) -> anyhow::Result<Self> {
         let registry = Registry {
             runtime,
             store,
             committer,
+            partitioning,
             inner: RwLock::default(),
         };
         for record in registry.store.deployments()? {
@@ -129,8 +134,16 @@ impl Registry {
             size: bytes.len() as u64,
         };
         let stored = record.clone();
+        let others = match self.partitioning.me {
+            0 => 1..self.partitioning.count,
+            _ => 0..0,
+        };
         self.committer
-            .commit(move |t| t.put_deployment(&stored, &bytes, &artifact))
+            .commit(move |t| {
+                t.put_deployment(&stored, &bytes, &artifact)?;
+                let message = Message::Deploy(bytes);
+                others.into_iter().try_for_each(|q| t.send(q, &message))
+            })
             .await;
         tracing::info!(deployment = %record.id, "deployed");
         self.inner.write().unwrap().add(Arc::new(Loaded {

@@ -101,7 +101,7 @@ mod tests {
     #[test]
     fn only_the_current_attempt_writes() {
         let f = Fence::default();
-        let id = InvocationId::derived("x");
+        let id = InvocationId::derived("x", 0);
         let first = f.begin(&id).unwrap();
         assert!(f.admits(&id, first));
         let second = f.begin(&id).unwrap();

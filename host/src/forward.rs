@@ -1,6 +1,6 @@
 //! The front of a cluster host: every host serves the ingress and the
-//! admin API; the owner of the partition answers from its engine, any other
-//! host forwards the request to the owner.
+//! admin API for every partition; a partition this host owns answers from
+//! its engine, any other is forwarded to its owner.
 //!
 //! Why forward instead of redirect: clients (and Kafka-fed pipelines
 //! behind a load balancer) reach any host and get their answer, attach
@@ -8,23 +8,45 @@
 //! header `x-cairn-forwarded`; a host never forwards such a request again,
 //! so a stale owners' directory cannot make a loop.
 //!
-//! Lifecycle: a standby [`Front`] forwards (503 with `retry-after` while no
-//! owner is known or the owner does not answer); [`Front::serve_locally`]
-//! switches it to the local engine once this host owns the partition, for
-//! the rest of the process (a host never gives the partition back alive).
+//! Which partition a request is for ([`crate::partition`]): an invocation
+//! id or awakeable id names its partition; a call of a keyed service goes
+//! to its key's partition, a call of a service to its idempotency key's, or
+//! to a partition this host owns; every other admin request (deployments,
+//! Kafka, limits, schedules) to partition 0, unless the header
+//! `x-cairn-partition` names one. An upload is answered once every
+//! partition has the deployment (partition 0 sends it to the others), so
+//! a call right after it finds the service everywhere.
+//!
+//! Lifecycle: every partition is forwarded (503 with `retry-after` while
+//! no owner is known or the owner does not answer) until
+//! [`Front::serve_locally`]; [`Front::stop_serving`] forwards it again
+//! once the partition moved away.
 
+use crate::ids::{parse_awakeable_id, InvocationId};
 use crate::membership::Membership;
+use crate::partition::{hash, key_hash};
+use crate::records::ServiceKind;
+use crate::store::Store;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderName, StatusCode};
+use axum::http::{HeaderMap, HeaderName, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use std::sync::{Arc, OnceLock};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 use tower::ServiceExt as _;
 
 /// Marks a forwarded request.
 const FORWARDED: &str = "x-cairn-forwarded";
+
+/// Names the partition an admin request is for.
+pub const PARTITION_HEADER: &str = "x-cairn-partition";
+
+/// How long an upload waits for every partition to have the deployment.
+const DEPLOY_SPREAD: Duration = Duration::from_secs(30);
 
 /// Which of the host's two APIs a request came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,32 +55,38 @@ enum Api {
     Admin,
 }
 
-/// Dispatches every request to the local engine or to the owner.
+/// Dispatches every request to a local engine or to the owner.
 pub struct Front {
-    local: OnceLock<(Router, Router)>,
+    local: RwLock<BTreeMap<u32, (Router, Router)>>,
     membership: Arc<Membership>,
-    store: Arc<crate::store::Store>,
+    stores: Vec<Arc<Store>>,
+    /// Service kinds, from this host's copies of the deployments.
+    kinds: RwLock<HashMap<String, ServiceKind>>,
+    spread: AtomicU32,
     client: reqwest::Client,
     max_body_bytes: usize,
     max_module_bytes: usize,
 }
 
 impl Front {
-    /// A front that forwards until [`Front::serve_locally`]; `store` is
-    /// this host's copy (reported by `GET /cluster`).
+    /// A front that forwards every partition until it is served locally;
+    /// `stores` are this host's copies, by partition (reported by
+    /// `GET /cluster`).
     pub fn new(
         membership: Arc<Membership>,
-        store: Arc<crate::store::Store>,
+        stores: Vec<Arc<Store>>,
         max_body_bytes: usize,
         max_module_bytes: usize,
     ) -> Arc<Self> {
         Arc::new(Front {
-            local: OnceLock::new(),
+            local: RwLock::default(),
             membership,
-            store,
+            stores,
+            kinds: RwLock::default(),
+            spread: AtomicU32::new(0),
             client: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
-                .connect_timeout(std::time::Duration::from_secs(2))
+                .connect_timeout(Duration::from_secs(2))
                 .build()
                 .expect("an HTTP client builds"),
             max_body_bytes,
@@ -66,9 +94,14 @@ impl Front {
         })
     }
 
-    /// Answer from these routers from now on.
-    pub fn serve_locally(&self, ingress: Router, admin: Router) {
-        let _ = self.local.set((ingress, admin));
+    /// Answer partition `p` from these routers from now on.
+    pub fn serve_locally(&self, p: u32, ingress: Router, admin: Router) {
+        self.local.write().unwrap().insert(p, (ingress, admin));
+    }
+
+    /// Forward partition `p` again (it moved to another host).
+    pub fn stop_serving(&self, p: u32) {
+        self.local.write().unwrap().remove(&p);
     }
 
     /// The ingress router.
@@ -93,27 +126,150 @@ impl Front {
     }
 
     async fn dispatch(&self, api: Api, req: Request) -> Response {
-        if let Some((ingress, admin)) = self.local.get() {
+        let p = self.partition_of(api, &req);
+        let upload = api == Api::Admin
+            && req.method() == Method::POST
+            && req.uri().path().trim_end_matches('/') == "/deployments";
+        let response = self.dispatch_to(api, p, req).await;
+        match upload && response.status().is_success() {
+            true => self.spread_deployment(response).await,
+            false => response,
+        }
+    }
+
+    async fn dispatch_to(&self, api: Api, p: u32, req: Request) -> Response {
+        let local = self.local.read().unwrap().get(&p).cloned();
+        if let Some((ingress, admin)) = local {
             let router = match api {
-                Api::Ingress => ingress.clone(),
-                Api::Admin => admin.clone(),
+                Api::Ingress => ingress,
+                Api::Admin => admin,
             };
             return router.oneshot(req).await.into_response();
         }
-        match self.forward(api, req).await {
+        match self.forward(api, p, req).await {
             Ok(response) => response,
             Err(why) => unavailable(&why),
         }
     }
 
-    async fn forward(&self, api: Api, req: Request) -> Result<Response, String> {
+    /// The partition a request is for (see the module docs).
+    fn partition_of(&self, api: Api, req: &Request) -> u32 {
+        let count = self.membership.partitions();
+        let named = req
+            .headers()
+            .get(PARTITION_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse::<u32>().ok())
+            .filter(|&p| p < count);
+        if let Some(p) = named {
+            return p;
+        }
+        let path = req.uri().path();
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let key = match (api, segments.as_slice()) {
+            (Api::Admin, ["invocations", id, ..])
+            | (Api::Ingress, ["restate", "invocation" | "attach" | "output", id, ..]) => {
+                id.parse::<InvocationId>().ok().map(|id| id.partition_key())
+            }
+            (Api::Ingress, ["restate", "awakeables" | "a", id, ..]) => {
+                parse_awakeable_id(id).map(|(id, _)| id.partition_key())
+            }
+            (Api::Ingress, ["restate", "workflow", name, id, ..]) => {
+                percent_encoding::percent_decode_str(id)
+                    .decode_utf8()
+                    .ok()
+                    .map(|id| key_hash(name, &id))
+            }
+            (Api::Ingress, _) => self.call_key(path, req.headers()),
+            (Api::Admin, _) => Some(0),
+        };
+        key.map_or_else(|| self.any_partition(), |key| key % count)
+    }
+
+    /// The partition key of a call: its key's, its idempotency key's, or
+    /// none (any partition will do).
+    fn call_key(&self, path: &str, headers: &HeaderMap) -> Option<u32> {
+        let call = crate::ingress::call_of(path, |service| self.kind(service)).ok()?;
+        let target = call.target;
+        match (&target.key, crate::ingress::idempotency_key(headers).ok()?) {
+            (Some(key), _) => Some(key_hash(&target.service, key)),
+            (None, Some(idempotency)) => Some(hash(
+                format!("{}/{}/{idempotency}", target.service, target.handler).as_bytes(),
+            )),
+            (None, None) => None,
+        }
+    }
+
+    /// A partition for a request any partition can serve: one of this
+    /// host's, in turn, else any.
+    fn any_partition(&self) -> u32 {
+        let turn = self.spread.fetch_add(1, Ordering::Relaxed);
+        let local: Vec<u32> = self.local.read().unwrap().keys().copied().collect();
+        match local.is_empty() {
+            true => turn % self.membership.partitions(),
+            false => local[turn as usize % local.len()],
+        }
+    }
+
+    /// A service's kind, from the deployments in this host's copies
+    /// (read again when a service is not known yet).
+    fn kind(&self, service: &str) -> Option<ServiceKind> {
+        if let Some(kind) = self.kinds.read().unwrap().get(service) {
+            return Some(*kind);
+        }
+        let mut kinds = self.kinds.write().unwrap();
+        for store in &self.stores {
+            for deployment in store.deployments().unwrap_or_default() {
+                for s in deployment.services {
+                    kinds.insert(s.name, s.kind);
+                }
+            }
+        }
+        kinds.get(service).copied()
+    }
+
+    /// Answer an upload once every partition lists the deployment (at
+    /// most [`DEPLOY_SPREAD`]; it gets there later in any case).
+    async fn spread_deployment(&self, response: Response) -> Response {
+        let (parts, body) = response.into_parts();
+        let Ok(body) = axum::body::to_bytes(body, self.max_body_bytes).await else {
+            return unavailable("the upload's answer broke off");
+        };
+        let id = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("id")?.as_str().map(String::from));
+        if let Some(id) = id {
+            let deadline = Instant::now() + DEPLOY_SPREAD;
+            for p in 1..self.membership.partitions() {
+                while !self.lists_deployment(p, &id).await && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        Response::from_parts(parts, Body::from(body))
+    }
+
+    async fn lists_deployment(&self, p: u32, id: &str) -> bool {
+        let request = Request::builder()
+            .uri("/deployments")
+            .body(Body::empty())
+            .expect("a valid request");
+        let response = self.dispatch_to(Api::Admin, p, request).await;
+        match axum::body::to_bytes(response.into_body(), self.max_body_bytes).await {
+            Ok(body) => String::from_utf8_lossy(&body).contains(id),
+            Err(_) => false,
+        }
+    }
+
+    async fn forward(&self, api: Api, p: u32, req: Request) -> Result<Response, String> {
         if req.headers().contains_key(FORWARDED) {
-            return Err("this host does not own the partition either (the owner moved)".into());
+            return Err(format!(
+                "this host does not own partition {p} either (the owner moved)"
+            ));
         }
         let owner = self
             .membership
-            .owner()
-            .ok_or("no host owns the partition yet")?;
+            .owner(p)
+            .ok_or_else(|| format!("no host owns partition {p} yet"))?;
         let (base, limit) = match api {
             Api::Ingress => (owner.ingress, self.max_body_bytes),
             Api::Admin => (owner.admin, self.max_module_bytes),
@@ -125,6 +281,7 @@ impl Front {
             .map_err(|e| format!("reading the request body: {e}"))?;
         let mut headers = end_to_end(&parts.headers);
         headers.insert(FORWARDED, "1".parse().expect("a valid header value"));
+        headers.insert(PARTITION_HEADER, p.into());
         let answer = self
             .client
             .request(parts.method, format!("{base}{path}"))
@@ -146,26 +303,38 @@ impl Front {
     }
 }
 
-/// `GET /cluster`: this host's role, the owner it knows, and how far its
-/// copy of the store follows the changelog.
+/// `GET /cluster`: per partition, this host's role, the owner it knows,
+/// and how far its copy of the partition's store follows the changelog.
 async fn status(State(front): State<Arc<Front>>) -> Json<serde_json::Value> {
     let m = &front.membership;
-    let serving = front.local.get().is_some();
-    let role = match (serving, m.is_owner()) {
-        (true, _) => "owner",
-        (false, true) => "taking-over",
-        (false, false) => "standby",
-    };
-    let copy = front.store.changelog_position().ok().flatten();
+    let local = front.local.read().unwrap().clone();
+    let partitions: Vec<serde_json::Value> = front
+        .stores
+        .iter()
+        .enumerate()
+        .map(|(p, store)| {
+            let p = p as u32;
+            let serving = local.contains_key(&p);
+            let role = match (serving, m.is_owner(p)) {
+                (true, _) => "owner",
+                (false, true) => "taking-over",
+                (false, false) => "standby",
+            };
+            let copy = store.changelog_position().ok().flatten();
+            serde_json::json!({
+                "partition": p,
+                "role": role,
+                "owner": if serving { Some(m.me().clone()) } else { m.owner(p) },
+                "copy": copy.map(|(next, at_head_ms)| serde_json::json!({
+                    "next": next,
+                    "at_head_ms": at_head_ms,
+                })),
+            })
+        })
+        .collect();
     Json(serde_json::json!({
-        "partition": crate::membership::PARTITION,
-        "role": role,
         "this_host": m.me(),
-        "owner": if serving { Some(m.me().clone()) } else { m.owner() },
-        "copy": copy.map(|(next, at_head_ms)| serde_json::json!({
-            "next": next,
-            "at_head_ms": at_head_ms,
-        })),
+        "partitions": partitions,
     }))
 }
 

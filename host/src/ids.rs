@@ -60,18 +60,31 @@ prefixed_id!(
 );
 
 impl InvocationId {
-    /// A new, unique id.
-    pub fn generate() -> Self {
-        InvocationId(format!("inv_{}", uuid::Uuid::now_v7().simple()))
+    /// A new, unique id in partition key `pkey` (see [`crate::partition`]).
+    pub fn generate(pkey: u32) -> Self {
+        InvocationId(format!("inv_{pkey:08x}{}", uuid::Uuid::now_v7().simple()))
     }
 
-    /// The id derived from `seed` (SHA-256): the same seed, the same id.
-    pub fn derived(seed: &str) -> Self {
+    /// The id derived from `seed` (SHA-256) in partition key `pkey`: the
+    /// same seed and key, the same id.
+    pub fn derived(seed: &str, pkey: u32) -> Self {
         use sha2::{Digest, Sha256};
         InvocationId(format!(
-            "inv_{}",
+            "inv_{pkey:08x}{}",
             hex::encode(&Sha256::digest(seed.as_bytes())[..16])
         ))
+    }
+
+    /// The partition key the id was made with, so that any host can tell
+    /// which partition holds the invocation without a lookup. Ids from
+    /// before partitions (32 digits) hash to one: they only exist in a
+    /// store of one partition.
+    pub fn partition_key(&self) -> u32 {
+        let body = &self.0[4..];
+        match (body.len(), body.get(..8)) {
+            (40, Some(key)) => u32::from_str_radix(key, 16).unwrap_or(0),
+            _ => crate::partition::hash(body.as_bytes()),
+        }
     }
 
     /// A seed derived from the id by a fixed rule (FNV-1a), so a guest's
@@ -116,7 +129,7 @@ mod tests {
 
     #[test]
     fn ids_round_trip_and_reject_foreign_prefixes() {
-        let id = InvocationId::generate();
+        let id = InvocationId::generate(7);
         assert_eq!(id.as_str().parse::<InvocationId>().unwrap(), id);
         assert!("dp_abc".parse::<InvocationId>().is_err());
         assert!("inv_".parse::<InvocationId>().is_err());
@@ -140,11 +153,32 @@ mod tests {
 
     #[test]
     fn awakeable_ids_name_their_invocation_and_command() {
-        let inv = InvocationId::generate();
+        let inv = InvocationId::generate(0x1234_abcd);
         let id = awakeable_id(&inv, 7);
         assert_eq!(parse_awakeable_id(&id), Some((inv, 7)));
         assert_eq!(parse_awakeable_id("awk_zz"), None);
         assert_eq!(parse_awakeable_id("inv_0123456789"), None);
+    }
+
+    #[test]
+    fn ids_carry_their_partition_key() {
+        assert_eq!(
+            InvocationId::generate(0xdead_beef).partition_key(),
+            0xdead_beef
+        );
+        assert_eq!(InvocationId::derived("s", 42).partition_key(), 42);
+        assert_eq!(
+            InvocationId::derived("s", 42),
+            InvocationId::derived("s", 42)
+        );
+        assert_ne!(
+            InvocationId::derived("s", 42),
+            InvocationId::derived("s", 43)
+        );
+        let old: InvocationId = "inv_0123456789abcdef0123456789abcdef".parse().unwrap();
+        assert_eq!(old.partition_key(), old.clone().partition_key());
+        let (inv, _) = parse_awakeable_id(&awakeable_id(&InvocationId::generate(9), 1)).unwrap();
+        assert_eq!(inv.partition_key(), 9);
     }
 
     #[test]

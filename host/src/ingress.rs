@@ -92,32 +92,39 @@ impl From<crate::store::StoreError> for ApiError {
 }
 
 /// A parsed invocation path.
-struct Call {
-    target: Target,
-    send: bool,
+pub struct Call {
+    /// Who is called.
+    pub target: Target,
+    /// Whether the caller does not wait (`/send`).
+    pub send: bool,
 }
 
 fn parse_call(invoker: &Invoker, uri: &Uri) -> Result<Call, ApiError> {
-    let segments = uri
-        .path()
+    call_of(uri.path(), |service| {
+        invoker
+            .registry()
+            .service(service)
+            .map(|(info, _)| info.kind)
+    })
+}
+
+/// The call a request path names (`/Service/handler[/send]`,
+/// `/Object/key/handler[/send]`), given the kinds of services.
+pub fn call_of(path: &str, kind: impl Fn(&str) -> Option<ServiceKind>) -> Result<Call, ApiError> {
+    let segments = path
         .split('/')
         .filter(|s| !s.is_empty())
         .map(decode_segment)
         .collect::<Result<Vec<String>, ApiError>>()?;
-    let not_found = || {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no route for {}", uri.path()),
-        )
-    };
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, format!("no route for {path}"));
     let service = segments.first().ok_or_else(not_found)?;
-    let (info, _) = invoker.registry().service(service).ok_or_else(|| {
+    let kind = kind(service).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             format!("service {service} not found"),
         )
     })?;
-    let keyed = info.kind != ServiceKind::Service;
+    let keyed = kind != ServiceKind::Service;
     let rest = &segments[1..];
     let (key, handler, send) = match (keyed, rest) {
         (false, [h]) => (None, h, false),
@@ -152,7 +159,8 @@ fn decode_segment(segment: &str) -> Result<String, ApiError> {
 
 /// The `idempotency-key` header: visible ASCII only (a key that cannot be
 /// read exactly is refused, never ignored).
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+/// The request's `idempotency-key` header, checked.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
@@ -174,6 +182,17 @@ async fn call(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let call = parse_call(&invoker, &uri)?;
+    let idempotency_key = idempotency_key(&headers)?;
+    let partitioning = invoker.partitioning();
+    if partitioning.of(partitioning.key_for(&call.target, idempotency_key.as_deref()))
+        != partitioning.me
+    {
+        // A front whose copy of the deployments lagged routed it here.
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this request belongs to another partition; retry",
+        ));
+    }
     if method != Method::POST {
         return Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -208,7 +227,7 @@ async fn call(
             target: call.target,
             input: body.to_vec(),
             headers: forwarded_headers(&headers),
-            idempotency_key: idempotency_key(&headers)?,
+            idempotency_key,
             delay,
             ..Default::default()
         })

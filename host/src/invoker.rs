@@ -43,6 +43,7 @@ use crate::fence::{Epoch, Fence};
 use crate::ids::{parse_awakeable_id, DeploymentId, InvocationId};
 use crate::journal::{Command, Completion, CompletionValue, Entry, Journal, Outcome};
 use crate::keys::{KeyQueues, KeySlot};
+use crate::partition::{Message, Partitioning};
 use crate::records::{Caller, HandlerKind, InvocationRecord, ServiceKind, Status, Target};
 use crate::runtime::{AttemptEnd, Runtime};
 use crate::store::{Store, StoreError, StoreResult, Tables};
@@ -167,6 +168,8 @@ pub struct Invoker {
     limits: Arc<crate::limits::Limits>,
     /// Durable HTTP calls made by the host.
     outbound: crate::outbound::Outbound,
+    /// The partition this invoker serves (cluster mode), of how many.
+    partitioning: Partitioning,
 }
 
 type Deliveries = Vec<(InvocationId, u32, Completion)>;
@@ -188,6 +191,7 @@ impl Invoker {
         runtime: Arc<Runtime>,
         registry: Arc<Registry>,
         clock: SharedClock,
+        partitioning: Partitioning,
     ) -> Arc<Self> {
         Arc::new(Invoker {
             instances: crate::instances::Slots::new(
@@ -211,7 +215,13 @@ impl Invoker {
             outbound: crate::outbound::Outbound::new(&config.http_allow, config.retry.clone()),
             config,
             store,
+            partitioning,
         })
+    }
+
+    /// The partition this invoker serves.
+    pub fn partitioning(&self) -> Partitioning {
+        self.partitioning
     }
 
     /// The store, for readers.
@@ -413,11 +423,18 @@ impl Invoker {
     /// for the commit: everything its attempt writes queues behind this
     /// transaction, and nothing it produces is acknowledged before a later
     /// commit.
+    ///
+    /// An invocation of another partition is sent there instead, with this
+    /// transaction (its idempotency key is checked there).
     pub fn create(
         self: &Arc<Self>,
         t: &mut Tables<'_>,
         mut record: InvocationRecord,
     ) -> StoreResult<Option<InvocationId>> {
+        if let Some(q) = self.partitioning.elsewhere(&record.id) {
+            t.send(q, &Message::Create(Box::new(record)))?;
+            return Ok(None);
+        }
         let target = record.target.to_string();
         if let Some(key) = &record.idempotency_key {
             if let Some(existing) = t.idempotent(&target, key)? {
@@ -430,6 +447,54 @@ impl Invoker {
         self.count_source(&record, 1);
         self.route(Arc::new(record));
         Ok(None)
+    }
+
+    /// Create a call's or a send's invocation (see [`Invoker::create`]);
+    /// a call of a workflow that already ran fails the caller at once.
+    pub fn create_child(
+        self: &Arc<Self>,
+        t: &mut Tables<'_>,
+        record: InvocationRecord,
+    ) -> StoreResult<Option<Continuation>> {
+        let caller = record.caller.clone();
+        match (self.create(t, record)?, caller) {
+            (Some(existing), Some(caller)) => {
+                let message = format!("the workflow was already started by {existing}");
+                self.complete_in(
+                    t,
+                    &caller.id,
+                    caller.command,
+                    CompletionValue::Outcome(Outcome::Failure { code: 409, message }),
+                )
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Apply a message from another partition, inside a write transaction.
+    pub fn apply_message(
+        self: &Arc<Self>,
+        t: &mut Tables<'_>,
+        message: Message,
+    ) -> StoreResult<Option<Continuation>> {
+        match message {
+            Message::Create(record) => self.create_child(t, *record),
+            Message::Complete { id, command, value } => self.complete_in(t, &id, command, value),
+            Message::Awaken { awakeable, outcome } => {
+                self.complete_awakeable_in(t, &awakeable, outcome)
+            }
+            Message::Cancel(id) => self.cancel_from_handler_in(t, id.as_str()),
+            Message::Deploy(_) => Err(StoreError::Corrupt {
+                table: "partitions",
+                reason: "a deployment is applied by the registry, not in a transaction".into(),
+            }),
+        }
+    }
+
+    /// The id of a new invocation of `target` (its partition key decides
+    /// where it lives; see [`crate::partition`]).
+    pub fn new_id(&self, target: &Target, idempotency_key: Option<&str>) -> InvocationId {
+        InvocationId::generate(self.partitioning.key_for(target, idempotency_key))
     }
 
     /// A new invocation record, with its target resolved.
@@ -463,7 +528,9 @@ impl Invoker {
         };
         let now = self.clock.now_ms();
         Ok(InvocationRecord {
-            id: request.id.unwrap_or_else(InvocationId::generate),
+            id: request
+                .id
+                .unwrap_or_else(|| self.new_id(&target, idempotency_key.as_deref())),
             handler_kind: handler.kind,
             target,
             deployment,
@@ -617,6 +684,11 @@ impl Invoker {
         command: u32,
         value: CompletionValue,
     ) -> StoreResult<Option<Continuation>> {
+        if let Some(q) = self.partitioning.elsewhere(id) {
+            let id = id.clone();
+            t.send(q, &Message::Complete { id, command, value })?;
+            return Ok(None);
+        }
         let completion = Completion { command, value };
         let Some(entry) = t.complete_command(id, completion.clone())? else {
             return Ok(None);
@@ -1243,6 +1315,9 @@ impl Invoker {
         id: &InvocationId,
         out: &mut Deliveries,
     ) -> StoreResult<()> {
+        if let Some(q) = self.partitioning.elsewhere(id) {
+            return t.send(q, &Message::Cancel(id.clone()));
+        }
         let Some(mut r) = t.invocation(id)? else {
             return Ok(());
         };
@@ -1412,6 +1487,13 @@ impl Invoker {
         awakeable: &str,
         outcome: Outcome,
     ) -> StoreResult<Option<Continuation>> {
+        let elsewhere =
+            parse_awakeable_id(awakeable).and_then(|(id, _)| self.partitioning.elsewhere(&id));
+        if let Some(q) = elsewhere {
+            let awakeable = awakeable.to_string();
+            t.send(q, &Message::Awaken { awakeable, outcome })?;
+            return Ok(None);
+        }
         Ok(self.try_complete_awakeable(t, awakeable, outcome)?.ok())
     }
 

@@ -129,7 +129,7 @@ mod tests {
     }
 
     fn id(n: u8) -> InvocationId {
-        InvocationId::derived(&n.to_string())
+        InvocationId::derived(&n.to_string(), 0)
     }
 
     #[test]

@@ -56,6 +56,7 @@ pub mod limits;
 pub mod listener;
 pub mod membership;
 pub mod outbound;
+pub mod partition;
 pub mod records;
 pub mod retention;
 pub mod runtime;

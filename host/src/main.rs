@@ -293,6 +293,10 @@ struct Serve {
     /// Cluster mode: the application's name (topics derive from it).
     #[arg(long, env = "CAIRN_CLUSTER_APP", requires = "cluster")]
     cluster_app: Option<String>,
+    /// Cluster mode: the application's partition count (fixed when the
+    /// cluster is created).
+    #[arg(long, env = "CAIRN_CLUSTER_PARTITIONS", requires = "cluster")]
+    cluster_partitions: Option<u32>,
     /// Require this bearer token on the admin API (see admin_token).
     #[arg(long, env = "CAIRN_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -325,6 +329,16 @@ impl Serve {
         }
         if let (Some(app), Some(cluster)) = (self.cluster_app, config.cluster.as_mut()) {
             cluster.app = app;
+        }
+        if let (Some(n), Some(cluster)) = (self.cluster_partitions, config.cluster.as_mut()) {
+            cluster.partitions = n;
+        }
+        if let Some(cluster) = &config.cluster {
+            anyhow::ensure!(
+                (1..=1024).contains(&cluster.partitions),
+                "cluster.partitions must be between 1 and 1024 (it is {})",
+                cluster.partitions
+            );
         }
         Ok((config, self.deploy))
     }

@@ -1,30 +1,31 @@
-//! Membership (cluster mode): which host owns the partition, decided by a
-//! Kafka consumer group, and where the owner answers.
+//! Membership (cluster mode): which host owns which partition, decided by
+//! a Kafka consumer group, and where the owners answer.
 //!
 //! Why a consumer group: it is Kafka's membership and failure detector,
 //! already operated by teams that run Kafka. Every host joins the group
-//! `cairn.<app>` on the topic `cairn.<app>.in`; the host assigned partition
-//! 0 owns the application's partition. A host that dies stops heartbeating
-//! and the group gives the partition to another host after
-//! `cluster.session_timeout`; a host that leaves (SIGTERM) leaves the group
-//! at once. The cooperative-sticky assignor keeps the partition where it is
-//! when hosts join.
+//! `cairn.<app>` on the topic `cairn.<app>.in`, which has one partition per
+//! Cairn partition; the host assigned input partition `p` owns Cairn
+//! partition `p`. A host that dies stops heartbeating and the group gives
+//! its partitions to the others after `cluster.session_timeout`; a host
+//! that leaves (SIGTERM) leaves the group at once. The cooperative-sticky
+//! assignor moves only the partitions it must when hosts join or leave.
 //!
-//! The owner publishes its addresses to the compacted topic
-//! `cairn.<app>.owners` (key: the partition); every host follows that topic
-//! so that it can forward requests to the owner (`forward.rs`).
+//! Owners publish their addresses to the compacted topic
+//! `cairn.<app>.owners` (partition `p`, key `p`); every host follows it so
+//! that it can forward requests to the owners (`forward.rs`).
 //!
 //! Lifecycle: [`Membership::join`] starts a thread that polls both
-//! consumers; [`Membership::owned`] resolves when this host is assigned the
-//! partition. Ownership is never given back while the host runs: a host
-//! that the group gives the partition away from exits at once. An owner
-//! whose session expired (it was paused, or the group coordinator's broker
-//! failed over) keeps serving while it rejoins: if it is assigned the
-//! partition again it goes on; if another host took it over, that host has
-//! fenced this one's commits, and this one exits after twice the session
-//! timeout at the latest.
-//! [`Membership::leave`] closes the group member on shutdown, which hands
-//! the partition over without waiting for the session to expire.
+//! consumers and reports [`Event`]s. `Assigned(p)`: this host takes `p`
+//! over. `Revoked(p)`: the group moves `p` to another host; the poll
+//! thread waits (the group does not hand `p` on meanwhile) until the host
+//! has stopped writing `p` and acknowledged, then rejoins. An owner whose
+//! session expired (it was paused, or the group coordinator's broker
+//! failed over) keeps serving while it rejoins: partitions assigned again
+//! go on, those given to others are revoked then (and were fenced
+//! meanwhile), and a host not assigned anything back within twice the
+//! session timeout exits. [`Membership::leave`] closes the group member on
+//! shutdown, which hands the partitions over without waiting for the
+//! session to expire.
 
 use crate::config::ClusterConfig;
 use anyhow::Context as _;
@@ -33,14 +34,10 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
-
-/// The partition every host competes for (one today).
-pub const PARTITION: i32 = 0;
 
 /// The input topic whose assignment is ownership.
 pub fn input_topic(app: &str) -> String {
@@ -61,27 +58,73 @@ pub struct Address {
     pub admin: String,
 }
 
-/// Reports assignments of the partition, and exits on its loss.
+/// A change of ownership for the host to act on.
+pub enum Event {
+    /// Take partition `p` over.
+    Assigned(u32),
+    /// Stop writing partition `p`, then acknowledge (the group waits).
+    Revoked(u32, std::sync::mpsc::SyncSender<()>),
+}
+
+/// Longest wait for a revoked partition to stop before the host exits
+/// instead (the next owner fences it either way).
+const HAND_OVER: Duration = Duration::from_secs(60);
+
+/// Reports assignments and revocations of partitions.
 struct Group {
-    owned: watch::Sender<bool>,
+    owned: Arc<RwLock<BTreeSet<u32>>>,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
     leaving: Arc<AtomicBool>,
-    /// When this owner lost contact with the group (its session expired,
+    /// When this host lost contact with the group (its session expired,
     /// e.g. while the group coordinator's broker failed over), if it has
-    /// not been assigned the partition back since.
+    /// not been assigned partitions back since.
     lost: Mutex<Option<Instant>>,
     topic: String,
 }
 
 impl Group {
-    fn has_partition(&self, list: &TopicPartitionList) -> bool {
+    fn partitions(&self, list: &TopicPartitionList) -> BTreeSet<u32> {
         list.elements_for_topic(&self.topic)
             .iter()
-            .any(|e| e.partition() == PARTITION)
+            .map(|e| e.partition() as u32)
+            .collect()
     }
 
-    /// How long this owner has been out of contact with the group.
+    /// How long this host has been out of contact with the group.
     fn lost_for(&self) -> Option<Duration> {
         self.lost.lock().unwrap().map(|at| at.elapsed())
+    }
+
+    fn assigned(&self, list: BTreeSet<u32>) {
+        let owned = self.owned.read().unwrap().clone();
+        if self.lost.lock().unwrap().take().is_some() {
+            tracing::info!(partitions = ?list, "assigned partitions back after losing contact");
+            // Those not assigned back went to other hosts meanwhile.
+            owned.difference(&list).for_each(|&p| self.revoked(p));
+        }
+        for p in list.difference(&owned) {
+            tracing::info!(partition = p, "assigned: taking it over");
+            self.owned.write().unwrap().insert(*p);
+            let _ = self.events.send(Event::Assigned(*p));
+        }
+    }
+
+    /// Hand `p` over: wait until the host stopped writing it.
+    fn revoked(&self, p: u32) {
+        if !self.owned.write().unwrap().remove(&p) {
+            return;
+        }
+        tracing::info!(partition = p, "revoked: handing it over");
+        let (done, stopped) = std::sync::mpsc::sync_channel(1);
+        let acknowledged = self.events.send(Event::Revoked(p, done)).is_ok()
+            && stopped.recv_timeout(HAND_OVER).is_ok();
+        if !acknowledged {
+            tracing::error!(
+                partition = p,
+                "could not stop serving a revoked partition; exiting"
+            );
+            std::process::exit(3);
+        }
     }
 }
 
@@ -89,59 +132,62 @@ impl ClientContext for Group {}
 
 impl ConsumerContext for Group {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let owner = *self.owned.borrow();
         match rebalance {
-            Rebalance::Assign(list) if self.has_partition(list) => {
-                if self.lost.lock().unwrap().take().is_some() {
-                    tracing::info!("assigned partition {PARTITION} back after losing contact");
-                } else {
-                    tracing::info!("assigned partition {PARTITION}: taking it over");
+            Rebalance::Assign(list) => {
+                // Only the assignment matters: the records are read by
+                // each owner's input reader (`cluster::Inputs`).
+                if let Err(e) = consumer.pause(list) {
+                    tracing::warn!("pausing the group's fetches: {e}");
                 }
-                self.owned.send_replace(true);
+                self.assigned(self.partitions(list))
             }
-            Rebalance::Revoke(list) if owner && self.has_partition(list) => {
+            Rebalance::Revoke(list) => {
                 if self.leaving.load(Ordering::SeqCst) {
                     return;
                 }
                 if consumer.assignment_lost() {
                     // This host's session expired: maybe it was paused,
                     // maybe the group coordinator's broker failed. Keep
-                    // serving until the partition is assigned again or
-                    // another host takes it over (which fences this host's
-                    // commits); `follow` exits if neither happens.
+                    // serving until the partitions are assigned again or
+                    // other hosts take them over (which fences this
+                    // host's commits); `follow` exits if neither happens.
                     tracing::warn!(
-                        "lost contact with the consumer group; keeping partition {PARTITION} until it is assigned again"
+                        "lost contact with the consumer group; keeping the partitions until they are assigned again"
                     );
                     self.lost.lock().unwrap().get_or_insert_with(Instant::now);
                     return;
                 }
-                // The group gave the partition to another host, which
-                // fences this one's commits: nothing here may be served.
-                tracing::error!("lost partition {PARTITION} to another host; exiting");
-                std::process::exit(3);
+                self.partitions(list)
+                    .into_iter()
+                    .for_each(|p| self.revoked(p));
             }
             Rebalance::Error(e) => tracing::warn!("consumer group rebalance: {e}"),
-            _ => {}
         }
     }
 }
 
 /// This host's place in the cluster.
 pub struct Membership {
-    owned: watch::Receiver<bool>,
-    owners: Arc<RwLock<BTreeMap<i32, Address>>>,
+    owned: Arc<RwLock<BTreeSet<u32>>>,
+    owners: Arc<RwLock<BTreeMap<u32, Address>>>,
     producer: BaseProducer,
     leaving: Arc<AtomicBool>,
     stopped: Option<std::thread::JoinHandle<()>>,
     app: String,
+    partitions: u32,
     me: Address,
 }
 
 impl Membership {
-    /// Join the group as `me` (topics must exist: `cluster::ensure_topics`).
-    pub fn join(config: &ClusterConfig, me: Address) -> anyhow::Result<Self> {
-        let (owned_tx, owned) = watch::channel(false);
+    /// Join the group as `me` (topics must exist: `cluster::ensure_topics`);
+    /// ownership changes arrive on the receiver.
+    pub fn join(
+        config: &ClusterConfig,
+        me: Address,
+    ) -> anyhow::Result<(Self, tokio::sync::mpsc::UnboundedReceiver<Event>)> {
+        let (events, changes) = tokio::sync::mpsc::unbounded_channel();
         let leaving = Arc::new(AtomicBool::new(false));
+        let owned = Arc::new(RwLock::new(BTreeSet::new()));
         let topic = input_topic(&config.app);
         let session = config.session_timeout.as_millis().max(1000);
         let group: BaseConsumer<Group> = crate::cluster::client(config)
@@ -151,7 +197,8 @@ impl Membership {
             .set("heartbeat.interval.ms", (session / 3).to_string())
             .set("enable.auto.commit", "false")
             .create_with_context(Group {
-                owned: owned_tx,
+                owned: owned.clone(),
+                events,
                 leaving: leaving.clone(),
                 lost: Mutex::new(None),
                 topic: topic.clone(),
@@ -163,46 +210,55 @@ impl Membership {
             .set("enable.auto.commit", "false")
             .create()?;
         let mut list = TopicPartitionList::new();
-        list.add_partition_offset(&owners_topic(&config.app), PARTITION, Offset::Beginning)?;
+        for p in 0..config.partitions {
+            list.add_partition_offset(&owners_topic(&config.app), p as i32, Offset::Beginning)?;
+        }
         directory.assign(&list)?;
         let producer: BaseProducer = crate::cluster::client(config)
             .set("enable.idempotence", "true")
             .create()?;
         let owners = Arc::new(RwLock::new(BTreeMap::new()));
         let (stop, table) = (leaving.clone(), owners.clone());
-        // An owner out of contact for this long has most likely been
+        // A host out of contact for this long has most likely been
         // replaced; it stops rather than serve what it may no longer own.
         let patience = 2 * config.session_timeout;
         let stopped = std::thread::Builder::new()
             .name("cairn-membership".into())
             .spawn(move || follow(group, directory, table, stop, patience))?;
-        Ok(Membership {
+        let membership = Membership {
             owned,
             owners,
             producer,
             leaving,
             stopped: Some(stopped),
             app: config.app.clone(),
+            partitions: config.partitions,
             me,
-        })
+        };
+        Ok((membership, changes))
     }
 
-    /// Resolves once this host owns the partition.
-    pub async fn owned(&self) {
-        let mut owned = self.owned.clone();
-        let _ = owned.wait_for(|o| *o).await;
+    /// The application's partition count.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
     }
 
-    /// Whether this host owns the partition.
-    pub fn is_owner(&self) -> bool {
-        *self.owned.borrow()
+    /// Whether the group assigned partition `p` to this host.
+    pub fn is_owner(&self, p: u32) -> bool {
+        self.owned.read().unwrap().contains(&p)
     }
 
-    /// The owner's addresses as last published, unless that is this host
-    /// (a record from before its restart).
-    pub fn owner(&self) -> Option<Address> {
+    /// The partitions the group assigned to this host.
+    pub fn owned(&self) -> Vec<u32> {
+        self.owned.read().unwrap().iter().copied().collect()
+    }
+
+    /// The addresses of partition `p`'s owner as last published, unless
+    /// that is this host (a record from before its restart, or a partition
+    /// it just handed over).
+    pub fn owner(&self, p: u32) -> Option<Address> {
         let owners = self.owners.read().unwrap();
-        owners.get(&PARTITION).filter(|a| **a != self.me).cloned()
+        owners.get(&p).filter(|a| **a != self.me).cloned()
     }
 
     /// This host's addresses.
@@ -210,13 +266,18 @@ impl Membership {
         &self.me
     }
 
-    /// Tell every host that this one owns the partition.
-    pub fn publish(&self) -> anyhow::Result<()> {
+    /// Tell every host that this one owns partition `p`.
+    pub fn publish(&self, p: u32) -> anyhow::Result<()> {
         let value = serde_json::to_vec(&self.me)?;
-        let key = PARTITION.to_string();
+        let key = p.to_string();
         let topic = owners_topic(&self.app);
         self.producer
-            .send(BaseRecord::to(&topic).key(&key).payload(&value))
+            .send(
+                BaseRecord::to(&topic)
+                    .partition(p as i32)
+                    .key(&key)
+                    .payload(&value),
+            )
             .map_err(|(e, _)| e)?;
         self.producer
             .flush(Duration::from_secs(10))
@@ -224,7 +285,7 @@ impl Membership {
         Ok(())
     }
 
-    /// Leave the group now (shutdown): the partition moves at once.
+    /// Leave the group now (shutdown): the partitions move at once.
     pub fn leave(&mut self) {
         self.leaving.store(true, Ordering::SeqCst);
         if let Some(thread) = self.stopped.take() {
@@ -244,7 +305,7 @@ impl Drop for Membership {
 fn follow(
     group: BaseConsumer<Group>,
     directory: BaseConsumer,
-    owners: Arc<RwLock<BTreeMap<i32, Address>>>,
+    owners: Arc<RwLock<BTreeMap<u32, Address>>>,
     stop: Arc<AtomicBool>,
     patience: Duration,
 ) {
@@ -255,7 +316,7 @@ fn follow(
             .is_some_and(|lost| lost > patience)
         {
             tracing::error!(
-                "partition {PARTITION} not assigned back within {patience:?} of losing contact; exiting"
+                "no partition assigned back within {patience:?} of losing contact; exiting"
             );
             std::process::exit(3);
         }

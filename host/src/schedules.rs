@@ -168,7 +168,12 @@ impl Schedules {
     fn request(&self, record: &ScheduleRecord, tick_ms: i64) -> NewInvocation {
         let seed = format!("cron:{}:{tick_ms}", record.name);
         NewInvocation {
-            id: Some(InvocationId::derived(&seed)),
+            id: Some(InvocationId::derived(
+                &seed,
+                self.invoker
+                    .partitioning()
+                    .key_for(&record.target, Some(&seed)),
+            )),
             target: record.target.clone(),
             input: record.input.clone(),
             idempotency_key: Some(seed),

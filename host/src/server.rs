@@ -7,12 +7,16 @@
 //! and admin ports. Nothing is served before recovery has queued what was
 //! in flight.
 //!
-//! Cluster start-up (`docs/scale-out.md`): open the store and the ports at
-//! once, join the consumer group and forward every request to the owner
-//! (`forward`); once assigned the partition: fence the previous owner,
-//! restore the store from the changelog, start the writer with the
-//! changelog as its log, build the engine as above, answer locally, and
-//! publish this host as the owner.
+//! Cluster start-up (`docs/scale-out.md`): open a store per partition and
+//! the ports at once, join the consumer group and forward every request to
+//! the owners (`forward`), each copy following its changelog. For each
+//! partition assigned: stop following, fence the previous owner, restore
+//! the store from the changelog, start the writer with the changelog as
+//! its log, build the engine as above on a runtime of its own, read the
+//! partition's input, answer locally, and publish this host as the owner.
+//! For each partition revoked (the group moved it): forward it again, stop
+//! its runtime (every attempt and timer of it) and its writer, follow its
+//! changelog again, and only then let the group hand it on.
 //!
 //! Shutdown (SIGTERM or SIGINT): both listeners stop accepting, clients
 //! attached to invocations are answered 503, and open requests get
@@ -26,7 +30,8 @@ use crate::deployments::Registry;
 use crate::forward::Front;
 use crate::invoker::Invoker;
 use crate::listener;
-use crate::membership::{Address, Membership};
+use crate::membership::{Address, Event, Membership};
+use crate::partition::Partitioning;
 use crate::runtime::Runtime;
 use crate::store::Store;
 use anyhow::Context as _;
@@ -36,24 +41,25 @@ use std::sync::Arc;
 
 /// Run a host until SIGINT or SIGTERM.
 pub async fn serve(config: Config, deploy: Vec<PathBuf>) -> anyhow::Result<()> {
-    let store = Arc::new(
-        Store::open_with_cache(&config.data_dir, config.db_cache_bytes)
-            .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
-    );
     match config.cluster.clone() {
-        None => serve_standalone(config, store, deploy).await,
-        Some(cluster) => serve_cluster(config, cluster, store, deploy).await,
+        None => serve_standalone(config, deploy).await,
+        Some(cluster) => serve_cluster(config, cluster, deploy).await,
     }
 }
 
+/// Open the store in `dir` with `cache_bytes` of page cache.
+fn open_store(dir: &std::path::Path, cache_bytes: usize) -> anyhow::Result<Arc<Store>> {
+    Ok(Arc::new(
+        Store::open_with_cache(dir, cache_bytes)
+            .with_context(|| format!("opening the store in {}", dir.display()))?,
+    ))
+}
+
 /// Standalone: recover, then listen.
-async fn serve_standalone(
-    config: Config,
-    store: Arc<Store>,
-    deploy: Vec<PathBuf>,
-) -> anyhow::Result<()> {
+async fn serve_standalone(config: Config, deploy: Vec<PathBuf>) -> anyhow::Result<()> {
+    let store = open_store(&config.data_dir, config.db_cache_bytes)?;
     let committer = Committer::start(store.clone());
-    let engine = Engine::start(&config, store, committer, deploy).await?;
+    let engine = Engine::start(&config, store, committer, deploy, Partitioning::SINGLE).await?;
     let (ingress, admin) = bind(&config).await?;
     let invoker = engine.invoker.clone();
     listen(
@@ -68,12 +74,12 @@ async fn serve_standalone(
     Ok(())
 }
 
-/// Cluster mode: listen at once (forwarding to the owner), join the group,
-/// and start the engine when this host is assigned the partition.
+/// Cluster mode: listen at once (forwarding to the owners), join the
+/// group, and take partitions over (and hand them back) as the group
+/// assigns them.
 async fn serve_cluster(
     config: Config,
     cluster: ClusterConfig,
-    store: Arc<Store>,
     deploy: Vec<PathBuf>,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -82,53 +88,220 @@ async fn serve_cluster(
         crate::cluster::TOMBSTONES_KEPT
     );
     reach_kafka(&cluster).await?;
+    let stores = (0..cluster.partitions)
+        .map(|p| {
+            let cache = config.db_cache_bytes / cluster.partitions as usize;
+            open_store(&partition_dir(&config.data_dir, p), cache)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let (ingress, admin) = bind(&config).await?;
     let me = advertised(&config, &cluster, &ingress, &admin)?;
-    let membership = Arc::new(Membership::join(&cluster, me)?);
+    let (membership, mut events) = Membership::join(&cluster, me)?;
+    let membership = Arc::new(membership);
     let front = Front::new(
         membership.clone(),
-        store.clone(),
+        stores.clone(),
         config.max_body_bytes,
         config.max_module_bytes,
     );
-    let engine: Arc<std::sync::OnceLock<Arc<Invoker>>> = Arc::default();
-    let started = engine.clone();
+    let slots = stores
+        .into_iter()
+        .enumerate()
+        .map(|(p, store)| Slot::standby(p as u32, store, &cluster).map(Arc::new))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let host = Arc::new(ClusterHost {
+        config: config.clone(),
+        cluster,
+        deploy,
+        front: front.clone(),
+        membership,
+        slots,
+    });
+    let closing = host.clone();
     let served = listen(
         &config,
         ingress,
         front.ingress(),
         admin,
         front.admin(),
-        move || {
-            if let Some(invoker) = started.get() {
-                invoker.close()
-            }
-        },
+        move || closing.close(),
     );
-    let follower = crate::cluster::Follower::start(store.clone(), &cluster)?;
-    let takeover = async {
-        membership.owned().await;
-        // The standby's copy stops following before the fence: from here
-        // on only the restore (then the committer) writes to it.
-        tokio::task::spawn_blocking(move || follower.stop()).await?;
-        let mut log = crate::cluster::KafkaLog::open(&cluster).await?;
-        let restored = crate::cluster::restore(store.clone(), &mut log, &cluster).await?;
-        tracing::info!(?restored, app = %cluster.app, "cluster mode: the store follows the changelog");
-        let committer = Committer::start_with_log(store.clone(), Some(Box::new(log)));
-        let started = Engine::start(&config, store.clone(), committer, deploy).await?;
-        let _ = engine.set(started.invoker.clone());
-        front.serve_locally(started.ingress, started.admin);
-        tokio::task::block_in_place(|| membership.publish())?;
-        tracing::info!("this host owns the partition and serves it");
-        anyhow::Ok(())
+    let (failed_tx, mut failed) = tokio::sync::mpsc::unbounded_channel::<anyhow::Error>();
+    let lifecycle = async {
+        while let Some(event) = events.recv().await {
+            let (host, failed) = (host.clone(), failed_tx.clone());
+            tokio::spawn(async move {
+                let result = match event {
+                    Event::Assigned(p) => host.take_over(p).await,
+                    Event::Revoked(p, done) => host.hand_over(p, done).await,
+                };
+                if let Err(e) = result {
+                    let _ = failed.send(e);
+                }
+            });
+        }
     };
-    tokio::pin!(served);
     tokio::select! {
-        () = &mut served => return Ok(()),
-        taken = takeover => taken?,
+        () = served => Ok(()),
+        () = lifecycle => Ok(()),
+        Some(e) = failed.recv() => Err(e),
     }
-    served.await;
-    Ok(())
+}
+
+/// Where partition `p`'s copy lives: partition 0 in the data directory
+/// itself (so a one-partition cluster keeps a standalone layout), the
+/// others in `p<p>` below it.
+fn partition_dir(data_dir: &std::path::Path, p: u32) -> PathBuf {
+    match p {
+        0 => data_dir.to_path_buf(),
+        p => data_dir.join(format!("p{p}")),
+    }
+}
+
+/// A cluster host: its partitions' copies and what it owns.
+struct ClusterHost {
+    config: Config,
+    cluster: ClusterConfig,
+    deploy: Vec<PathBuf>,
+    front: Arc<Front>,
+    membership: Arc<Membership>,
+    slots: Vec<Arc<Slot>>,
+}
+
+/// One partition on this host: its copy of the store, and whether this
+/// host owns it.
+struct Slot {
+    p: u32,
+    store: Arc<Store>,
+    role: tokio::sync::Mutex<Role>,
+    /// The engine's invoker while this host owns the partition (for
+    /// shutdown, which must not wait for the role's lock).
+    invoker: std::sync::Mutex<Option<Arc<Invoker>>>,
+}
+
+enum Role {
+    /// Following the changelog (`None` while the role changes).
+    Standby(Option<crate::cluster::Follower>),
+    /// Serving the partition.
+    Owner(Owned),
+}
+
+/// What runs a partition this host owns.
+struct Owned {
+    runtime: tokio::runtime::Runtime,
+    committer: Committer,
+    inputs: crate::cluster::Inputs,
+}
+
+impl Slot {
+    fn standby(p: u32, store: Arc<Store>, cluster: &ClusterConfig) -> anyhow::Result<Slot> {
+        let follower = crate::cluster::Follower::start(store.clone(), cluster, p)?;
+        Ok(Slot {
+            p,
+            store,
+            role: tokio::sync::Mutex::new(Role::Standby(Some(follower))),
+            invoker: std::sync::Mutex::new(None),
+        })
+    }
+}
+
+impl ClusterHost {
+    /// Take partition `p` over: stop following, fence, restore, start its
+    /// engine on a runtime of its own, read its input, serve, publish.
+    async fn take_over(self: &Arc<Self>, p: u32) -> anyhow::Result<()> {
+        let slot = self.slots[p as usize].clone();
+        let mut role = slot.role.lock().await;
+        let Role::Standby(follower) = &mut *role else {
+            return Ok(());
+        };
+        if let Some(follower) = follower.take() {
+            // From here on only the restore (then the writer) writes the copy.
+            tokio::task::spawn_blocking(move || follower.stop()).await?;
+        }
+        let mut log = crate::cluster::KafkaLog::open(&self.cluster, p).await?;
+        let restored = crate::cluster::restore(slot.store.clone(), &mut log, &self.cluster).await?;
+        tracing::info!(partition = p, ?restored, "restored from the changelog");
+        let committer = Committer::start_with_log(slot.store.clone(), Some(Box::new(log)));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(format!("cairn-p{p}"))
+            .enable_all()
+            .build()?;
+        let partitioning = Partitioning {
+            me: p,
+            count: self.cluster.partitions,
+        };
+        let (host, store, writer) = (self.clone(), slot.store.clone(), committer.clone());
+        let (engine, inputs) = runtime
+            .spawn(async move {
+                let deploy = host.deploy.clone();
+                let engine =
+                    Engine::start(&host.config, store.clone(), writer, deploy, partitioning)
+                        .await?;
+                let (sink, queue) = tokio::sync::mpsc::channel(1024);
+                let from = store.input_position()?;
+                let inputs = crate::cluster::Inputs::start(&host.cluster, p, from, sink)?;
+                tokio::spawn(crate::partition::apply_inputs(
+                    engine.invoker.clone(),
+                    queue,
+                ));
+                anyhow::Ok((engine, inputs))
+            })
+            .await??;
+        *slot.invoker.lock().unwrap() = Some(engine.invoker.clone());
+        self.front.serve_locally(p, engine.ingress, engine.admin);
+        *role = Role::Owner(Owned {
+            runtime,
+            committer,
+            inputs,
+        });
+        let membership = self.membership.clone();
+        tokio::task::spawn_blocking(move || membership.publish(p)).await??;
+        tracing::info!(partition = p, "this host owns the partition and serves it");
+        Ok(())
+    }
+
+    /// Hand partition `p` over: forward it again, stop everything that
+    /// runs it (nothing of it is written from here on), follow its
+    /// changelog, and tell the group.
+    async fn hand_over(
+        self: &Arc<Self>,
+        p: u32,
+        done: std::sync::mpsc::SyncSender<()>,
+    ) -> anyhow::Result<()> {
+        let slot = self.slots[p as usize].clone();
+        self.front.stop_serving(p);
+        let mut role = slot.role.lock().await;
+        if let Role::Owner(owned) = std::mem::replace(&mut *role, Role::Standby(None)) {
+            if let Some(invoker) = slot.invoker.lock().unwrap().take() {
+                invoker.close();
+            }
+            tokio::task::spawn_blocking(move || {
+                // Dropping the runtime drops every attempt, timer and the
+                // input's applier; the writer stops after its transaction.
+                owned
+                    .runtime
+                    .shutdown_timeout(std::time::Duration::from_secs(5));
+                owned.inputs.stop();
+                owned.committer.stop();
+            })
+            .await?;
+            tracing::info!(partition = p, "handed the partition over");
+        }
+        let follower = crate::cluster::Follower::start(slot.store.clone(), &self.cluster, slot.p)?;
+        *role = Role::Standby(Some(follower));
+        let _ = done.send(());
+        Ok(())
+    }
+
+    /// Shutdown: every engine answers its attached clients.
+    fn close(&self) {
+        for slot in &self.slots {
+            if let Some(invoker) = &*slot.invoker.lock().unwrap() {
+                invoker.close();
+            }
+        }
+    }
 }
 
 /// Create the cluster's topics, waiting for Kafka (a broker restarting)
@@ -188,17 +361,24 @@ impl Engine {
         store: Arc<Store>,
         committer: Committer,
         deploy: Vec<PathBuf>,
+        partitioning: Partitioning,
     ) -> anyhow::Result<Engine> {
         let runtime = Arc::new(Runtime::new(config)?);
-        let registry =
-            Arc::new(Registry::load(runtime.clone(), store.clone(), committer.clone()).await?);
+        let registry = Registry::load(
+            runtime.clone(),
+            store.clone(),
+            committer.clone(),
+            partitioning,
+        )
+        .await?;
         let invoker = Invoker::new(
             config.clone(),
             store,
             committer,
             runtime,
-            registry,
+            Arc::new(registry),
             Arc::new(SystemClock),
+            partitioning,
         );
         for path in deploy {
             let bytes =
@@ -221,9 +401,12 @@ impl Engine {
         tracing::info!(resumed, "recovered unfinished invocations");
         let subscriptions =
             crate::kafka::Subscriptions::start(invoker.clone(), config.kafka.max_in_flight)?;
+        // Configured schedules tick on partition 0 only (their
+        // invocations go where their targets live).
         let configured = config
             .schedules
             .iter()
+            .filter(|_| partitioning.me == 0)
             .map(crate::schedules::from_config)
             .collect::<Result<Vec<_>, _>>()
             .context("invalid [[schedules]] in the config")?;

@@ -6,9 +6,10 @@
 //! [`Tables`], so that every change is part of exactly one durable
 //! transaction. The table layout is described in `docs/design.md`.
 
-use crate::changelog::{Capture, Change, Logged};
+use crate::changelog::{Capture, Change, Logged, Outgoing};
 use crate::ids::{DeploymentId, InvocationId};
 use crate::journal::{Command, Completion, Entry, Outcome};
+use crate::partition::{Message, INPUT_POSITION};
 use crate::records::{
     ClusterRecord, DeploymentRecord, HandlerKind, InvocationRecord, ScheduleRecord,
     SubscriptionRecord,
@@ -28,6 +29,7 @@ macro_rules! tables {
         /// through these methods, inside the group-commit writer.
         pub struct Tables<'txn> {
             $($field: Logged<'txn, $k, $v>,)*
+            capture: Capture,
         }
 
         impl Store {
@@ -75,6 +77,7 @@ macro_rules! tables {
                         Option::<u8>::from($id),
                         capture.clone(),
                     ),)*
+                    capture,
                 })
             }
 
@@ -258,6 +261,15 @@ impl Store {
             let next = local.get(CHANGELOG_NEXT)?.map(|v| v.value());
             let at = local.get(CHANGELOG_AT_HEAD)?.map_or(0, |v| v.value());
             Ok(next.map(|next| (next, at)))
+        })
+    }
+
+    /// The next offset of this partition's input to apply
+    /// ([`crate::partition`]).
+    pub fn input_position(&self) -> StoreResult<u64> {
+        self.read(|t| {
+            let meta = t.open_table(META)?;
+            Ok(meta.get(INPUT_POSITION)?.map_or(0, |v| v.value()))
         })
     }
 
@@ -997,6 +1009,30 @@ impl<'txn> Tables<'txn> {
         self.local.insert(CHANGELOG_AT_HEAD, at_head_ms)
     }
 
+    /// Send `message` to partition `partition` with this transaction (it
+    /// exists if and only if the transaction commits).
+    pub fn send(&mut self, partition: u32, message: &Message) -> StoreResult<()> {
+        self.capture.send(Outgoing {
+            partition,
+            payload: message.encode(),
+        })
+    }
+
+    /// The next offset of this partition's input (messages applied before
+    /// it, in this same history).
+    pub fn input_position(&self) -> StoreResult<u64> {
+        Ok(self
+            .meta
+            .get(INPUT_POSITION)
+            .map_err(StoreError::redb)?
+            .map_or(0, |v| v.value()))
+    }
+
+    /// Record that the input up to (not including) `next` is applied.
+    pub fn set_input_position(&mut self, next: u64) -> StoreResult<()> {
+        self.meta.insert(INPUT_POSITION, next)
+    }
+
     /// Replace a deployment's compiled artifact (after an engine upgrade).
     pub fn put_artifact(&mut self, id: &DeploymentId, artifact: &[u8]) -> StoreResult<()> {
         self.artifacts.insert(id.as_str(), artifact)
@@ -1017,7 +1053,7 @@ mod tests {
 
     fn record(key: &str, kind: HandlerKind) -> InvocationRecord {
         InvocationRecord {
-            id: InvocationId::generate(),
+            id: InvocationId::generate(0),
             target: Target {
                 service: "Counter".into(),
                 handler: "add".into(),
@@ -1183,7 +1219,7 @@ mod tests {
                         }
                     }
                     6 => {
-                        let waiter = InvocationId::generate();
+                        let waiter = InvocationId::generate(0);
                         t.put_promise_waiter("Signup", &key, "p", &waiter, 3)
                             .unwrap();
                         t.complete_promise("Signup", &key, "p", &Outcome::Success(vec![1]))
@@ -1192,7 +1228,7 @@ mod tests {
                     _ => t.clear_promises("Signup", &key).unwrap(),
                 }
             }
-            log.extend(capture.take());
+            log.extend(capture.take().changes);
             txn.commit().unwrap();
         }
         log

@@ -110,7 +110,7 @@ mod tests {
     use std::sync::Arc;
 
     fn id(n: u8) -> InvocationId {
-        InvocationId::derived(&n.to_string())
+        InvocationId::derived(&n.to_string(), 0)
     }
 
     #[test]
