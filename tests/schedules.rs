@@ -24,7 +24,9 @@ async fn count(host: &Host) -> u64 {
 async fn fired(host: &Host, name: &str, from: u64, to: u64) -> u64 {
     let mut n = 0;
     for s in from..=to {
-        let id = InvocationId::derived(&format!("cron:{name}:{}", s * 1000));
+        // Its target's key decides the partition key (Counter/cron).
+        let pkey = cairn::partition::key_hash("Counter", "cron");
+        let id = InvocationId::derived(&format!("cron:{name}:{}", s * 1000), pkey);
         let r = host
             .admin_send(reqwest::Method::GET, &format!("/invocations/{id}"), None)
             .await;
