@@ -27,7 +27,7 @@ use std::ops::{Deref, RangeBounds};
 use std::rc::Rc;
 
 /// One row written or deleted.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Change {
     /// The table id, then the encoded row key.
     pub key: Vec<u8>,
@@ -213,8 +213,13 @@ impl<'txn, K: Key + 'static, V: Value + 'static> Logged<'txn, K, V> {
         }
     }
 
-    /// Apply a change read from the log (not recorded again).
-    pub fn apply(&mut self, row: &[u8], value: Option<&[u8]>) -> StoreResult<()> {
+    /// Apply a change read from the log: not recorded again, unless
+    /// `recorded` (a change copied from another partition's log, which
+    /// this partition's log must hold too).
+    pub fn apply(&mut self, row: &[u8], value: Option<&[u8]>, recorded: bool) -> StoreResult<()> {
+        if let (Some(id), true) = (self.id, recorded) {
+            self.capture.record(id, row, value);
+        }
         let key = K::from_bytes(row);
         match value {
             Some(value) => self.table.insert(key, V::from_bytes(value)).map(drop),

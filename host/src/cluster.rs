@@ -157,6 +157,7 @@ pub struct KafkaLog {
     topic: String,
     input: String,
     partition: u32,
+    partitions: u32,
     delivered: Arc<AtomicI64>,
     timeout: Duration,
 }
@@ -196,6 +197,7 @@ impl KafkaLog {
             topic: changelog_topic(&config.app),
             input: crate::membership::input_topic(&config.app),
             partition,
+            partitions: config.partitions,
             delivered,
             timeout,
         })
@@ -329,6 +331,13 @@ impl Log for KafkaLog {
             anyhow::bail!("the changelog transaction failed: {e}");
         }
         Ok(self.delivered.load(Ordering::SeqCst) as u64 + 1)
+    }
+
+    fn sharing_with(&self) -> std::ops::Range<u32> {
+        match self.partition {
+            0 => 1..self.partitions,
+            _ => 0..0,
+        }
     }
 }
 

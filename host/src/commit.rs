@@ -46,6 +46,12 @@ pub trait Log: Send {
     /// order; returns the log position after them. An error is fatal: the
     /// host stops before it acknowledges.
     fn append(&mut self, captured: Captured) -> anyhow::Result<u64>;
+
+    /// The partitions that receive this one's changes of shared tables
+    /// (partition 0 of a cluster sends them to all others).
+    fn sharing_with(&self) -> std::ops::Range<u32> {
+        0..0
+    }
 }
 
 /// Largest number of jobs in one transaction.
@@ -247,8 +253,9 @@ fn apply(
             .into_iter()
             .map(|job| job(&mut tables))
             .collect::<StoreResult<Vec<_>>>()?;
-        let captured = capture.take();
+        let mut captured = capture.take();
         if let (Some(log), false) = (log, captured.is_empty()) {
+            crate::partition::share(&mut captured, log.sharing_with());
             let next = log.append(captured)?;
             // The owner's copy is at the head of the log by definition.
             tables.set_changelog_position(next, SystemClock.now_ms())?;

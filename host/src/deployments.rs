@@ -93,7 +93,14 @@ impl Registry {
     }
 
     async fn component(&self, id: &DeploymentId) -> anyhow::Result<wasmtime::component::Component> {
-        if let Some(c) = self.store.artifact(id)?.and_then(|a| self.runtime.load(&a)) {
+        if let Some(c) = self.runtime.compiled(id) {
+            return Ok(c);
+        }
+        if let Some(c) = self
+            .store
+            .artifact(id)?
+            .and_then(|a| self.runtime.load(id, &a))
+        {
             return Ok(c);
         }
         tracing::info!(deployment = %id, "compiled artifact missing or stale; recompiling");

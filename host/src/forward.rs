@@ -13,9 +13,10 @@
 //! to its key's partition, a call of a service to its idempotency key's, or
 //! to a partition this host owns; every other admin request (deployments,
 //! Kafka, limits, schedules) to partition 0, unless the header
-//! `x-cairn-partition` names one. An upload is answered once every
-//! partition has the deployment (partition 0 sends it to the others), so
-//! a call right after it finds the service everywhere.
+//! `x-cairn-partition` names one. An upload (or a Kafka cluster's
+//! registration) is answered once every partition has it (partition 0
+//! sends it to the others), so a call right after it finds the service
+//! (or the cluster) everywhere.
 //!
 //! Lifecycle: every partition is forwarded (503 with `retry-after` while
 //! no owner is known or the owner does not answer) until
@@ -45,8 +46,34 @@ const FORWARDED: &str = "x-cairn-forwarded";
 /// Names the partition an admin request is for.
 pub const PARTITION_HEADER: &str = "x-cairn-partition";
 
-/// How long an upload waits for every partition to have the deployment.
-const DEPLOY_SPREAD: Duration = Duration::from_secs(30);
+/// How long the creation of a deployment or a Kafka cluster waits for
+/// every partition to have it.
+const SPREAD: Duration = Duration::from_secs(30);
+
+/// Something partition 0 holds for every partition, as the admin API
+/// lists it.
+#[derive(Clone, Copy)]
+struct Shared {
+    /// Where it is listed.
+    path: &'static str,
+    /// The list's field in the answer.
+    list: &'static str,
+    /// The field naming one, in the list and in the creation's answer.
+    key: &'static str,
+}
+
+impl Shared {
+    const DEPLOYMENTS: Shared = Shared {
+        path: "/deployments",
+        list: "deployments",
+        key: "id",
+    };
+    const KAFKA_CLUSTERS: Shared = Shared {
+        path: "/kafka-clusters",
+        list: "clusters",
+        key: "name",
+    };
+}
 
 /// Which of the host's two APIs a request came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,13 +154,15 @@ impl Front {
 
     async fn dispatch(&self, api: Api, req: Request) -> Response {
         let p = self.partition_of(api, &req);
-        let upload = api == Api::Admin
-            && req.method() == Method::POST
-            && req.uri().path().trim_end_matches('/') == "/deployments";
+        let shared = match (api, req.method(), req.uri().path().trim_end_matches('/')) {
+            (Api::Admin, &Method::POST, "/deployments") => Some(Shared::DEPLOYMENTS),
+            (Api::Admin, &Method::POST, "/kafka-clusters") => Some(Shared::KAFKA_CLUSTERS),
+            _ => None,
+        };
         let response = self.dispatch_to(api, p, req).await;
-        match upload && response.status().is_success() {
-            true => self.spread_deployment(response).await,
-            false => response,
+        match shared {
+            Some(shared) if response.status().is_success() => self.spread(shared, response).await,
+            _ => response,
         }
     }
 
@@ -227,20 +256,21 @@ impl Front {
         kinds.get(service).copied()
     }
 
-    /// Answer an upload once every partition lists the deployment (at
-    /// most [`DEPLOY_SPREAD`]; it gets there later in any case).
-    async fn spread_deployment(&self, response: Response) -> Response {
+    /// Answer the creation of something every partition holds once every
+    /// partition lists it (at most [`SPREAD`]; it gets there later in any
+    /// case).
+    async fn spread(&self, shared: Shared, response: Response) -> Response {
         let (parts, body) = response.into_parts();
         let Ok(body) = axum::body::to_bytes(body, self.max_body_bytes).await else {
-            return unavailable("the upload's answer broke off");
+            return unavailable("the answer broke off");
         };
-        let id = serde_json::from_slice::<serde_json::Value>(&body)
+        let name = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
-            .and_then(|v| v.get("id")?.as_str().map(String::from));
-        if let Some(id) = id {
-            let deadline = Instant::now() + DEPLOY_SPREAD;
+            .and_then(|v| v.get(shared.key)?.as_str().map(String::from));
+        if let Some(name) = name {
+            let deadline = Instant::now() + SPREAD;
             for p in 1..self.membership.partitions() {
-                while !self.lists_deployment(p, &id).await && Instant::now() < deadline {
+                while !self.lists(p, shared, &name).await && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
@@ -248,16 +278,20 @@ impl Front {
         Response::from_parts(parts, Body::from(body))
     }
 
-    async fn lists_deployment(&self, p: u32, id: &str) -> bool {
+    /// Whether partition `p` lists `name` among its `shared` things.
+    async fn lists(&self, p: u32, shared: Shared, name: &str) -> bool {
         let request = Request::builder()
-            .uri("/deployments")
+            .uri(shared.path)
             .body(Body::empty())
             .expect("a valid request");
         let response = self.dispatch_to(Api::Admin, p, request).await;
-        match axum::body::to_bytes(response.into_body(), self.max_body_bytes).await {
-            Ok(body) => String::from_utf8_lossy(&body).contains(id),
-            Err(_) => false,
-        }
+        let Ok(body) = axum::body::to_bytes(response.into_body(), self.max_body_bytes).await else {
+            return false;
+        };
+        let listed = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
+        listed[shared.list]
+            .as_array()
+            .is_some_and(|all| all.iter().any(|one| one[shared.key] == name))
     }
 
     async fn forward(&self, api: Api, p: u32, req: Request) -> Result<Response, String> {

@@ -484,6 +484,7 @@ impl Invoker {
                 self.complete_awakeable_in(t, &awakeable, outcome)
             }
             Message::Cancel(id) => self.cancel_from_handler_in(t, id.as_str()),
+            Message::Replicate(change) => t.copy(&change).map(|()| None),
             Message::Deploy(_) => Err(StoreError::Corrupt {
                 table: "partitions",
                 reason: "a deployment is applied by the registry, not in a transaction".into(),

@@ -21,6 +21,7 @@
 //!
 //! Standalone mode has one partition: nothing is ever sent.
 
+use crate::changelog::{Captured, Change, Outgoing};
 use crate::ids::InvocationId;
 use crate::invoker::Invoker;
 use crate::journal::{CompletionValue, Outcome};
@@ -76,6 +77,23 @@ impl Partitioning {
     }
 }
 
+/// Add to a transaction of partition 0 the messages that copy its changes
+/// of shared tables to partitions `others`.
+pub fn share(captured: &mut Captured, others: std::ops::Range<u32>) {
+    let shared: Vec<Vec<u8>> = captured
+        .changes
+        .iter()
+        .filter(|c| crate::store::is_shared(c.table()))
+        .map(|c| Message::Replicate(c.clone()).encode())
+        .collect();
+    for payload in shared {
+        for partition in others.clone() {
+            let payload = payload.clone();
+            captured.outgoing.push(Outgoing { partition, payload });
+        }
+    }
+}
+
 /// The partition key of `key` of keyed service `service`.
 pub fn key_hash(service: &str, key: &str) -> u32 {
     hash(format!("{service}/{key}").as_bytes())
@@ -106,6 +124,9 @@ pub enum Message {
     Cancel(InvocationId),
     /// A module deployed on partition 0, for every other partition.
     Deploy(Vec<u8>),
+    /// A change of a table shared by every partition
+    /// ([`crate::store::is_shared`]), written on partition 0.
+    Replicate(Change),
 }
 
 impl Message {

@@ -28,6 +28,7 @@
 use crate::config::Limits;
 use crate::context::{check_size, DurableContext, HostTrap};
 use crate::guestlog::GuestOutput;
+use crate::ids::DeploymentId;
 use crate::records::{HandlerInfo, HandlerKind, ServiceInfo, ServiceKind};
 use crate::sandbox::{CpuTurns, InstanceMemory, MemoryBudget, Turn};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -104,6 +105,10 @@ pub struct Runtime {
     guest_env: Vec<(String, String)>,
     memory: Arc<MemoryBudget>,
     turns: CpuTurns,
+    /// Every module compiled by this engine, by deployment (a host's
+    /// partitions share the engine, so each module compiles once per host;
+    /// bounded by the deployments).
+    compiled: std::sync::Mutex<std::collections::HashMap<DeploymentId, Component>>,
 }
 
 impl Runtime {
@@ -157,24 +162,44 @@ impl Runtime {
             guest_env: host.guest_env.clone().into_iter().collect(),
             memory: MemoryBudget::new(host.limits.memory_total),
             turns: CpuTurns::new(host.limits.service_cores()),
+            compiled: Default::default(),
         })
     }
 
-    /// Compile uploaded bytes; returns the component and its serialized
-    /// artifact for the store.
+    /// Compile uploaded bytes (once per engine); returns the component
+    /// and its serialized artifact for the store.
     pub fn compile(&self, bytes: &[u8]) -> Result<(Component, Vec<u8>), DeployError> {
-        let component = Component::new(&self.engine, bytes).map_err(DeployError::NotAComponent)?;
+        let id = DeploymentId::for_module(bytes);
+        let component = match self.compiled(&id) {
+            Some(component) => component,
+            None => Component::new(&self.engine, bytes).map_err(DeployError::NotAComponent)?,
+        };
         let artifact = component.serialize().map_err(DeployError::NotAComponent)?;
+        self.remember(id, &component);
         Ok((component, artifact))
     }
 
-    /// Load a stored artifact; `None` if it was built by another engine
-    /// version or configuration (then recompile).
-    pub fn load(&self, artifact: &[u8]) -> Option<Component> {
+    /// Load a stored artifact of deployment `id`; `None` if it was built
+    /// by another engine version or configuration (then recompile).
+    pub fn load(&self, id: &DeploymentId, artifact: &[u8]) -> Option<Component> {
+        if let Some(component) = self.compiled(id) {
+            return Some(component);
+        }
         // SAFETY: artifacts are produced by `compile` of this program and
         // stored in our own database; wasmtime checks the engine version and
         // configuration and refuses a mismatch.
-        unsafe { Component::deserialize(&self.engine, artifact) }.ok()
+        let component = unsafe { Component::deserialize(&self.engine, artifact) }.ok()?;
+        self.remember(id.clone(), &component);
+        Some(component)
+    }
+
+    /// Deployment `id` if this engine compiled or loaded it already.
+    pub fn compiled(&self, id: &DeploymentId) -> Option<Component> {
+        self.compiled.lock().unwrap().get(id).cloned()
+    }
+
+    fn remember(&self, id: DeploymentId, component: &Component) {
+        self.compiled.lock().unwrap().insert(id, component.clone());
     }
 
     /// Link a component against the host's imports.

@@ -9,7 +9,8 @@
 //!
 //! Cluster start-up (`docs/scale-out.md`): open a store per partition and
 //! the ports at once, join the consumer group and forward every request to
-//! the owners (`forward`), each copy following its changelog. For each
+//! the owners (`forward`), each copy following its changelog, its modules
+//! compiled into the host's one wasmtime engine ahead of a takeover. For each
 //! partition assigned: stop following, fence the previous owner, restore
 //! the store from the changelog, start the writer with the changelog as
 //! its log, build the engine as above on a runtime of its own, read the
@@ -59,7 +60,9 @@ fn open_store(dir: &std::path::Path, cache_bytes: usize) -> anyhow::Result<Arc<S
 async fn serve_standalone(config: Config, deploy: Vec<PathBuf>) -> anyhow::Result<()> {
     let store = open_store(&config.data_dir, config.db_cache_bytes)?;
     let committer = Committer::start(store.clone());
-    let engine = Engine::start(&config, store, committer, deploy, Partitioning::SINGLE).await?;
+    let runtime = Arc::new(Runtime::new(&config)?);
+    let partitioning = Partitioning::SINGLE;
+    let engine = Engine::start(&config, store, committer, deploy, partitioning, runtime).await?;
     let (ingress, admin) = bind(&config).await?;
     let invoker = engine.invoker.clone();
     listen(
@@ -116,7 +119,9 @@ async fn serve_cluster(
         front: front.clone(),
         membership,
         slots,
+        runtime: Arc::new(Runtime::new(&config)?),
     });
+    tokio::spawn(host.clone().precompile());
     let closing = host.clone();
     let served = listen(
         &config,
@@ -166,6 +171,9 @@ struct ClusterHost {
     front: Arc<Front>,
     membership: Arc<Membership>,
     slots: Vec<Arc<Slot>>,
+    /// One engine for every partition: the host's memory and CPU budgets,
+    /// and each module compiled once.
+    runtime: Arc<Runtime>,
 }
 
 /// One partition on this host: its copy of the store, and whether this
@@ -234,10 +242,16 @@ impl ClusterHost {
         let (host, store, writer) = (self.clone(), slot.store.clone(), committer.clone());
         let (engine, inputs) = runtime
             .spawn(async move {
-                let deploy = host.deploy.clone();
-                let engine =
-                    Engine::start(&host.config, store.clone(), writer, deploy, partitioning)
-                        .await?;
+                let (deploy, shared) = (host.deploy.clone(), host.runtime.clone());
+                let engine = Engine::start(
+                    &host.config,
+                    store.clone(),
+                    writer,
+                    deploy,
+                    partitioning,
+                    shared,
+                )
+                .await?;
                 let (sink, queue) = tokio::sync::mpsc::channel(1024);
                 let from = store.input_position()?;
                 let inputs = crate::cluster::Inputs::start(&host.cluster, p, from, sink)?;
@@ -292,6 +306,30 @@ impl ClusterHost {
         *role = Role::Standby(Some(follower));
         let _ = done.send(());
         Ok(())
+    }
+
+    /// Compile the modules of every copy this host holds, standbys
+    /// included, so that a takeover finds them compiled (the shared engine
+    /// keeps them). Runs for the life of the host.
+    async fn precompile(self: Arc<Self>) {
+        loop {
+            for slot in &self.slots {
+                for deployment in slot.store.deployments().unwrap_or_default() {
+                    if self.runtime.compiled(&deployment.id).is_some() {
+                        continue;
+                    }
+                    let Ok(Some(module)) = slot.store.module(&deployment.id) else {
+                        continue;
+                    };
+                    let runtime = self.runtime.clone();
+                    let compiled = tokio::task::spawn_blocking(move || runtime.compile(&module));
+                    if let Ok(Err(e)) = compiled.await {
+                        tracing::warn!(deployment = %deployment.id, "cannot precompile: {e}");
+                    }
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        }
     }
 
     /// Shutdown: every engine answers its attached clients.
@@ -362,8 +400,8 @@ impl Engine {
         committer: Committer,
         deploy: Vec<PathBuf>,
         partitioning: Partitioning,
+        runtime: Arc<Runtime>,
     ) -> anyhow::Result<Engine> {
-        let runtime = Arc::new(Runtime::new(config)?);
         let registry = Registry::load(
             runtime.clone(),
             store.clone(),

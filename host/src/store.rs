@@ -91,9 +91,19 @@ macro_rules! tables {
 
             /// Apply a change read from the changelog.
             pub fn apply(&mut self, change: &Change) -> StoreResult<()> {
+                self.apply_change(change, false)
+            }
+
+            /// Apply a change copied from another partition's changelog,
+            /// recording it in this transaction's.
+            pub fn copy(&mut self, change: &Change) -> StoreResult<()> {
+                self.apply_change(change, true)
+            }
+
+            fn apply_change(&mut self, change: &Change, recorded: bool) -> StoreResult<()> {
                 let value = change.value.as_deref();
                 match Some(change.table()) {
-                    $(id if id == Option::<u8>::from($id) => self.$field.apply(change.row(), value),)*
+                    $(id if id == Option::<u8>::from($id) => self.$field.apply(change.row(), value, recorded),)*
                     _ => Err(StoreError::Corrupt {
                         table: "changelog",
                         reason: format!("unknown table id {}", change.table()),
@@ -136,7 +146,7 @@ tables! {
     promise_waiters: PROMISE_WAITERS = "promise_waiters", Some(13),
         <(&'static str, &'static str, &'static str, &'static str, u32), ()>;
     /// name -> postcard(ClusterRecord)
-    clusters: KAFKA_CLUSTERS = "kafka_clusters", Some(14), <&'static str, &'static [u8]>;
+    clusters: KAFKA_CLUSTERS = "kafka_clusters", Some(KAFKA_CLUSTERS_ID), <&'static str, &'static [u8]>;
     /// id -> postcard(SubscriptionRecord)
     subscriptions: SUBSCRIPTIONS = "subscriptions", Some(15), <&'static str, &'static [u8]>;
     /// name -> postcard(ScheduleRecord)
@@ -153,6 +163,18 @@ tables! {
     /// Facts about this host's copy of the store (never replicated): the
     /// changelog position it has applied.
     local: LOCAL = "local", None, <&'static str, u64>;
+}
+
+/// The changelog id of the Kafka clusters' table.
+const KAFKA_CLUSTERS_ID: u8 = 14;
+
+/// Whether rows of table `id` belong to the whole application, not to one
+/// partition: partition 0 writes them and sends every change to the other
+/// partitions ([`crate::partition`]). Deployments travel as modules
+/// instead (each partition compiles them); subscriptions and schedules
+/// run on partition 0 only.
+pub fn is_shared(id: u8) -> bool {
+    id == KAFKA_CLUSTERS_ID
 }
 
 /// The `local` row holding the changelog position applied.
