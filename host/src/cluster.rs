@@ -52,6 +52,9 @@ use tokio::sync::mpsc::error::TrySendError;
 /// Largest changelog record (a deployment's module is one record).
 const MAX_RECORD_BYTES: usize = 128 * 1024 * 1024;
 
+/// How long the broker holds an empty fetch of a reader following a log.
+const FOLLOWING_WAIT: Duration = Duration::from_millis(100);
+
 /// Changes applied per redb transaction while restoring or following.
 const RESTORE_BATCH: usize = 10_000;
 
@@ -376,7 +379,7 @@ pub async fn restore(
     log: &mut KafkaLog,
     config: &ClusterConfig,
 ) -> anyhow::Result<Restored> {
-    let reader = Reader::new(config, log.partition())?;
+    let reader = Reader::new(config, log.partition(), Until::End)?;
     let deadline = Instant::now() + config.restore_timeout;
     let (low, high) = reader.watermarks()?;
     let position = store.changelog_position()?;
@@ -445,7 +448,7 @@ impl Follower {
         config: &ClusterConfig,
         partition: u32,
     ) -> anyhow::Result<Follower> {
-        let reader = Reader::new(config, partition)?;
+        let reader = Reader::new(config, partition, Until::Stopped)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (running, config) = (stop.clone(), config.clone());
         let thread = std::thread::Builder::new()
@@ -495,7 +498,7 @@ impl Inputs {
         from: u64,
         sink: tokio::sync::mpsc::Sender<Input>,
     ) -> anyhow::Result<Inputs> {
-        let consumer = committed_reader(config)?;
+        let consumer = committed_reader(config, FOLLOWING_WAIT)?;
         let mut list = TopicPartitionList::new();
         list.add_partition_offset(
             &crate::membership::input_topic(&config.app),
@@ -606,8 +609,12 @@ struct Reader {
 }
 
 /// A consumer of committed records only, of records up to the largest size.
-fn committed_reader(config: &ClusterConfig) -> anyhow::Result<BaseConsumer> {
+/// `wait` bounds how long the broker holds a fetch that finds nothing new:
+/// short to reach the end of a log fast (a restore), longer for a reader
+/// that follows a log (fewer empty fetches).
+fn committed_reader(config: &ClusterConfig, wait: Duration) -> anyhow::Result<BaseConsumer> {
     Ok(client(config)
+        .set("fetch.wait.max.ms", wait.as_millis().to_string())
         .set("group.id", format!("cairn.{}.restore", config.app))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
@@ -623,9 +630,13 @@ fn committed_reader(config: &ClusterConfig) -> anyhow::Result<BaseConsumer> {
 }
 
 impl Reader {
-    fn new(config: &ClusterConfig, partition: u32) -> anyhow::Result<Self> {
+    fn new(config: &ClusterConfig, partition: u32, until: Until) -> anyhow::Result<Self> {
+        let wait = match until {
+            Until::End => Duration::from_millis(10),
+            Until::Stopped => FOLLOWING_WAIT,
+        };
         Ok(Reader {
-            consumer: committed_reader(config)?,
+            consumer: committed_reader(config, wait)?,
             topic: changelog_topic(&config.app),
             partition: partition as i32,
         })

@@ -172,7 +172,7 @@ pub struct Membership {
     owners: Arc<RwLock<BTreeMap<u32, Address>>>,
     producer: BaseProducer,
     leaving: Arc<AtomicBool>,
-    stopped: Option<std::thread::JoinHandle<()>>,
+    stopped: Mutex<Option<std::thread::JoinHandle<()>>>,
     app: String,
     partitions: u32,
     me: Address,
@@ -194,7 +194,9 @@ impl Membership {
             .set("group.id", format!("cairn.{}", config.app))
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("session.timeout.ms", session.to_string())
-            .set("heartbeat.interval.ms", (session / 3).to_string())
+            // Members hear of a rebalance (a host left) at their next
+            // heartbeat: frequent ones keep a graceful hand-over short.
+            .set("heartbeat.interval.ms", (session / 12).max(100).to_string())
             .set("enable.auto.commit", "false")
             .create_with_context(Group {
                 owned: owned.clone(),
@@ -230,7 +232,7 @@ impl Membership {
             owners,
             producer,
             leaving,
-            stopped: Some(stopped),
+            stopped: Mutex::new(Some(stopped)),
             app: config.app.clone(),
             partitions: config.partitions,
             me,
@@ -286,9 +288,10 @@ impl Membership {
     }
 
     /// Leave the group now (shutdown): the partitions move at once.
-    pub fn leave(&mut self) {
+    pub fn leave(&self) {
         self.leaving.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.stopped.take() {
+        let thread = self.stopped.lock().unwrap().take();
+        if let Some(thread) = thread {
             let _ = thread.join();
         }
     }

@@ -146,11 +146,13 @@ async fn serve_cluster(
             });
         }
     };
-    tokio::select! {
+    let result = tokio::select! {
         () = served => Ok(()),
         () = lifecycle => Ok(()),
         Some(e) = failed.recv() => Err(e),
-    }
+    };
+    host.leave().await;
+    result
 }
 
 /// Where partition `p`'s copy lives: partition 0 in the data directory
@@ -199,6 +201,18 @@ struct Owned {
     runtime: tokio::runtime::Runtime,
     committer: Committer,
     inputs: crate::cluster::Inputs,
+}
+
+impl Owned {
+    /// Stop running the partition: dropping the runtime drops every
+    /// attempt, timer and the input's applier; the writer stops after the
+    /// transaction it is writing. Blocks.
+    fn stop(self) {
+        self.runtime
+            .shutdown_timeout(std::time::Duration::from_secs(5));
+        self.inputs.stop();
+        self.committer.stop();
+    }
 }
 
 impl Slot {
@@ -308,6 +322,21 @@ impl ClusterHost {
         Ok(())
     }
 
+    /// Shutdown, after the listeners closed: stop every partition this
+    /// host owns (nothing more of them is written), then leave the group,
+    /// which hands them to the other hosts at once.
+    async fn leave(&self) {
+        for slot in &self.slots {
+            let mut role = slot.role.lock().await;
+            if let Role::Owner(owned) = std::mem::replace(&mut *role, Role::Standby(None)) {
+                let _ = tokio::task::spawn_blocking(move || owned.stop()).await;
+            }
+        }
+        let membership = self.membership.clone();
+        let _ = tokio::task::spawn_blocking(move || membership.leave()).await;
+        tracing::info!("left the cluster");
+    }
+
     /// Compile the modules of every copy this host holds, standbys
     /// included, so that a takeover finds them compiled (the shared engine
     /// keeps them). Runs for the life of the host.
@@ -328,7 +357,7 @@ impl ClusterHost {
                     }
                 }
             }
-            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
     }
 
