@@ -6,6 +6,8 @@
 #   scripts/bench.sh wrk    # steps3, counter-keys, counter-hot with wrk (32 connections, 20 s)
 #     CAIRN_BENCH_CLUSTER=127.0.0.1:9092 scripts/bench.sh wrk   # the same host in
 #     cluster mode (every commit a Kafka transaction; start Kafka first)
+#     CAIRN_BENCH_CLUSTER=127.0.0.1:9092 CAIRN_BENCH_HOSTS=2 CAIRN_BENCH_PARTITIONS=4 \
+#       scripts/bench.sh wrk   # two hosts sharing four partitions, load through both
 #   scripts/bench.sh timers [--timers N]   # a million sends due in a day: memory,
 #     then the restart time after a SIGKILL
 set -euo pipefail
@@ -16,32 +18,59 @@ cargo build --quiet --release -p cairn -p cairn-tests --bin cairn --bin cairn-lo
 if [ "${1:-}" = wrk ]; then
   # The three HTTP workloads with wrk (32 connections, 20 s each, back to
   # back) against a host on its defaults; its peak memory after each.
+  # In cluster mode, CAIRN_BENCH_PARTITIONS partitions (default 1) over
+  # CAIRN_BENCH_HOSTS hosts (default 1), the 32 connections split between
+  # the hosts' ingresses.
   command -v wrk >/dev/null || { apt-get install -y wrk >/dev/null || { echo "bench.sh: install wrk (apt-get install wrk)" >&2; exit 1; }; }
   dir=$(mktemp -d)
   port=${CAIRN_BENCH_PORT:-18080}
-  printf 'data_dir = "%s/db"\ningress_addr = "127.0.0.1:%s"\nadmin_addr = "127.0.0.1:%s"\n' \
-    "$dir" "$port" "$((port + 1))" > "$dir/cairn.toml"
-  if [ -n "${CAIRN_BENCH_CLUSTER:-}" ]; then
-    printf '[cluster]\nbootstrap = "%s"\napp = "bench-%s"\n' \
-      "$CAIRN_BENCH_CLUSTER" "$(date +%s%N)" >> "$dir/cairn.toml"
-  fi
-  "$CARGO_TARGET_DIR/release/cairn" serve --config "$dir/cairn.toml" \
-    --deploy "$CARGO_TARGET_DIR/examples-wasm/basics.wasm" > "$dir/log" 2>&1 &
-  pid=$!
-  trap 'kill -9 $pid 2>/dev/null; rm -rf "$dir"' EXIT
-  for _ in $(seq 300); do
+  hosts=${CAIRN_BENCH_HOSTS:-1}
+  partitions=${CAIRN_BENCH_PARTITIONS:-1}
+  app="bench-$(date +%s%N)"
+  pids=()
+  trap 'kill -9 "${pids[@]}" 2>/dev/null; rm -rf "$dir"' EXIT
+  for h in $(seq 0 $((hosts - 1))); do
+    hp=$((port + 10 * h))
+    printf 'data_dir = "%s/db%s"\ningress_addr = "127.0.0.1:%s"\nadmin_addr = "127.0.0.1:%s"\n' \
+      "$dir" "$h" "$hp" "$((hp + 1))" > "$dir/cairn$h.toml"
     if [ -n "${CAIRN_BENCH_CLUSTER:-}" ]; then
-      curl -sf "http://127.0.0.1:$((port + 1))/cluster" | grep -q '"role":"owner"' && break
-    else
-      curl -sf "http://127.0.0.1:$((port + 1))/health" >/dev/null && break
+      printf '[cluster]\nbootstrap = "%s"\napp = "%s"\npartitions = %s\n' \
+        "$CAIRN_BENCH_CLUSTER" "$app" "$partitions" >> "$dir/cairn$h.toml"
+    fi
+    "$CARGO_TARGET_DIR/release/cairn" serve --config "$dir/cairn$h.toml" \
+      --deploy "$CARGO_TARGET_DIR/examples-wasm/basics.wasm" > "$dir/log$h" 2>&1 &
+    pids+=($!)
+  done
+  # Ready: every host healthy; in cluster mode, every partition served.
+  for _ in $(seq 600); do
+    served=0 healthy=0
+    for h in $(seq 0 $((hosts - 1))); do
+      admin="http://127.0.0.1:$((port + 10 * h + 1))"
+      curl -sf "$admin/health" >/dev/null && healthy=$((healthy + 1))
+      if [ -n "${CAIRN_BENCH_CLUSTER:-}" ]; then
+        owners=$(curl -sf "$admin/cluster" 2>/dev/null | grep -o '"role":"owner"' | wc -l || true)
+        served=$((served + owners))
+      fi
+    done
+    if [ "$healthy" = "$hosts" ] && { [ -z "${CAIRN_BENCH_CLUSTER:-}" ] || [ "$served" = "$partitions" ]; }; then
+      break
     fi
     sleep 0.1
   done
   for workload in steps3 counter-keys counter-hot; do
-    echo "== $workload"
-    wrk -t2 -c32 -d20s --latency -s scripts/wrk/workload.lua "http://127.0.0.1:$port" -- "$workload" |
-      grep -E "Requests/sec|^ +(50|99)%|Non-2xx|Socket errors"
-    echo "host peak memory: $(awk '/VmHWM/ {printf "%.1f MiB", $2 / 1024}' "/proc/$pid/status")"
+    echo "== $workload ($hosts host(s), $partitions partition(s))"
+    wrks=()
+    for h in $(seq 0 $((hosts - 1))); do
+      wrk -t1 -c$((32 / hosts)) -d20s --latency -s scripts/wrk/workload.lua \
+        "http://127.0.0.1:$((port + 10 * h))" -- "$workload" > "$dir/wrk$h" &
+      wrks+=($!)
+    done
+    wait "${wrks[@]}"
+    for h in $(seq 0 $((hosts - 1))); do
+      echo "-- host $h"
+      grep -E "Requests/sec|^ +(50|99)%|Non-2xx|Socket errors" "$dir/wrk$h"
+      echo "host peak memory: $(awk '/VmHWM/ {printf "%.1f MiB", $2 / 1024}' "/proc/${pids[$h]}/status")"
+    done
   done
   exit 0
 fi
