@@ -8,6 +8,8 @@
 #     cluster mode (every commit a Kafka transaction; start Kafka first)
 #     CAIRN_BENCH_CLUSTER=127.0.0.1:9092 CAIRN_BENCH_HOSTS=2 CAIRN_BENCH_PARTITIONS=4 \
 #       scripts/bench.sh wrk   # two hosts sharing four partitions, load through both
+#   CAIRN_BENCH_CLUSTER=127.0.0.1:9092 scripts/bench.sh restore   # restore time
+#     of a host on an empty disk against the changelog's size
 #   scripts/bench.sh timers [--timers N]   # a million sends due in a day: memory,
 #     then the restart time after a SIGKILL
 set -euo pipefail
@@ -72,6 +74,51 @@ if [ "${1:-}" = wrk ]; then
       echo "host peak memory: $(awk '/VmHWM/ {printf "%.1f MiB", $2 / 1024}' "/proc/${pids[$h]}/status")"
     done
   done
+  exit 0
+fi
+if [ "${1:-}" = restore ]; then
+  # Restore time against the changelog's size: a cluster host fills its
+  # store with counter-keys under wrk for CAIRN_BENCH_FILL seconds (default
+  # 20), is SIGKILLed, and a host on an empty disk rebuilds the store from
+  # the changelog. Prints the records, the bytes of the changelog on the
+  # broker's disk and the time from the assignment to the restored store.
+  : "${CAIRN_BENCH_CLUSTER:?set CAIRN_BENCH_CLUSTER=127.0.0.1:9092 (start Kafka first)}"
+  command -v wrk >/dev/null || { apt-get install -y wrk >/dev/null || { echo "bench.sh: install wrk (apt-get install wrk)" >&2; exit 1; }; }
+  dir=$(mktemp -d)
+  port=${CAIRN_BENCH_PORT:-18080}
+  app="bench-$(date +%s%N)"
+  pids=()
+  trap 'kill -9 "${pids[@]}" 2>/dev/null; rm -rf "$dir"' EXIT
+  start() { # $1: host number
+    local hp=$((port + 10 * $1))
+    printf 'data_dir = "%s/db%s"\ningress_addr = "127.0.0.1:%s"\nadmin_addr = "127.0.0.1:%s"\n[cluster]\nbootstrap = "%s"\napp = "%s"\n' \
+      "$dir" "$1" "$hp" "$((hp + 1))" "$CAIRN_BENCH_CLUSTER" "$app" > "$dir/cairn$1.toml"
+    "$CARGO_TARGET_DIR/release/cairn" serve --config "$dir/cairn$1.toml" \
+      --deploy "$CARGO_TARGET_DIR/examples-wasm/basics.wasm" > "$dir/log$1" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 600); do
+      curl -sf "http://127.0.0.1:$((hp + 1))/cluster" 2>/dev/null | grep -q '"role":"owner"' && return
+      sleep 0.1
+    done
+    echo "bench.sh: host $1 did not take the partition over" >&2; exit 1
+  }
+  at() { # the time of the first log line of host $1 matching $2, in seconds
+    date -d "$(grep -m1 "$2" "$dir/log$1" | cut -d' ' -f1)" +%s.%N
+  }
+  start 0
+  wrk -t2 -c32 -d"${CAIRN_BENCH_FILL:-20}s" -s scripts/wrk/workload.lua \
+    "http://127.0.0.1:$port" -- counter-keys | grep "Requests/sec"
+  kill -9 "${pids[0]}"
+  logs="${CAIRN_KAFKA_HOME:-$HOME/.cache/cairn-kafka}/data-${CAIRN_BENCH_CLUSTER##*:}/logs"
+  bytes=$(du -sb "$logs/cairn.$app.changelog-0" | cut -f1)
+  start 1
+  restored=$(grep -m1 "restored from the changelog" "$dir/log1")
+  records=$(echo "$restored" | grep -o 'records: [0-9]*' | grep -o '[0-9]*')
+  took=$(awk -v a="$(at 1 "assigned: taking it over")" -v b="$(at 1 "restored from the changelog")" \
+    'BEGIN { printf "%.2f", b - a }')
+  echo "changelog: $records records, $((bytes / 1024 / 1024)) MiB on the broker's disk"
+  echo "restore on an empty disk: $took s from the assignment" \
+    "($(awk -v r="$records" -v t="$took" 'BEGIN { printf "%d", r / t }') records/s)"
   exit 0
 fi
 if [ "${1:-}" = timers ]; then

@@ -6,15 +6,19 @@
 //! consensus protocol of its own (`docs/scale-out.md` has the design and
 //! the alternatives rejected).
 //!
-//! What it does today (one partition: the whole application):
+//! Per partition `N` of the application (`crate::partition`):
 //!
 //! - **Commit.** Every group commit's changes ([`crate::changelog`]) are
-//!   written to partition 0 of the compacted topic
-//!   `cairn.<app>.changelog` in one Kafka transaction; only after the
-//!   transaction commits does the local redb transaction commit and do the
-//!   answers leave the host ([`KafkaLog`]).
-//! - **Fencing.** The transactional id is `cairn.<app>.p0`. A host that
-//!   starts calls `init_transactions`, which bumps the producer epoch: a
+//!   written to partition `N` of the compacted topic
+//!   `cairn.<app>.changelog` in one Kafka transaction, with the messages
+//!   the commit sends to other partitions (to their partitions of
+//!   `cairn.<app>.in`); only after the transaction commits does the local
+//!   redb transaction commit and do the answers leave the host
+//!   ([`KafkaLog`]).
+//! - **Messages in.** The owner reads partition `N` of `cairn.<app>.in`
+//!   from the position its store holds ([`Inputs`]).
+//! - **Fencing.** The transactional id is `cairn.<app>.p<N>`. A host that
+//!   takes `N` over calls `init_transactions`, which bumps the producer epoch: a
 //!   previous owner that is still alive (paused, partitioned away) fails its
 //!   next commit with a fenced error, before its redb or any client sees
 //!   the write, and stops.
@@ -25,10 +29,12 @@
 //! - **Hot standbys.** Until then a standby's copy follows the log
 //!   ([`Follower`]), so that a takeover applies only a tail.
 //!
-//! Lifecycle: [`ensure_topics`] at start → [`Follower`] while standby →
-//! [`KafkaLog::open`] (fence) → [`restore`] → the committer
-//! appends to the log for the life of the host. A failed append is fatal,
-//! like a failed fsync in standalone mode.
+//! Lifecycle of a partition on a host: [`ensure_topics`] at start →
+//! [`Follower`] while standby → [`KafkaLog::open`] (fence) → [`restore`] →
+//! the committer appends to the log and [`Inputs`] reads the input while
+//! this host owns it → both stopped when the group moves it, and a
+//! [`Follower`] again. A failed append is fatal, like a failed fsync in
+//! standalone mode.
 
 use crate::changelog::{Captured, Change, Outgoing};
 use crate::clock::{Clock, SystemClock};

@@ -184,9 +184,13 @@ impl Front {
     /// The partition a request is for (see the module docs).
     fn partition_of(&self, api: Api, req: &Request) -> u32 {
         let count = self.membership.partitions();
+        // Clients may name the partition of an admin request; an ingress
+        // request's is named by the host that forwarded it.
+        let trusted = api == Api::Admin || req.headers().contains_key(FORWARDED);
         let named = req
             .headers()
             .get(PARTITION_HEADER)
+            .filter(|_| trusted)
             .and_then(|v| v.to_str().ok()?.parse::<u32>().ok())
             .filter(|&p| p < count);
         if let Some(p) = named {
