@@ -79,9 +79,10 @@ fi
 if [ "${1:-}" = restore ]; then
   # Restore time against the changelog's size: a cluster host fills its
   # store with counter-keys under wrk for CAIRN_BENCH_FILL seconds (default
-  # 20), is SIGKILLed, and a host on an empty disk rebuilds the store from
-  # the changelog. Prints the records, the bytes of the changelog on the
-  # broker's disk and the time from the assignment to the restored store.
+  # 20) and is SIGKILLed; a host started on an empty disk reads the whole
+  # changelog into its copy (as a standby, then takes over). Prints the
+  # records, the bytes of the changelog on the broker's disk and the time
+  # from the host's start to its copy at the head of the log.
   : "${CAIRN_BENCH_CLUSTER:?set CAIRN_BENCH_CLUSTER=127.0.0.1:9092 (start Kafka first)}"
   command -v wrk >/dev/null || { apt-get install -y wrk >/dev/null || { echo "bench.sh: install wrk (apt-get install wrk)" >&2; exit 1; }; }
   dir=$(mktemp -d)
@@ -112,12 +113,12 @@ if [ "${1:-}" = restore ]; then
   logs="${CAIRN_KAFKA_HOME:-$HOME/.cache/cairn-kafka}/data-${CAIRN_BENCH_CLUSTER##*:}/logs"
   bytes=$(du -sb "$logs/cairn.$app.changelog-0" | cut -f1)
   start 1
-  restored=$(grep -m1 "restored from the changelog" "$dir/log1")
-  records=$(echo "$restored" | grep -o 'records: [0-9]*' | grep -o '[0-9]*')
-  took=$(awk -v a="$(at 1 "assigned: taking it over")" -v b="$(at 1 "restored from the changelog")" \
+  reached=$(grep -m1 "reached the head of the changelog" "$dir/log1")
+  records=$(echo "$reached" | grep -o 'records=[0-9]*' | grep -o '[0-9]*')
+  took=$(awk -v a="$(at 1 "cairn is ready")" -v b="$(at 1 "reached the head of the changelog")" \
     'BEGIN { printf "%.2f", b - a }')
   echo "changelog: $records records, $((bytes / 1024 / 1024)) MiB on the broker's disk"
-  echo "restore on an empty disk: $took s from the assignment" \
+  echo "an empty copy at the head of the log: $took s after the host's start" \
     "($(awk -v r="$records" -v t="$took" 'BEGIN { printf "%d", r / t }') records/s)"
   exit 0
 fi

@@ -677,6 +677,7 @@ impl Reader {
         let mut complaint: Option<String> = None;
         let (mut applied, mut batch, mut at_end, mut quiet) =
             (0, Vec::new(), false, Instant::now());
+        let mut reached = false;
         loop {
             if !more() {
                 anyhow::ensure!(
@@ -693,6 +694,14 @@ impl Reader {
                 }
                 None => {}
                 Some(Err(KafkaError::PartitionEOF(_))) => {
+                    if !reached {
+                        tracing::info!(
+                            partition = self.partition,
+                            records = applied,
+                            "the copy reached the head of the changelog"
+                        );
+                        reached = true;
+                    }
                     (at_end, at_head, quiet) = (true, SystemClock.now_ms(), Instant::now());
                     flush(store, &mut batch, next, at_head)?;
                     if until_end {
