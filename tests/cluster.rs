@@ -695,6 +695,14 @@ async fn partitions_spread_over_hosts_and_effects_cross_them_exactly_once() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    // Any host lists the unfinished invocations of every partition.
+    let listed = hosts[2].admin_get("/invocations").await;
+    assert!(
+        listed["unfinished"]
+            .as_array()
+            .is_some_and(|all| all.iter().any(|i| i["id"] == ask.as_str())),
+        "{ask} waits for its awakeable but is not listed: {listed}"
+    );
     let r = hosts[0]
         .post(
             &format!("/restate/awakeables/{}/resolve", lines[0]),

@@ -362,6 +362,7 @@ async fn list_unfinished(
             json!({
                 "id": r.id,
                 "target": r.target.to_string(),
+                "created_at_ms": r.created_ms,
                 "status": status_name(r, invoker.live_status(&r.id), now),
                 "attempts": r.attempts,
                 "last_error": r.last_error,

@@ -13,7 +13,8 @@
 //! to its key's partition, a call of a service to its idempotency key's, or
 //! to a partition this host owns; every other admin request (deployments,
 //! Kafka, limits, schedules) to partition 0, unless the header
-//! `x-cairn-partition` names one. An upload (or a Kafka cluster's
+//! `x-cairn-partition` names one; `GET /invocations` lists every
+//! partition's, merged. An upload (or a Kafka cluster's
 //! registration) is answered once every partition has it (partition 0
 //! sends it to the others), so a call right after it finds the service
 //! (or the cluster) everywhere.
@@ -153,6 +154,14 @@ impl Front {
     }
 
     async fn dispatch(&self, api: Api, req: Request) -> Response {
+        let everywhere = api == Api::Admin
+            && req.method() == Method::GET
+            && req.uri().path().trim_end_matches('/') == "/invocations"
+            && !req.headers().contains_key(PARTITION_HEADER)
+            && self.membership.partitions() > 1;
+        if everywhere {
+            return self.list_everywhere(req).await;
+        }
         let p = self.partition_of(api, &req);
         let shared = match (api, req.method(), req.uri().path().trim_end_matches('/')) {
             (Api::Admin, &Method::POST, "/deployments") => Some(Shared::DEPLOYMENTS),
@@ -258,6 +267,39 @@ impl Front {
             }
         }
         kinds.get(service).copied()
+    }
+
+    /// `GET /invocations` over every partition: the oldest unfinished
+    /// invocations of all of them, and their total.
+    async fn list_everywhere(&self, req: Request) -> Response {
+        let uri = req.uri().clone();
+        let limit = uri
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("limit=")))
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(100);
+        let (mut total, mut unfinished) = (0, Vec::new());
+        for p in 0..self.membership.partitions() {
+            let request = Request::builder()
+                .uri(uri.clone())
+                .header(PARTITION_HEADER, p)
+                .body(Body::empty())
+                .expect("a valid request");
+            let response = self.dispatch_to(Api::Admin, p, request).await;
+            if !response.status().is_success() {
+                return response;
+            }
+            let Ok(body) = axum::body::to_bytes(response.into_body(), self.max_body_bytes).await
+            else {
+                return unavailable(&format!("partition {p}'s list broke off"));
+            };
+            let listed = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
+            total += listed["total"].as_u64().unwrap_or(0);
+            unfinished.extend(listed["unfinished"].as_array().cloned().unwrap_or_default());
+        }
+        unfinished.sort_by_key(|i| i["created_at_ms"].as_u64());
+        unfinished.truncate(limit);
+        Json(serde_json::json!({ "total": total, "unfinished": unfinished })).into_response()
     }
 
     /// Answer the creation of something every partition holds once every

@@ -69,6 +69,7 @@ impl From<SubmitError> for ApiError {
             }
             SubmitError::WrongKeying(_) => StatusCode::BAD_REQUEST,
             SubmitError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            SubmitError::Moved => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(status, e.to_string())
     }

@@ -104,6 +104,10 @@ pub enum SubmitError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The partition moved to another host before the invocation was
+    /// durable here (cluster mode); the client retries.
+    #[error("the partition moved to another host; retry")]
+    Moved,
 }
 
 /// An operator action or an awakeable completion was refused.
@@ -367,7 +371,7 @@ impl Invoker {
         request: NewInvocation,
     ) -> Result<Submitted, SubmitError> {
         let answer = self.submit_queued(request)?;
-        Ok(answer.await.expect("the commit writer answers every job"))
+        answer.await.map_err(|_| SubmitError::Moved)
     }
 
     /// Queue the creation of an invocation now (so submissions keep their

@@ -79,6 +79,9 @@ struct Group {
     /// e.g. while the group coordinator's broker failed over), if it has
     /// not been assigned partitions back since.
     lost: Mutex<Option<Instant>>,
+    /// Set before a revocation that librdkafka calls lost (this host's
+    /// session expired), for `post_rebalance` to read.
+    revoking_lost: AtomicBool,
     topic: String,
 }
 
@@ -131,6 +134,15 @@ impl Group {
 impl ClientContext for Group {}
 
 impl ConsumerContext for Group {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // Whether a revocation means "lost" can only be asked before the
+        // partitions are unassigned (librdkafka clears the flag then).
+        if let Rebalance::Revoke(_) = rebalance {
+            self.revoking_lost
+                .store(consumer.assignment_lost(), Ordering::SeqCst);
+        }
+    }
+
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(list) => {
@@ -145,7 +157,7 @@ impl ConsumerContext for Group {
                 if self.leaving.load(Ordering::SeqCst) {
                     return;
                 }
-                if consumer.assignment_lost() {
+                if self.revoking_lost.swap(false, Ordering::SeqCst) {
                     // This host's session expired: maybe it was paused,
                     // maybe the group coordinator's broker failed. Keep
                     // serving until the partitions are assigned again or
@@ -203,6 +215,7 @@ impl Membership {
                 events,
                 leaving: leaving.clone(),
                 lost: Mutex::new(None),
+                revoking_lost: AtomicBool::new(false),
                 topic: topic.clone(),
             })
             .context("joining the cluster's consumer group")?;

@@ -141,6 +141,13 @@ impl Message {
     }
 }
 
+/// A queued commit, resolved once it is durable.
+type Commit = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Messages applied but not yet committed, at most (a backlog read after a
+/// takeover waits for commits instead of filling the writer's queue).
+const APPLYING: usize = 1024;
+
 /// Apply this partition's input in order (messages read by
 /// [`crate::cluster::Inputs`]), each in a group commit with the position
 /// after it. Runs until the reader stops.
@@ -148,31 +155,44 @@ pub async fn apply_inputs(
     invoker: Arc<Invoker>,
     mut inputs: tokio::sync::mpsc::Receiver<crate::cluster::Input>,
 ) {
+    let mut applying: std::collections::VecDeque<Commit> = Default::default();
     while let Some((next, message)) = inputs.recv().await {
+        if applying.len() >= APPLYING {
+            if let Some(oldest) = applying.pop_front() {
+                oldest.await;
+            }
+        }
         let committer = invoker.committer();
-        match message {
+        let me = invoker.clone();
+        let commit: Commit = match message {
             Ok(Message::Deploy(module)) => {
                 // Compiled outside the writer; a second delivery (after a
                 // crash before the position moved) finds it deployed.
                 if let Err(e) = invoker.registry().deploy(module, invoker.now_ms()).await {
                     tracing::error!("a deployment sent by partition 0 failed here: {e}");
                 }
-                committer.commit(move |t| t.set_input_position(next)).await;
+                position(committer, next)
             }
-            Ok(message) => {
-                let me = invoker.clone();
-                committer.submit(Box::new(move |t| {
-                    t.set_input_position(next)?;
-                    let then = me.apply_message(t, message)?;
-                    Ok(then.unwrap_or_else(|| Box::new(|| ())))
-                }));
-            }
+            Ok(message) => Box::pin(committer.commit_in_order(move |t| {
+                t.set_input_position(next)?;
+                Ok(((), me.apply_message(t, message)?))
+            })),
             Err(e) => {
                 tracing::error!(offset = next - 1, "skipped an input record: {e}");
-                committer.append(move |t| t.set_input_position(next));
+                position(committer, next)
             }
-        }
+        };
+        applying.push_back(commit);
     }
+}
+
+/// Queue (now, so that positions commit in order) a commit of the input
+/// position alone.
+fn position(committer: &crate::commit::Committer, next: u64) -> Commit {
+    let queued = committer.commit_queued(move |t| t.set_input_position(next));
+    Box::pin(async move {
+        let _ = queued.await;
+    })
 }
 
 #[cfg(test)]
