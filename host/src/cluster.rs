@@ -437,13 +437,43 @@ pub async fn restore(
     })
 }
 
-/// A standby's copy of the store following the changelog, so that a
-/// takeover applies only the tail (a *hot standby*). Stopped (and joined)
-/// before the host takes the partition over.
-pub struct Follower {
+/// A thread that works until told to stop, and is joined then.
+struct Worker {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
+
+impl Worker {
+    /// Run `work` on a thread named `name`; it is given a function that
+    /// says whether to go on.
+    fn spawn(
+        name: String,
+        work: impl FnOnce(&dyn Fn() -> bool) + Send + 'static,
+    ) -> anyhow::Result<Worker> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let running = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || work(&|| !running.load(Ordering::SeqCst)))?;
+        Ok(Worker {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Tell the work to stop; returns once the thread is gone.
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A standby's copy of the store following the changelog, so that a
+/// takeover applies only the tail (a *hot standby*). Stopped (and joined)
+/// before the host takes the partition over.
+pub struct Follower(Worker);
 
 impl Follower {
     /// Follow the changelog into `store`: from its position if it is
@@ -455,42 +485,30 @@ impl Follower {
         partition: u32,
     ) -> anyhow::Result<Follower> {
         let reader = Reader::new(config, partition, Until::Stopped)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let (running, config) = (stop.clone(), config.clone());
-        let thread = std::thread::Builder::new()
-            .name("cairn-follower".into())
-            .spawn(move || {
-                let following = || !running.load(Ordering::SeqCst);
-                let followed = follow_from(&store, &config).and_then(|from| match from {
-                    Some(from) => reader.read(&store, from, Until::Stopped, &following),
-                    None => Ok(0),
-                });
-                if let Err(e) = followed {
-                    tracing::warn!("the standby stopped following the changelog: {e:#}");
-                }
-            })?;
-        Ok(Follower {
-            stop,
-            thread: Some(thread),
+        let config = config.clone();
+        let name = format!("cairn-follower-p{partition}");
+        Worker::spawn(name, move |following| {
+            let followed = follow_from(&store, &config).and_then(|from| match from {
+                Some(from) => reader.read(&store, from, Until::Stopped, following),
+                None => Ok(0),
+            });
+            if let Err(e) = followed {
+                tracing::warn!("the standby stopped following the changelog: {e:#}");
+            }
         })
+        .map(Follower)
     }
 
     /// Stop following; returns once the thread wrote its last batch.
-    pub fn stop(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+    pub fn stop(self) {
+        self.0.stop()
     }
 }
 
 /// The reader of a partition's input: the messages other partitions sent
 /// it ([`crate::partition`]), committed ones only, from the position its
 /// store holds; the engine applies each with that position.
-pub struct Inputs {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+pub struct Inputs(Worker);
 
 /// A message read from a partition's input, with the offset after it.
 pub type Input = (u64, Result<crate::partition::Message, String>);
@@ -512,56 +530,54 @@ impl Inputs {
             Offset::Offset(from as i64),
         )?;
         consumer.assign(&list)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let running = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("cairn-input-p{partition}"))
-            .spawn(move || {
-                let mut complaint: Option<String> = None;
-                while !running.load(Ordering::SeqCst) {
-                    match consumer.poll(Duration::from_millis(100)) {
-                        None | Some(Err(KafkaError::PartitionEOF(_))) => {}
-                        Some(Err(e)) => {
-                            let said = e.to_string();
-                            if complaint.as_deref() != Some(said.as_str()) {
-                                tracing::warn!(partition, "reading the input: {said} (retrying)");
-                                complaint = Some(said);
-                            }
-                        }
-                        Some(Ok(m)) => {
-                            complaint = None;
-                            let message =
-                                crate::partition::Message::decode(m.payload().unwrap_or_default());
-                            let mut input = (m.offset() as u64 + 1, message);
-                            // Not `blocking_send`: a full queue must not
-                            // keep `stop` from returning.
-                            loop {
-                                match sink.try_send(input) {
-                                    Ok(()) => break,
-                                    Err(TrySendError::Full(back))
-                                        if !running.load(Ordering::SeqCst) =>
-                                    {
-                                        input = back;
-                                        std::thread::sleep(Duration::from_millis(2));
-                                    }
-                                    Err(_) => return,
-                                }
-                            }
-                        }
-                    }
-                }
-            })?;
-        Ok(Inputs {
-            stop,
-            thread: Some(thread),
+        let name = format!("cairn-input-p{partition}");
+        Worker::spawn(name, move |running| {
+            read_inputs(&consumer, partition, &sink, running)
         })
+        .map(Inputs)
     }
 
     /// Stop reading; returns once the thread is gone.
-    pub fn stop(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+    pub fn stop(self) {
+        self.0.stop()
+    }
+}
+
+/// Hand every record of the input to `sink` while `running` says so.
+fn read_inputs(
+    consumer: &BaseConsumer,
+    partition: u32,
+    sink: &tokio::sync::mpsc::Sender<Input>,
+    running: &dyn Fn() -> bool,
+) {
+    let mut complaint: Option<String> = None;
+    while running() {
+        match consumer.poll(Duration::from_millis(100)) {
+            None | Some(Err(KafkaError::PartitionEOF(_))) => {}
+            Some(Err(e)) => {
+                let said = e.to_string();
+                if complaint.as_deref() != Some(said.as_str()) {
+                    tracing::warn!(partition, "reading the input: {said} (retrying)");
+                    complaint = Some(said);
+                }
+            }
+            Some(Ok(m)) => {
+                complaint = None;
+                let message = crate::partition::Message::decode(m.payload().unwrap_or_default());
+                let mut input = (m.offset() as u64 + 1, message);
+                // Not `blocking_send`: a full queue must not keep `stop`
+                // from returning.
+                loop {
+                    match sink.try_send(input) {
+                        Ok(()) => break,
+                        Err(TrySendError::Full(back)) if running() => {
+                            input = back;
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                        Err(_) => return,
+                    }
+                }
+            }
         }
     }
 }
