@@ -6,8 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-scripts/build-examples.sh >/dev/null
-cargo build --quiet -p cairn
+# The first build compiles wasmtime and the handlers: about 15 minutes on
+# 2 cores; say so, and let cargo show its progress.
+echo "dev.sh: building the example handlers, then the host (the first build takes a while; later ones seconds)" >&2
+CAIRN_BUILD_PROGRESS=1 scripts/build-examples.sh >/dev/null
+echo "dev.sh: building the host" >&2
+cargo build -p cairn
 modules=()
 for m in basics coordination burst reminders inventory dispatcher enrichment payments signup; do
   modules+=(--deploy "$CARGO_TARGET_DIR/examples-wasm/$m.wasm")

@@ -51,6 +51,18 @@ async fn every_example_handler_answers_over_http() {
             {"name": "add", "kind": "exclusive"}, {"name": "get", "kind": "shared"}, {"name": "reset", "kind": "exclusive"}
         ])
     );
+    // A service's handlers hold no key: no exclusive/shared label.
+    let steps = &services["services"][4];
+    assert_eq!(
+        (&steps["name"], &steps["kind"]),
+        (&json!("Steps"), &json!("service"))
+    );
+    assert!(
+        steps["handlers"]
+            .as_array()
+            .is_some_and(|hs| !hs.is_empty() && hs.iter().all(|h| h.get("kind").is_none())),
+        "{steps}"
+    );
 }
 
 #[tokio::test]
@@ -175,7 +187,12 @@ async fn bad_requests_get_clear_errors_and_create_nothing() {
         ("/Nope/handler", "1", 404, "service Nope not found"),
         ("/Counter/k/nope", "1", 404, "handler nope not found"),
         ("/Steps/steps3/extra/segments", "", 404, "no route"),
-        ("/Counter/add", "1", 404, "no route"),
+        (
+            "/Counter/add",
+            "1",
+            404,
+            "Counter is a virtual object: call it with a key, as /Counter/{key}/add",
+        ),
         ("/Counter/k/add", "{not json", 400, "not valid JSON"),
         (
             "/Counter/k/add",
@@ -191,6 +208,25 @@ async fn bad_requests_get_clear_errors_and_create_nothing() {
         assert_eq!(r.status, status, "{path}: {}", r.body);
         assert!(r.body.contains(message), "{path}: {}", r.body);
     }
+    let subscription = json!({"source": "kafka://nowhere/t", "sink": "service://Counter/add"});
+    let unknown = host
+        .admin_send(reqwest::Method::POST, "/subscriptions", Some(&subscription))
+        .await;
+    assert_eq!(unknown.status, 400);
+    assert!(
+        unknown.body.contains("cairn kafka-clusters add nowhere"),
+        "the fix is named: {}",
+        unknown.body
+    );
+    let nowhere = host.admin_send(reqwest::Method::GET, "/nope", None).await;
+    assert_eq!(nowhere.status, 404);
+    assert!(
+        nowhere.json()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no admin route for /nope")),
+        "{}",
+        nowhere.body
+    );
     let big = format!("\"{}\"", "x".repeat(2048));
     assert_eq!(host.post("/Steps/fail", &big, &[]).await.status, 413);
     assert_eq!(
@@ -207,13 +243,23 @@ async fn malformed_modules_are_refused_with_the_reason() {
         let r = host.upload(bytes).await;
         (r.status, r.body)
     };
+    // One line saying what it is and how to build a component.
     let (status, body) = upload(b"definitely not wasm".to_vec()).await;
     assert_eq!(status, 400);
-    assert!(body.contains("not a valid WebAssembly component"), "{body}");
+    assert!(
+        body.contains("not a valid WebAssembly component: it is not WebAssembly")
+            && body.contains("cargo build --target wasm32-wasip2")
+            && !body.contains("definitely"),
+        "{body}"
+    );
     // A core module (not a component).
     let (status, body) = upload(b"\0asm\x01\0\0\0".to_vec()).await;
     assert_eq!(status, 400);
-    assert!(body.contains("not a valid WebAssembly component"), "{body}");
+    assert!(
+        body.contains("it is a core WebAssembly module")
+            && body.contains("cargo build --target wasm32-wasip2"),
+        "{body}"
+    );
     // A truncated component.
     let module = read(&example("basics"));
     let (status, _) = upload(module[..module.len() / 2].to_vec()).await;

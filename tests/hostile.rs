@@ -317,6 +317,45 @@ async fn sigterm_answers_attached_clients_and_stops_in_bounded_time() {
     );
 }
 
+/// An admin API reachable beyond loopback must have a token: the host
+/// refuses to start, and says how to fix it.
+#[test]
+fn a_host_refuses_an_open_admin_api_without_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut host = std::process::Command::new(cairn_tests::cairn_bin())
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--ingress", "127.0.0.1:0", "--admin", "0.0.0.0:0"])
+        .env_remove("CAIRN_ADMIN_TOKEN")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = host.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = host.kill();
+            panic!("the host started with an open admin API and no token");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut said = String::new();
+    host.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut said)
+        .unwrap();
+    assert!(!status.success());
+    assert!(
+        said.contains("without admin_token") && said.contains("CAIRN_ADMIN_TOKEN"),
+        "{said}"
+    );
+}
+
 #[tokio::test]
 async fn the_admin_api_requires_its_token_and_redacts_secrets() {
     let host = host("admin_token = \"s3cret-token\"\n").await;
@@ -336,7 +375,8 @@ async fn the_admin_api_requires_its_token_and_redacts_secrets() {
     assert_eq!(ok.send().await.unwrap().status(), 200);
     let cluster = json!({"name": "secure", "properties": {
         "bootstrap.servers": "127.0.0.1:1", "sasl.password": "hunter2",
-        "ssl.key.password": "hunter3", "security.protocol": "SASL_PLAINTEXT"}});
+        "ssl.key.password": "hunter3", "sasl.oauthbearer.config": "hunter4",
+        "security.protocol": "SASL_PLAINTEXT"}});
     let put = host
         .http
         .post(url("/kafka-clusters"))

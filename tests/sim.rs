@@ -31,6 +31,11 @@ use std::time::{Duration, Instant};
 
 /// The seeds CI runs: odd seeds also inject fsync faults.
 const CI_SEEDS: &[u64] = &[1, 2, 3, 4, 5, 6];
+/// Held by each simulation for its whole run: both restart the one shared
+/// broker at random, and a restart by the other one (slow with the
+/// cluster's many partitions) would eat into this one's deadlines.
+static BROKER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The seeds CI runs against a three-host cluster.
 const CI_CLUSTER_SEEDS: &[u64] = &[1, 2];
 
@@ -1080,6 +1085,7 @@ fn steps() -> usize {
 
 #[tokio::test]
 async fn the_guarantees_hold_under_random_schedules_of_faults() {
+    let _broker = BROKER.lock().await;
     for seed in seeds() {
         println!("seed {seed}: replay with `scripts/sim.sh --seed {seed}`");
         run_seed(seed, steps(), 0).await;
@@ -1093,6 +1099,7 @@ async fn the_guarantees_hold_under_random_schedules_of_faults() {
 /// failures abort whichever host they hit.
 #[tokio::test]
 async fn the_guarantees_hold_in_a_three_host_cluster() {
+    let _broker = BROKER.lock().await;
     let seeds = match std::env::var("SIM_SEEDS") {
         Ok(_) => seeds(),
         Err(_) => CI_CLUSTER_SEEDS.to_vec(),

@@ -117,7 +117,19 @@ pub fn router(
         .with_state(invoker.clone())
         .merge(kafka.route("/health", get(|| async { "ok" })))
         .merge(cron)
+        .fallback(no_route)
         .layer(DefaultBodyLimit::max(max_module_bytes))
+}
+
+/// A path the admin API does not have: a JSON answer, like the ingress's.
+async fn no_route(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no admin route for {} (the routes are listed in the README's admin API section)",
+            uri.path()
+        ),
+    )
 }
 
 impl From<ScheduleError> for ApiError {
@@ -334,7 +346,17 @@ async fn list_services(State(invoker): State<Arc<Invoker>>) -> Json<Value> {
         .services()
         .into_iter()
         .map(|(s, deployment)| {
-            json!({ "name": s.name, "kind": s.kind, "handlers": s.handlers, "deployment": deployment })
+            // A service's handlers run concurrently, with no key to hold:
+            // "exclusive" or "shared" would mislead there.
+            let handlers: Vec<Value> = s
+                .handlers
+                .iter()
+                .map(|h| match s.kind {
+                    crate::records::ServiceKind::Service => json!({ "name": h.name }),
+                    _ => json!({ "name": h.name, "kind": h.kind }),
+                })
+                .collect();
+            json!({ "name": s.name, "kind": s.kind, "handlers": handlers, "deployment": deployment })
         })
         .collect();
     Json(json!({ "services": services }))

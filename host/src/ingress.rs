@@ -132,6 +132,16 @@ pub fn call_of(path: &str, kind: impl Fn(&str) -> Option<ServiceKind>) -> Result
         (false, [h, s]) if s == "send" => (None, h, true),
         (true, [k, h]) => (Some(k.clone()), h, false),
         (true, [k, h, s]) if s == "send" => (Some(k.clone()), h, true),
+        (true, [h]) => {
+            let kind = match kind {
+                ServiceKind::Workflow => "a workflow",
+                _ => "a virtual object",
+            };
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("{service} is {kind}: call it with a key, as /{service}/{{key}}/{h}"),
+            ));
+        }
         _ => return Err(not_found()),
     };
     Ok(Call {

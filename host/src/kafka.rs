@@ -167,7 +167,7 @@ impl Subscriptions {
         let store = self.invoker.store();
         if !store.clusters()?.iter().any(|c| c.name == cluster) {
             return Err(invalid(format!(
-                "unknown cluster {cluster}: register it with POST /kafka-clusters"
+                "unknown cluster {cluster}: register it with `cairn kafka-clusters add {cluster} -p bootstrap.servers=HOST:PORT` (or POST /kafka-clusters)"
             )));
         }
         let (info, _) = self

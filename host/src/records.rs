@@ -167,7 +167,8 @@ impl ClusterRecord {
 }
 
 /// librdkafka properties with the values of secrets (passwords, keys,
-/// tokens, JAAS configs) replaced by `"<redacted>"`.
+/// tokens, JAAS configs, OAuth bearer settings) replaced by
+/// `"<redacted>"`.
 pub fn redacted(
     properties: &std::collections::BTreeMap<String, String>,
 ) -> std::collections::BTreeMap<String, String> {
@@ -176,7 +177,8 @@ pub fn redacted(
         .iter()
         .map(|(k, v)| {
             let lower = k.to_ascii_lowercase();
-            let secret = SECRET.iter().any(|s| lower.contains(s));
+            let secret =
+                SECRET.iter().any(|s| lower.contains(s)) || lower.starts_with("sasl.oauthbearer");
             (
                 k.clone(),
                 if secret {

@@ -60,12 +60,34 @@ const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// A module ready to instantiate.
 pub type Module = bindings::HandlerModulePre<GuestState>;
 
+/// Refuse, with how to build a component, bytes that are not WebAssembly
+/// or are a core module (wasmtime's own errors would quote the bytes).
+fn what_it_is(bytes: &[u8]) -> Result<(), DeployError> {
+    const BUILD: &str = "build one with `cargo build --target wasm32-wasip2` and upload the \
+                         .wasm file from target/wasm32-wasip2/release";
+    match bytes.get(..8) {
+        Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => Err(DeployError::NotAComponent(format!(
+            "it is a core WebAssembly module; {BUILD}"
+        ))),
+        Some([0, b'a', b's', b'm', ..]) => Ok(()),
+        _ => Err(DeployError::NotAComponent(format!(
+            "it is not WebAssembly (it does not start with \\0asm); {BUILD}"
+        ))),
+    }
+}
+
+/// A compile error on one line.
+fn not_a_component(e: wasmtime::Error) -> DeployError {
+    let said = format!("{e:#}");
+    DeployError::NotAComponent(said.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
 /// Why an upload was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
-    /// The bytes are not a WebAssembly component.
-    #[error("not a valid WebAssembly component: {0:#}")]
-    NotAComponent(wasmtime::Error),
+    /// The bytes are not a WebAssembly component (one line saying why).
+    #[error("not a valid WebAssembly component: {0}")]
+    NotAComponent(String),
     /// It does not implement the `cairn:runtime/handler-module` world.
     #[error("the component does not implement the cairn:runtime handler-module world: {0:#}")]
     WrongWorld(wasmtime::Error),
@@ -172,9 +194,12 @@ impl Runtime {
         let id = DeploymentId::for_module(bytes);
         let component = match self.compiled(&id) {
             Some(component) => component,
-            None => Component::new(&self.engine, bytes).map_err(DeployError::NotAComponent)?,
+            None => {
+                what_it_is(bytes)?;
+                Component::new(&self.engine, bytes).map_err(not_a_component)?
+            }
         };
-        let artifact = component.serialize().map_err(DeployError::NotAComponent)?;
+        let artifact = component.serialize().map_err(not_a_component)?;
         self.remember(id, &component);
         Ok((component, artifact))
     }

@@ -42,6 +42,13 @@ use std::sync::Arc;
 
 /// Run a host until SIGINT or SIGTERM.
 pub async fn serve(config: Config, deploy: Vec<PathBuf>) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.admin_token.is_some() || config.admin_addr.ip().is_loopback(),
+        "the admin API would listen on {} without admin_token, so anyone who reaches it could \
+         upload code, kill invocations and read cluster settings: set admin_token (or \
+         --admin-token / CAIRN_ADMIN_TOKEN), or bind the admin API to a loopback address",
+        config.admin_addr
+    );
     match config.cluster.clone() {
         None => serve_standalone(config, deploy).await,
         Some(cluster) => serve_cluster(config, cluster, deploy).await,
@@ -500,12 +507,6 @@ async fn bind(
     let admin = tokio::net::TcpListener::bind(config.admin_addr)
         .await
         .with_context(|| format!("binding the admin API to {}", config.admin_addr))?;
-    if config.admin_token.is_none() && !config.admin_addr.ip().is_loopback() {
-        tracing::warn!(
-            "the admin API listens on {} without admin_token: anyone who reaches it controls the host",
-            config.admin_addr
-        );
-    }
     tracing::info!(
         "cairn is ready: ingress http://{}, admin http://{}",
         ingress.local_addr()?,
