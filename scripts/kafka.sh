@@ -5,6 +5,7 @@
 #
 #   scripts/kafka.sh start    # fetch if needed, format, start, wait until it answers
 #   scripts/kafka.sh stop     # stop it (by PID)
+#   scripts/kafka.sh reset    # stop it and delete its data (topics, groups), keeping the jars
 #   scripts/kafka.sh status   # running or not
 #
 # The broker listens on 127.0.0.1:${KAFKA_PORT:-9092} (controller on the next port).
@@ -186,6 +187,7 @@ cluster() {
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
+  reset) stop; rm -rf "$data" ;;
   status) if running; then echo "running (pid $(cat "$pidfile"), 127.0.0.1:$port)"; else echo "stopped"; exit 1; fi ;;
   cluster) shift; cluster "$@" ;;
   *) echo "usage: $0 start|stop|status|cluster ..." >&2; exit 2 ;;

@@ -44,6 +44,9 @@ use tower::ServiceExt as _;
 /// Marks a forwarded request.
 const FORWARDED: &str = "x-cairn-forwarded";
 
+/// Least time between two readings of the service kinds from the stores.
+const KINDS_REREAD: Duration = Duration::from_millis(200);
+
 /// Names the partition an admin request is for.
 pub const PARTITION_HEADER: &str = "x-cairn-partition";
 
@@ -90,6 +93,8 @@ pub struct Front {
     stores: Vec<Arc<Store>>,
     /// Service kinds, from this host's copies of the deployments.
     kinds: RwLock<HashMap<String, ServiceKind>>,
+    /// When the kinds were last read from the stores.
+    kinds_read: std::sync::Mutex<Option<Instant>>,
     spread: AtomicU32,
     client: reqwest::Client,
     max_body_bytes: usize,
@@ -111,6 +116,7 @@ impl Front {
             membership,
             stores,
             kinds: RwLock::default(),
+            kinds_read: std::sync::Mutex::default(),
             spread: AtomicU32::new(0),
             client: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
@@ -252,11 +258,20 @@ impl Front {
         }
     }
 
-    /// A service's kind, from the deployments in this host's copies
-    /// (read again when a service is not known yet).
+    /// A service's kind, from the deployments in this host's copies (read
+    /// again when a service is not known yet, at most every
+    /// [`KINDS_REREAD`]: requests for unknown services cannot make the
+    /// host read its stores at their rate).
     fn kind(&self, service: &str) -> Option<ServiceKind> {
         if let Some(kind) = self.kinds.read().unwrap().get(service) {
             return Some(*kind);
+        }
+        {
+            let mut read = self.kinds_read.lock().unwrap();
+            if read.is_some_and(|at| at.elapsed() < KINDS_REREAD) {
+                return None;
+            }
+            *read = Some(Instant::now());
         }
         let mut kinds = self.kinds.write().unwrap();
         for store in &self.stores {

@@ -261,7 +261,7 @@ impl ClusterHost {
             count: self.cluster.partitions,
         };
         let (host, store, writer) = (self.clone(), slot.store.clone(), committer.clone());
-        let (engine, inputs) = runtime
+        let started = runtime
             .spawn(async move {
                 let (deploy, shared) = (host.deploy.clone(), host.runtime.clone());
                 let engine = Engine::start(
@@ -282,7 +282,18 @@ impl ClusterHost {
                 ));
                 anyhow::Ok((engine, inputs))
             })
-            .await??;
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|started| started);
+        let (engine, inputs) = match started {
+            Ok(started) => started,
+            Err(e) => {
+                // Not dropped here: a runtime may not be dropped in async code.
+                runtime.shutdown_background();
+                tokio::task::spawn_blocking(move || committer.stop()).await?;
+                return Err(e.context(format!("starting partition {p}")));
+            }
+        };
         *slot.invoker.lock().unwrap() = Some(engine.invoker.clone());
         self.front.serve_locally(p, engine.ingress, engine.admin);
         *role = Role::Owner(Owned {
