@@ -221,15 +221,18 @@ impl Sim {
         build: impl Fn(&reqwest::Client, &Host) -> reqwest::RequestBuilder,
     ) -> (reqwest::Response, bool) {
         let deadline = Instant::now() + Duration::from_secs(90);
+        let mut last: String;
         for tries in 0.. {
-            if let Ok(r) = build(&self.http, self.host()).send().await {
-                if r.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE {
-                    return (r, tries > 0);
+            match build(&self.http, self.host()).send().await {
+                Ok(r) if r.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE => {
+                    return (r, tries > 0)
                 }
+                Ok(r) => last = format!("503 {}", r.text().await.unwrap_or_default()),
+                Err(e) => last = e.to_string(),
             }
             assert!(
                 Instant::now() < deadline,
-                "seed {}: {what} never answered\n{}",
+                "seed {}: {what} never answered (last: {last})\n{}",
                 self.seed,
                 self.logs()
             );

@@ -22,7 +22,10 @@
 //! Lifecycle: every partition is forwarded (503 with `retry-after` while
 //! no owner is known or the owner does not answer) until
 //! [`Front::serve_locally`]; [`Front::stop_serving`] forwards it again
-//! once the partition moved away.
+//! once the partition moved away. A local request runs as a task of its
+//! partition's runtime, so a hand-over (which shuts that runtime down)
+//! ends it with the rest of the partition's work: it answers 503, and no
+//! request of a moved partition waits on its stopped writer.
 
 use crate::ids::{parse_awakeable_id, InvocationId};
 use crate::membership::Membership;
@@ -86,9 +89,21 @@ enum Api {
     Admin,
 }
 
+/// A partition this host serves: its engine's routers and the runtime
+/// its requests run on.
+#[derive(Clone)]
+pub struct Served {
+    /// The engine's ingress.
+    pub ingress: Router,
+    /// The engine's admin API.
+    pub admin: Router,
+    /// The partition's runtime.
+    pub runtime: tokio::runtime::Handle,
+}
+
 /// Dispatches every request to a local engine or to the owner.
 pub struct Front {
-    local: RwLock<BTreeMap<u32, (Router, Router)>>,
+    local: RwLock<BTreeMap<u32, Served>>,
     membership: Arc<Membership>,
     stores: Vec<Arc<Store>>,
     /// Service kinds, from this host's copies of the deployments.
@@ -128,9 +143,9 @@ impl Front {
         })
     }
 
-    /// Answer partition `p` from these routers from now on.
-    pub fn serve_locally(&self, p: u32, ingress: Router, admin: Router) {
-        self.local.write().unwrap().insert(p, (ingress, admin));
+    /// Answer partition `p` from its engine from now on.
+    pub fn serve_locally(&self, p: u32, served: Served) {
+        self.local.write().unwrap().insert(p, served);
     }
 
     /// Forward partition `p` again (it moved to another host).
@@ -183,12 +198,15 @@ impl Front {
 
     async fn dispatch_to(&self, api: Api, p: u32, req: Request) -> Response {
         let local = self.local.read().unwrap().get(&p).cloned();
-        if let Some((ingress, admin)) = local {
+        if let Some(served) = local {
             let router = match api {
-                Api::Ingress => ingress,
-                Api::Admin => admin,
+                Api::Ingress => served.ingress,
+                Api::Admin => served.admin,
             };
-            return router.oneshot(req).await.into_response();
+            return match served.runtime.spawn(router.oneshot(req)).await {
+                Ok(response) => response.into_response(),
+                Err(_) => unavailable(&format!("partition {p} moved while answering")),
+            };
         }
         match self.forward(api, p, req).await {
             Ok(response) => response,

@@ -295,7 +295,12 @@ impl ClusterHost {
             }
         };
         *slot.invoker.lock().unwrap() = Some(engine.invoker.clone());
-        self.front.serve_locally(p, engine.ingress, engine.admin);
+        let served = crate::forward::Served {
+            ingress: engine.ingress,
+            admin: engine.admin,
+            runtime: runtime.handle().clone(),
+        };
+        self.front.serve_locally(p, served);
         *role = Role::Owner(Owned {
             runtime,
             committer,
@@ -309,15 +314,16 @@ impl ClusterHost {
 
     /// Hand partition `p` over: forward it again, stop everything that
     /// runs it (nothing of it is written from here on), follow its
-    /// changelog, and tell the group.
+    /// changelog, and tell the group. Waits for a takeover of `p` in
+    /// progress, which serves it when it ends.
     async fn hand_over(
         self: &Arc<Self>,
         p: u32,
         done: std::sync::mpsc::SyncSender<()>,
     ) -> anyhow::Result<()> {
         let slot = self.slots[p as usize].clone();
-        self.front.stop_serving(p);
         let mut role = slot.role.lock().await;
+        self.front.stop_serving(p);
         if let Role::Owner(owned) = std::mem::replace(&mut *role, Role::Standby(None)) {
             if let Some(invoker) = slot.invoker.lock().unwrap().take() {
                 invoker.close();
