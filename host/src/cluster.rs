@@ -332,7 +332,11 @@ impl Log for KafkaLog {
         if let Err(e) = result {
             let fenced = matches!(
                 e.rdkafka_error_code(),
-                Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+                Some(
+                    RDKafkaErrorCode::ProducerFenced
+                        | RDKafkaErrorCode::InvalidProducerEpoch
+                        | RDKafkaErrorCode::Fenced
+                )
             );
             if fenced {
                 anyhow::bail!("another host took the changelog over (this host is fenced): {e}");
