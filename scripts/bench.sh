@@ -12,6 +12,8 @@
 #     of a host on an empty disk against the changelog's size
 #   scripts/bench.sh timers [--timers N]   # a million sends due in a day: memory,
 #     then the restart time after a SIGKILL
+#   scripts/bench.sh listing [--listing N]   # a million stored invocations, then
+#     the latency of filtered GET /invocations pages
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
@@ -121,6 +123,11 @@ if [ "${1:-}" = restore ]; then
   echo "an empty copy at the head of the log: $took s after the host's start" \
     "($(awk -v r="$records" -v t="$took" 'BEGIN { printf "%d", r / t }') records/s)"
   exit 0
+fi
+if [ "${1:-}" = listing ]; then
+  shift
+  exec "$CARGO_TARGET_DIR/release/cairn-loadgen" --listing 1000000 \
+    --host-config 'completed_retention = "1d"' "$@"
 fi
 if [ "${1:-}" = timers ]; then
   shift

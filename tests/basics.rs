@@ -83,7 +83,7 @@ async fn the_cli_deploys_invokes_and_describes() {
     host.wait_invocation(id, Duration::from_secs(30), |v| v["status"] == "succeeded")
         .await;
     let described = json(&["invocations", "describe", id]);
-    assert_eq!(described["outcome"]["success"], "8");
+    assert_eq!(described["outcome"]["success"], 8, "a JSON payload as JSON");
     let err = host.cli(&["invoke", "Nope/x"]).unwrap_err().to_string();
     assert!(
         err.contains("404") && err.contains("service Nope not found"),
@@ -353,7 +353,16 @@ async fn the_journal_of_an_invocation_is_visible_through_the_admin_api() {
         .map(|e| e["command"].as_str().unwrap())
         .collect();
     assert_eq!(commands, ["run \"one\"", "run \"two\"", "run \"three\""]);
-    assert_eq!(v["journal"][5]["value"]["success"], "3");
+    assert_eq!(v["journal"][5]["value"]["success"], 3);
+    assert_eq!(
+        v["journal"][5]["answers"], "run \"three\"",
+        "a completion names the command it answers"
+    );
+    let created = v["created_at"].as_str().unwrap();
+    assert!(
+        created.starts_with("20") && created.ends_with('Z'),
+        "RFC 3339 times: {created}"
+    );
 }
 
 #[tokio::test]

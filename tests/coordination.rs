@@ -130,13 +130,17 @@ async fn sleepers_give_their_instance_slots_up_to_an_invocation_that_needs_one()
         );
     }
     assert!(suspended >= 1, "a sleeper suspended to free its slot");
-    let unfinished = host.admin_get("/invocations?limit=1").await;
-    assert_eq!(unfinished["total"], 2, "{unfinished}");
-    assert_eq!(
-        unfinished["unfinished"][0]["id"],
-        naps[0].as_str(),
-        "oldest first"
-    );
+    let unfinished = host.admin_get("/invocations?status=unfinished").await;
+    let mut listed: Vec<&str> = unfinished["invocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    listed.sort();
+    let mut sleepers = [naps[0].as_str(), naps[1].as_str()];
+    sleepers.sort();
+    assert_eq!(listed, sleepers, "the two sleepers: {unfinished}");
     let r = host
         .admin_send(reqwest::Method::GET, "/invocations?limit=0", None)
         .await;

@@ -876,10 +876,10 @@ impl Sim {
         for line in &noteworthy[noteworthy.len().saturating_sub(20)..] {
             report.push_str(&format!("host: {line}\n"));
         }
-        let url = format!("{}/invocations", self.host().admin());
+        let url = format!("{}/invocations?status=unfinished", self.host().admin());
         if let Ok(r) = self.http.get(url).send().await {
             let v: Value = r.json().await.unwrap_or(Value::Null);
-            for u in v["unfinished"].as_array().into_iter().flatten() {
+            for u in v["invocations"].as_array().into_iter().flatten() {
                 let url = format!(
                     "{}/invocations/{}",
                     self.host().admin(),

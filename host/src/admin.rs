@@ -22,9 +22,10 @@
 use crate::deployments::UploadError;
 use crate::ids::InvocationId;
 use crate::ingress::ApiError;
-use crate::invoker::{Invoker, LiveStatus};
+use crate::invoker::{Invoker, LiveStatus, StateEdit};
 use crate::journal::{Command, CompletionValue, Entry, Outcome};
 use crate::kafka::{SubscriptionError, Subscriptions};
+use crate::listing::{Cursor, Filter};
 use crate::records::ClusterRecord;
 use crate::records::{InvocationRecord, Status};
 use crate::schedules::{from_config, ScheduleError, Schedules};
@@ -104,10 +105,19 @@ pub fn router(
         .with_state(subscriptions);
     Router::new()
         .route("/deployments", get(list_deployments).post(deploy))
+        .route("/deployments/{id}", get(describe_deployment))
         .route("/services", get(list_services))
-        .route("/invocations", get(list_unfinished))
-        .route("/invocations/{id}", get(describe_invocation))
+        .route("/invocations", get(list_invocations))
+        .route(
+            "/invocations/{id}",
+            get(describe_invocation).delete(purge_invocation),
+        )
         .route("/invocations/{id}/{action}", post(control_invocation))
+        .route("/objects/{service}/{key}/state", get(object_state))
+        .route(
+            "/objects/{service}/{key}/state/{name}",
+            axum::routing::put(set_object_state).delete(clear_object_state),
+        )
         .route("/metrics", get(metrics))
         .route("/storage", get(storage))
         .route(
@@ -165,7 +175,7 @@ async fn delete_schedule(
 }
 
 fn schedule_json(s: &crate::records::ScheduleRecord) -> Value {
-    json!({ "name": s.name, "cron": s.cron, "target": s.target.to_string(), "input": text(&s.input) })
+    json!({ "name": s.name, "cron": s.cron, "target": s.target.to_string(), "input": payload(&s.input) })
 }
 
 impl From<SubscriptionError> for ApiError {
@@ -337,7 +347,36 @@ async fn storage(State(invoker): State<Arc<Invoker>>) -> Result<Json<Value>, Api
 }
 
 async fn list_deployments(State(invoker): State<Arc<Invoker>>) -> Json<Value> {
-    Json(json!({ "deployments": invoker.registry().deployments() }))
+    let deployments: Vec<Value> = invoker
+        .registry()
+        .deployments()
+        .iter()
+        .map(deployment_json)
+        .collect();
+    Json(json!({ "deployments": deployments }))
+}
+
+/// `GET /deployments/{id}`.
+async fn describe_deployment(
+    State(invoker): State<Arc<Invoker>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let deployments = invoker.registry().deployments();
+    let found = deployments.iter().find(|d| d.id.as_str() == id);
+    found
+        .map(|d| Json(deployment_json(d)))
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("deployment {id} not found")))
+}
+
+/// A deployment as the admin API shows it.
+fn deployment_json(d: &crate::records::DeploymentRecord) -> Value {
+    json!({
+        "id": d.id,
+        "services": d.services.iter().map(service_json).collect::<Vec<_>>(),
+        "created_at": rfc3339(d.created_ms),
+        "created_ms": d.created_ms,
+        "size": d.size,
+    })
 }
 
 async fn list_services(State(invoker): State<Arc<Invoker>>) -> Json<Value> {
@@ -346,52 +385,156 @@ async fn list_services(State(invoker): State<Arc<Invoker>>) -> Json<Value> {
         .services()
         .into_iter()
         .map(|(s, deployment)| {
-            // A service's handlers run concurrently, with no key to hold:
-            // "exclusive" or "shared" would mislead there.
-            let handlers: Vec<Value> = s
-                .handlers
-                .iter()
-                .map(|h| match s.kind {
-                    crate::records::ServiceKind::Service => json!({ "name": h.name }),
-                    _ => json!({ "name": h.name, "kind": h.kind }),
-                })
-                .collect();
-            json!({ "name": s.name, "kind": s.kind, "handlers": handlers, "deployment": deployment })
+            let mut v = service_json(&s);
+            v["deployment"] = json!(deployment);
+            v
         })
         .collect();
     Json(json!({ "services": services }))
 }
 
-/// The unfinished invocations, oldest first: at most `limit` (default 100,
-/// at most 1,000), and how many there are in all.
-async fn list_unfinished(
+/// A service and its handlers as the admin API shows them.
+fn service_json(s: &crate::records::ServiceInfo) -> Value {
+    // A service's handlers run concurrently, with no key to hold:
+    // "exclusive" or "shared" would mislead there.
+    let handlers: Vec<Value> = s
+        .handlers
+        .iter()
+        .map(|h| match s.kind {
+            crate::records::ServiceKind::Service => json!({ "name": h.name }),
+            _ => json!({ "name": h.name, "kind": h.kind }),
+        })
+        .collect();
+    json!({ "name": s.name, "kind": s.kind, "handlers": handlers })
+}
+
+/// Every status the admin API shows, and the class the listing indexes
+/// it under.
+const STATUSES: [(&str, &str); 12] = [
+    ("unfinished", "unfinished"),
+    ("scheduled", "unfinished"),
+    ("pending", "unfinished"),
+    ("ready", "unfinished"),
+    ("running", "unfinished"),
+    ("backing-off", "unfinished"),
+    ("suspended", "unfinished"),
+    ("paused", "paused"),
+    ("succeeded", "succeeded"),
+    ("failed", "failed"),
+    ("killed", "killed"),
+    ("cancelled", "cancelled"),
+];
+
+/// `GET /invocations`: a page of invocations, newest first, filtered by
+/// service, handler, key, status, deployment and creation time (see
+/// [`crate::listing`]), and the cursor of the next page.
+async fn list_invocations(
     State(invoker): State<Arc<Invoker>>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
+    let bad = |message: String| ApiError::new(StatusCode::BAD_REQUEST, message);
     let limit = match query.get("limit") {
         None => 100,
         Some(n) => n
             .parse::<usize>()
             .ok()
             .filter(|n| (1..=1000).contains(n))
-            .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "limit must be 1 to 1000"))?,
+            .ok_or_else(|| bad("limit must be 1 to 1000".into()))?,
     };
-    let (total, oldest) = invoker.store().oldest_unfinished(limit)?;
+    let status = query.get("status").map(String::as_str);
+    let class = match status {
+        None => None,
+        Some(s) => Some(
+            STATUSES
+                .iter()
+                .find(|(name, _)| *name == s)
+                .map(|(_, c)| *c)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = STATUSES.iter().map(|(n, _)| *n).collect();
+                    bad(format!(
+                        "unknown status {s:?}: use one of {}",
+                        names.join(", ")
+                    ))
+                })?,
+        ),
+    };
+    let time = |name: &str| {
+        query
+            .get(name)
+            .map(|v| time_ms(v).map_err(|e| bad(format!("{name}: {e}"))))
+            .transpose()
+    };
+    let filter = Filter {
+        service: query.get("service").cloned(),
+        handler: query.get("handler").cloned(),
+        key: query.get("key").cloned(),
+        class: class.map(String::from),
+        deployment: query.get("deployment").cloned(),
+        created_after_ms: time("created_after")?,
+        created_before_ms: time("created_before")?,
+    };
+    if filter.key.is_some() && filter.service.is_none() {
+        return Err(bad("key needs service (keys are per service)".into()));
+    }
+    let cursor = query
+        .get("cursor")
+        .map(|c| c.parse::<Cursor>())
+        .transpose()
+        .map_err(bad)?;
     let now = invoker.now_ms();
-    let listed: Vec<Value> = oldest
+    let fine = status.filter(|s| !matches!(*s, "unfinished") && class != Some(*s));
+    let page = invoker.store().list(
+        &filter,
+        |r| fine.is_none_or(|s| status_name(r, invoker.live_status(&r.id), now) == s),
+        limit,
+        cursor.as_ref(),
+    )?;
+    let listed: Vec<Value> = page
+        .invocations
         .iter()
         .map(|r| {
             json!({
                 "id": r.id,
                 "target": r.target.to_string(),
-                "created_at_ms": r.created_ms,
+                "service": r.target.service,
+                "handler": r.target.handler,
+                "key": r.target.key,
                 "status": status_name(r, invoker.live_status(&r.id), now),
+                "deployment": r.deployment,
                 "attempts": r.attempts,
                 "last_error": r.last_error,
+                "failure": match &r.outcome {
+                    Some(Outcome::Failure { code, message }) => json!({ "code": code, "message": message }),
+                    _ => Value::Null,
+                },
+                "created_at": rfc3339(r.created_ms),
+                "created_at_ms": r.created_ms,
+                "completed_at": r.completed_ms.map(rfc3339),
             })
         })
         .collect();
-    Ok(Json(json!({ "total": total, "unfinished": listed })))
+    Ok(Json(json!({
+        "invocations": listed,
+        "next_cursor": page.next.map(|c| c.to_string()),
+    })))
+}
+
+/// A time given as ms since the epoch or in RFC 3339.
+fn time_ms(value: &str) -> Result<u64, String> {
+    if let Ok(ms) = value.parse::<u64>() {
+        return Ok(ms);
+    }
+    let at = humantime::parse_rfc3339_weak(value)
+        .map_err(|e| format!("{value:?} is neither ms since the epoch nor RFC 3339 ({e})"))?;
+    Ok(at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64))
+}
+
+/// Ms since the epoch in RFC 3339 (UTC, milliseconds).
+pub fn rfc3339(ms: u64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(at).to_string()
 }
 
 async fn describe_invocation(
@@ -406,6 +549,14 @@ async fn describe_invocation(
     })?;
     let journal = invoker.store().journal(&id)?;
     let status = status_name(&record, invoker.live_status(&id), invoker.now_ms());
+    // Completions name their command by its number among the commands.
+    let commands: Vec<String> = journal
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Entry::Command(c) => Some(c.signature()),
+            Entry::Completion(_) => None,
+        })
+        .collect();
     Ok(Json(json!({
         "id": record.id,
         "target": record.target.to_string(),
@@ -417,14 +568,122 @@ async fn describe_invocation(
         "attempts": record.attempts,
         "last_error": record.last_error,
         "idempotency_key": record.idempotency_key,
+        "input": payload(&record.input),
+        "created_at": rfc3339(record.created_ms),
         "created_at_ms": record.created_ms,
-        "start_at_ms": record.start_at_ms,
-        "completed_at_ms": record.completed_ms,
+        "start_at": record.start_at_ms.map(rfc3339),
+        "completed_at": record.completed_ms.map(rfc3339),
         "caller": record.caller.as_ref().map(|c| c.id.to_string()),
         "cancelled": record.cancelled,
         "outcome": record.outcome.as_ref().map(outcome_json),
-        "journal": journal.iter().map(|(i, e)| entry_json(*i, e)).collect::<Vec<_>>(),
+        "journal": journal.iter().map(|(i, e)| entry_json(*i, e, &commands)).collect::<Vec<_>>(),
     })))
+}
+
+/// `GET /objects/{service}/{key}/state`: every entry of a key's state, as
+/// committed (JSON values as JSON).
+async fn object_state(
+    State(invoker): State<Arc<Invoker>>,
+    Path((service, key)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    keyed_service(&invoker, &service)?;
+    let entries = invoker.store().state_entries(&service, &key)?;
+    let state: serde_json::Map<String, Value> = entries
+        .iter()
+        .map(|(name, value)| (name.clone(), payload(value)))
+        .collect();
+    Ok(Json(
+        json!({ "service": service, "key": key, "state": state }),
+    ))
+}
+
+/// `PUT /objects/{service}/{key}/state/{name}` (body: the JSON value).
+async fn set_object_state(
+    State(invoker): State<Arc<Invoker>>,
+    Path((service, key, name)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let value: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body must be the new value as JSON: {e}"),
+        )
+    })?;
+    edit_state(&invoker, service, key, name, Some(value)).await
+}
+
+/// `DELETE /objects/{service}/{key}/state/{name}`.
+async fn clear_object_state(
+    State(invoker): State<Arc<Invoker>>,
+    Path((service, key, name)): Path<(String, String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    edit_state(&invoker, service, key, name, None).await
+}
+
+/// Edit a key's state through its queue ([`crate::invoker::EDIT_STATE`])
+/// and answer once the edit is applied.
+async fn edit_state(
+    invoker: &Arc<Invoker>,
+    service: String,
+    key: String,
+    name: String,
+    value: Option<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let edit = StateEdit { name, value };
+    let target = crate::records::Target {
+        service: service.clone(),
+        handler: String::new(),
+        key: Some(key.clone()),
+    };
+    let submitted = invoker.submit_state_edit(target, &edit).await?;
+    match invoker.attach(&submitted.id).await? {
+        Some(Outcome::Success(_)) => Ok(Json(json!({
+            "service": service,
+            "key": key,
+            "name": edit.name,
+            "value": edit.value,
+            "invocation": submitted.id,
+        }))),
+        Some(Outcome::Failure { code, message }) => Err(ApiError::new(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            format!("the edit {} failed: {message}", submitted.id),
+        )),
+        None => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the edit {} is queued; it was not answered here",
+                submitted.id
+            ),
+        )),
+    }
+}
+
+/// 404 for an unknown service, 400 for one without keys (no state).
+fn keyed_service(invoker: &Invoker, service: &str) -> Result<(), ApiError> {
+    match invoker.registry().service(service) {
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("service {service} not found"),
+        )),
+        Some((info, _)) if info.kind == crate::records::ServiceKind::Service => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{service} is a service: only virtual objects and workflows have state"),
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// `DELETE /invocations/{id}`: forget a finished invocation now (its
+/// journal, idempotency key and, for a workflow, its state and promises).
+async fn purge_invocation(
+    State(invoker): State<Arc<Invoker>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id: InvocationId = id
+        .parse()
+        .map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    invoker.purge(&id).await?;
+    Ok(Json(json!({ "id": id, "purged": true })))
 }
 
 async fn control_invocation(
@@ -456,11 +715,7 @@ async fn control_invocation(
 
 fn status_name(record: &InvocationRecord, live: Option<LiveStatus>, now_ms: u64) -> &'static str {
     match (record.status, live) {
-        (Status::Completed, _) => match record.outcome {
-            Some(Outcome::Success(_)) => "succeeded",
-            _ => "failed",
-        },
-        (Status::Paused, _) => "paused",
+        (Status::Completed | Status::Paused, _) => record.status_class(),
         (Status::Ready, Some(LiveStatus::Running)) => "running",
         (Status::Ready, Some(LiveStatus::BackingOff)) => "backing-off",
         (Status::Ready, Some(LiveStatus::Pending)) => "pending",
@@ -470,38 +725,62 @@ fn status_name(record: &InvocationRecord, live: Option<LiveStatus>, now_ms: u64)
     }
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+/// A payload as JSON when it is JSON, else as text.
+fn payload(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes).unwrap_or_else(|_| json!(String::from_utf8_lossy(bytes)))
 }
 
 fn outcome_json(o: &Outcome) -> Value {
     match o {
-        Outcome::Success(v) => json!({ "success": text(v) }),
+        Outcome::Success(v) => json!({ "success": payload(v) }),
         Outcome::Failure { code, message } => {
             json!({ "failure": { "code": code, "message": message } })
         }
     }
 }
 
-fn entry_json(index: u32, entry: &Entry) -> Value {
+/// A journal entry for a person: a command with its payload, a completion
+/// with the command it answers.
+fn entry_json(index: u32, entry: &Entry, commands: &[String]) -> Value {
     match entry {
         Entry::Command(c) => {
             let mut v = json!({ "index": index, "type": "command", "command": c.signature() });
-            if let Command::SetState { value, .. } = c {
-                v["value"] = json!(text(value));
+            match c {
+                Command::SetState { value, .. } => v["value"] = payload(value),
+                Command::Call { input, callee, .. } => {
+                    v["input"] = payload(input);
+                    v["callee"] = json!(callee);
+                }
+                Command::Send {
+                    input, delay_ms, ..
+                } => {
+                    v["input"] = payload(input);
+                    v["delay_ms"] = json!(delay_ms);
+                }
+                Command::Sleep { wake_at_ms } => v["wake_at"] = json!(rfc3339(*wake_at_ms)),
+                Command::CompleteAwakeable { outcome, .. }
+                | Command::CompletePromise { outcome, .. } => v["outcome"] = outcome_json(outcome),
+                Command::Produce { value, .. } => v["value"] = payload(value),
+                _ => {}
             }
             v
         }
         Entry::Completion(c) => {
             let value = match &c.value {
-                CompletionValue::State(v) => json!({ "state": v.as_deref().map(text) }),
+                CompletionValue::State(v) => json!({ "state": v.as_deref().map(payload) }),
                 CompletionValue::StateKeys(k) => json!({ "state_keys": k }),
                 CompletionValue::Outcome(o) => outcome_json(o),
                 CompletionValue::MaybeOutcome(o) => json!({ "peek": o.as_ref().map(outcome_json) }),
                 CompletionValue::Id(id) => json!({ "id": id }),
-                CompletionValue::Time(ms) => json!({ "time_ms": ms }),
+                CompletionValue::Time(ms) => json!({ "time": rfc3339(*ms), "time_ms": ms }),
             };
-            json!({ "index": index, "type": "completion", "for_command": c.command, "value": value })
+            json!({
+                "index": index,
+                "type": "completion",
+                "for_command": c.command,
+                "answers": commands.get(c.command as usize),
+                "value": value,
+            })
         }
     }
 }

@@ -10,11 +10,12 @@
 //!
 //! Which partition a request is for ([`crate::partition`]): an invocation
 //! id or awakeable id names its partition; a call of a keyed service goes
-//! to its key's partition, a call of a service to its idempotency key's, or
-//! to a partition this host owns; every other admin request (deployments,
+//! to its key's partition (so does an admin request for a key's state), a
+//! call of a service to its idempotency key's, or to a partition this host
+//! owns; every other admin request (deployments,
 //! Kafka, limits, schedules) to partition 0, unless the header
 //! `x-cairn-partition` names one; `GET /invocations` lists every
-//! partition's, merged. An upload (or a Kafka cluster's
+//! partition's page, merged. An upload (or a Kafka cluster's
 //! registration) is answered once every partition has it (partition 0
 //! sends it to the others), so a call right after it finds the service
 //! (or the cluster) everywhere.
@@ -239,11 +240,17 @@ impl Front {
             (Api::Ingress, ["restate", "awakeables" | "a", id, ..]) => {
                 parse_awakeable_id(id).map(|(id, _)| id.partition_key())
             }
-            (Api::Ingress, ["restate", "workflow", name, id, ..]) => {
-                percent_encoding::percent_decode_str(id)
-                    .decode_utf8()
-                    .ok()
-                    .map(|id| key_hash(name, &id))
+            (Api::Ingress, ["restate", "workflow", name, id, ..])
+            | (Api::Admin, ["objects", name, id, ..]) => {
+                let decoded = |s: &str| {
+                    percent_encoding::percent_decode_str(s)
+                        .decode_utf8()
+                        .ok()
+                        .map(|s| s.into_owned())
+                };
+                decoded(name)
+                    .zip(decoded(id))
+                    .map(|(name, id)| key_hash(&name, &id))
             }
             (Api::Ingress, _) => self.call_key(path, req.headers()),
             (Api::Admin, _) => Some(0),
@@ -302,8 +309,8 @@ impl Front {
         kinds.get(service).copied()
     }
 
-    /// `GET /invocations` over every partition: the oldest unfinished
-    /// invocations of all of them, and their total.
+    /// `GET /invocations` over every partition: each answers a page of the
+    /// same filter and cursor, merged into one ([`crate::listing::merge`]).
     async fn list_everywhere(&self, req: Request) -> Response {
         let uri = req.uri().clone();
         let limit = uri
@@ -311,7 +318,7 @@ impl Front {
             .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("limit=")))
             .and_then(|n| n.parse::<usize>().ok())
             .unwrap_or(100);
-        let (mut total, mut unfinished) = (0, Vec::new());
+        let mut pages = Vec::new();
         for p in 0..self.membership.partitions() {
             let request = Request::builder()
                 .uri(uri.clone())
@@ -326,13 +333,18 @@ impl Front {
             else {
                 return unavailable(&format!("partition {p}'s list broke off"));
             };
-            let listed = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
-            total += listed["total"].as_u64().unwrap_or(0);
-            unfinished.extend(listed["unfinished"].as_array().cloned().unwrap_or_default());
+            let mut page = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
+            let next = page["next_cursor"].as_str().and_then(|c| c.parse().ok());
+            let invocations = page["invocations"].take();
+            let invocations = serde_json::from_value(invocations).unwrap_or_default();
+            pages.push((invocations, next));
         }
-        unfinished.sort_by_key(|i| i["created_at_ms"].as_u64());
-        unfinished.truncate(limit);
-        Json(serde_json::json!({ "total": total, "unfinished": unfinished })).into_response()
+        let (invocations, next) = crate::listing::merge(pages, limit);
+        Json(serde_json::json!({
+            "invocations": invocations,
+            "next_cursor": next.map(|c| c.to_string()),
+        }))
+        .into_response()
     }
 
     /// Answer the creation of something every partition holds once every

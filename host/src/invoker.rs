@@ -58,6 +58,22 @@ use tokio::sync::oneshot;
 /// per workflow id.
 const WORKFLOW_RUN: &str = "workflow-run";
 
+/// The handler, built into the host, that edits a key's state for an
+/// operator (`PUT`/`DELETE /objects/{service}/{key}/state/{name}`): an
+/// exclusive invocation of the key like any other, so an edit takes its
+/// turn in the key's queue and never interleaves with a running handler.
+/// Its input is a [`StateEdit`].
+pub const EDIT_STATE: &str = "cairn:edit-state";
+
+/// What an [`EDIT_STATE`] invocation does.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StateEdit {
+    /// The state entry.
+    pub name: String,
+    /// Its new value (JSON); `None` clears it.
+    pub value: Option<serde_json::Value>,
+}
+
 /// A request to invoke a handler.
 #[derive(Debug, Clone, Default)]
 pub struct NewInvocation {
@@ -380,7 +396,12 @@ impl Invoker {
         self: &Arc<Self>,
         request: NewInvocation,
     ) -> Result<oneshot::Receiver<Submitted>, SubmitError> {
-        let record = self.new_record(request)?;
+        Ok(self.submit_record(self.new_record(request)?))
+    }
+
+    /// Queue the creation of `record`; the receiver answers once it is
+    /// durable.
+    fn submit_record(self: &Arc<Self>, record: InvocationRecord) -> oneshot::Receiver<Submitted> {
         let (tx, rx) = oneshot::channel();
         let me = self.clone();
         self.committer.submit(Box::new(move |t| {
@@ -399,7 +420,7 @@ impl Invoker {
                 let _ = tx.send(submitted);
             }) as Continuation)
         }));
-        Ok(rx)
+        rx
     }
 
     /// Unfinished invocations created by subscription `source`.
@@ -504,7 +525,7 @@ impl Invoker {
 
     /// A new invocation record, with its target resolved.
     pub fn new_record(&self, request: NewInvocation) -> Result<InvocationRecord, SubmitError> {
-        let target = request.target;
+        let target = &request.target;
         let (service, deployment) = self
             .registry
             .service(&target.service)
@@ -527,16 +548,64 @@ impl Invoker {
             }
             _ => {}
         }
-        let idempotency_key = match handler.kind {
+        let kind = handler.kind;
+        Ok(self.record_of(request, kind, deployment))
+    }
+
+    /// Queue an edit of a key's state ([`EDIT_STATE`]); answers once the
+    /// invocation that applies it is durable.
+    pub async fn submit_state_edit(
+        self: &Arc<Self>,
+        target: Target,
+        edit: &StateEdit,
+    ) -> Result<Submitted, SubmitError> {
+        let (service, deployment) = self
+            .registry
+            .service(&target.service)
+            .ok_or_else(|| SubmitError::UnknownService(target.service.clone()))?;
+        if service.kind == ServiceKind::Service || target.key.is_none() {
+            return Err(SubmitError::WrongKeying(format!(
+                "{} is a service: only virtual objects and workflows have state",
+                service.name
+            )));
+        }
+        let request = NewInvocation {
+            target: Target {
+                handler: EDIT_STATE.into(),
+                ..target
+            },
+            input: serde_json::to_vec(edit).expect("an edit serializes"),
+            headers: Vec::new(),
+            idempotency_key: None,
+            delay: None,
+            caller: None,
+            source: None,
+            id: None,
+        };
+        let record = self.record_of(request, HandlerKind::Exclusive, deployment);
+        self.submit_record(record)
+            .await
+            .map_err(|_| SubmitError::Moved)
+    }
+
+    /// The record of a new invocation of a handler of kind `kind`.
+    fn record_of(
+        &self,
+        request: NewInvocation,
+        kind: HandlerKind,
+        deployment: DeploymentId,
+    ) -> InvocationRecord {
+        let target = request.target;
+        let idempotency_key = match kind {
             HandlerKind::Workflow => Some(WORKFLOW_RUN.to_string()),
             _ => request.idempotency_key,
         };
         let now = self.clock.now_ms();
-        Ok(InvocationRecord {
+        InvocationRecord {
             id: request
                 .id
                 .unwrap_or_else(|| self.new_id(&target, idempotency_key.as_deref())),
-            handler_kind: handler.kind,
+            handler_kind: kind,
             target,
             deployment,
             input: request.input,
@@ -553,7 +622,7 @@ impl Invoker {
             caller: request.caller,
             cancelled: false,
             source: request.source,
-        })
+        }
     }
 
     /// The run invocation of a workflow id, if it was started.
@@ -987,6 +1056,9 @@ impl Invoker {
         mailbox: Arc<Mailbox>,
         epoch: Epoch,
     ) -> AttemptEnd {
+        if record.target.handler == EDIT_STATE {
+            return self.edit_state(&record, epoch).await;
+        }
         let Some(deployment) = self.registry.deployment(&record.deployment) else {
             return AttemptEnd::Stopped(format!("deployment {} is not loaded", record.deployment));
         };
@@ -995,6 +1067,42 @@ impl Invoker {
         let overlay = self.overlay_for(&record);
         let durable = DurableContext::new(record, journal, self.clone(), mailbox, overlay, epoch);
         self.runtime.invoke(&deployment.module, durable).await
+    }
+
+    /// Run an [`EDIT_STATE`] invocation, which holds its key: apply the
+    /// edit (again, after a crash: it is idempotent) and answer the entry
+    /// as it now is.
+    async fn edit_state(self: &Arc<Self>, record: &InvocationRecord, epoch: Epoch) -> AttemptEnd {
+        let edit: StateEdit = match serde_json::from_slice(&record.input) {
+            Ok(edit) => edit,
+            Err(e) => {
+                return AttemptEnd::Terminal {
+                    code: 400,
+                    message: format!("not a state edit: {e}"),
+                }
+            }
+        };
+        let (me, id) = (self.clone(), record.id.clone());
+        let (service, key) = (record.target.service.clone(), record.target.key.clone());
+        let answer = serde_json::to_vec(&edit).expect("an edit serializes");
+        let applied = self
+            .committer
+            .commit(move |t| {
+                if !me.admits(&id, epoch) {
+                    return Ok(false);
+                }
+                let key = key.as_deref().unwrap_or_default();
+                match &edit.value {
+                    Some(v) => t.set_state(&service, key, &edit.name, v.to_string().as_bytes())?,
+                    None => t.clear_state(&service, key, &edit.name)?,
+                }
+                Ok(true)
+            })
+            .await;
+        match applied {
+            true => AttemptEnd::Success(answer),
+            false => AttemptEnd::Fenced,
+        }
     }
 
     /// Whether a write of attempt `epoch` of `id` may be applied; checked
@@ -1273,6 +1381,29 @@ impl Invoker {
                         None,
                     )),
                 }
+            })
+            .await
+    }
+
+    /// Forget a finished invocation now, as retention would (see
+    /// [`Tables::purge`]); an unfinished one must be killed or cancelled
+    /// first.
+    pub async fn purge(self: &Arc<Self>, id: &InvocationId) -> Result<(), ControlError> {
+        let me = self.clone();
+        let id = id.clone();
+        self.committer
+            .commit(move |t| {
+                let Some(record) = t.invocation(&id)? else {
+                    return Ok(Err(ControlError::NotFound(format!("invocation {id}"))));
+                };
+                if record.status != Status::Completed {
+                    return Ok(Err(ControlError::Conflict(format!(
+                        "invocation {id} has not finished: kill or cancel it first"
+                    ))));
+                }
+                let timers = t.purge(&record)?;
+                me.drop_timers(&id, timers);
+                Ok(Ok(()))
             })
             .await
     }

@@ -35,6 +35,7 @@
 
 pub mod admin;
 pub mod changelog;
+pub mod cli;
 pub mod clock;
 pub mod cluster;
 pub mod commit;
@@ -54,6 +55,7 @@ pub mod kafka;
 pub mod keys;
 pub mod limits;
 pub mod listener;
+pub mod listing;
 pub mod membership;
 pub mod outbound;
 pub mod partition;

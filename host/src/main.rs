@@ -1,6 +1,9 @@
 //! `cairn`: run a host, deploy modules, invoke handlers, inspect invocations.
 
 use anyhow::{bail, Context as _};
+use cairn::cli::{
+    print_json, request, AdminUrl, DeploymentsCommand, ListInvocations, StateCommand,
+};
 use cairn::config::Config;
 use clap::{Args, Parser, Subcommand};
 use reqwest::Method;
@@ -56,10 +59,20 @@ enum Command {
         )]
         ingress: String,
     },
-    /// Inspect invocations.
+    /// List, inspect and control invocations.
     Invocations {
         #[command(subcommand)]
         command: InvocationsCommand,
+    },
+    /// Read and edit the state of virtual objects and workflows.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
+    /// List and describe deployments.
+    Deployments {
+        #[command(subcommand)]
+        command: DeploymentsCommand,
     },
     /// Register Kafka clusters.
     KafkaClusters {
@@ -105,6 +118,15 @@ enum Command {
 
 #[derive(Subcommand)]
 enum InvocationsCommand {
+    /// List invocations, newest first, with filters.
+    List(ListInvocations),
+    #[command(flatten)]
+    One(InvocationCommand),
+}
+
+/// What is done to one invocation.
+#[derive(Subcommand)]
+enum InvocationCommand {
     /// Show an invocation's status, attempts, last error and journal.
     Describe(Invocation),
     /// Cancel cooperatively: pending operations fail with "cancelled" and the handler can compensate.
@@ -121,6 +143,8 @@ enum InvocationsCommand {
         #[arg(long)]
         deployment: Option<String>,
     },
+    /// Forget a finished invocation now (its journal and idempotency key).
+    Purge(Invocation),
 }
 
 #[derive(Subcommand)]
@@ -235,35 +259,6 @@ struct Invocation {
     id: String,
     #[command(flatten)]
     admin: AdminUrl,
-}
-
-#[derive(Args)]
-struct AdminUrl {
-    /// The admin API URL.
-    #[arg(
-        long = "admin",
-        env = "CAIRN_ADMIN_URL",
-        default_value = "http://127.0.0.1:9070"
-    )]
-    url: String,
-    /// The admin API's bearer token (the host's admin_token).
-    #[arg(
-        long = "admin-token",
-        env = "CAIRN_ADMIN_TOKEN",
-        hide_env_values = true
-    )]
-    token: Option<String>,
-}
-
-impl AdminUrl {
-    /// A request to `path` of the admin API, with the token if there is one.
-    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        let req = reqwest::Client::new().request(method, format!("{}{path}", self.url));
-        match &self.token {
-            Some(token) => req.bearer_auth(token),
-            None => req,
-        }
-    }
 }
 
 #[derive(Args)]
@@ -404,13 +399,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             print_json(&request(req, &ingress).await?)
         }
-        Command::Invocations { command } => {
+        Command::State { command } => command.run().await,
+        Command::Deployments { command } => command.run().await,
+        Command::Invocations {
+            command: InvocationsCommand::List(list),
+        } => list.run().await,
+        Command::Invocations {
+            command: InvocationsCommand::One(command),
+        } => {
             let (method, action, it) = match command {
-                InvocationsCommand::Describe(it) => (Method::GET, String::new(), it),
-                InvocationsCommand::Cancel(it) => (Method::POST, "/cancel".into(), it),
-                InvocationsCommand::Kill(it) => (Method::POST, "/kill".into(), it),
-                InvocationsCommand::Pause(it) => (Method::POST, "/pause".into(), it),
-                InvocationsCommand::Resume { it, deployment } => {
+                InvocationCommand::Purge(it) => (Method::DELETE, String::new(), it),
+                InvocationCommand::Describe(it) => (Method::GET, String::new(), it),
+                InvocationCommand::Cancel(it) => (Method::POST, "/cancel".into(), it),
+                InvocationCommand::Kill(it) => (Method::POST, "/kill".into(), it),
+                InvocationCommand::Pause(it) => (Method::POST, "/pause".into(), it),
+                InvocationCommand::Resume { it, deployment } => {
                     let query = deployment
                         .map(|d| format!("?deployment={d}"))
                         .unwrap_or_default();
@@ -550,30 +553,4 @@ async fn admin_call(
         req = req.json(&body);
     }
     print_json(&request(req, &admin.url).await?)
-}
-
-/// Send a request; a non-2xx answer becomes an error with the server's message.
-async fn request(req: reqwest::RequestBuilder, base: &str) -> anyhow::Result<String> {
-    let response = req
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {base}: is `cairn serve` running there?"))?;
-    let status = response.status();
-    let body = response.text().await?;
-    if !status.is_success() {
-        let message = serde_json::from_str::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["message"].as_str().map(str::to_string))
-            .unwrap_or(body);
-        bail!("{status}: {message}");
-    }
-    Ok(body)
-}
-
-fn print_json(body: &str) -> anyhow::Result<()> {
-    match serde_json::from_str::<serde_json::Value>(body) {
-        Ok(v) => println!("{}", serde_json::to_string_pretty(&v)?),
-        Err(_) => println!("{body}"),
-    }
-    Ok(())
 }

@@ -236,6 +236,25 @@ impl InvocationRecord {
     pub fn is_exclusive(&self) -> bool {
         self.target.key.is_some() && self.handler_kind != HandlerKind::Shared
     }
+
+    /// Its stored status as the listing indexes it: `unfinished`,
+    /// `paused`, or how it finished (`succeeded`, `failed`, `killed`,
+    /// `cancelled`).
+    pub fn status_class(&self) -> &'static str {
+        match (self.status, &self.outcome) {
+            (Status::Ready, _) => "unfinished",
+            (Status::Paused, _) => "paused",
+            (Status::Completed, Some(Outcome::Success(_))) => "succeeded",
+            (Status::Completed, Some(Outcome::Failure { code: 409, message })) => {
+                match message.as_str() {
+                    "killed" => "killed",
+                    "cancelled" if self.cancelled => "cancelled",
+                    _ => "failed",
+                }
+            }
+            (Status::Completed, _) => "failed",
+        }
+    }
 }
 
 /// A cron schedule: `target` is invoked with `input` on every tick.

@@ -455,6 +455,13 @@ impl Engine {
         partitioning: Partitioning,
         runtime: Arc<Runtime>,
     ) -> anyhow::Result<Engine> {
+        let indexed = committer.commit(|t| t.index_listing_once()).await;
+        if indexed > 0 {
+            tracing::info!(
+                indexed,
+                "indexed the invocations of an older store for listing"
+            );
+        }
         let registry = Registry::load(
             runtime.clone(),
             store.clone(),

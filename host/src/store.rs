@@ -9,6 +9,7 @@
 use crate::changelog::{Capture, Change, Logged, Outgoing};
 use crate::ids::{DeploymentId, InvocationId};
 use crate::journal::{Command, Completion, Entry, Outcome};
+use crate::listing::{Cursor, Filter, Page, SCAN_BUDGET};
 use crate::partition::{Message, INPUT_POSITION};
 use crate::records::{
     ClusterRecord, DeploymentRecord, HandlerKind, InvocationRecord, ScheduleRecord,
@@ -160,6 +161,9 @@ tables! {
     outbox: OUTBOX = "outbox", Some(19), <(&'static str, u32), ()>;
     /// Why a subscription stopped on a record (until an operator resumes it).
     subscription_stops: SUBSCRIPTION_STOPS = "subscription_stops", Some(20), <&'static str, &'static str>;
+    /// (facet, created ms, invocation id): the listing indexes
+    /// (see [`crate::listing`])
+    listing: LISTING = "listing", Some(21), <(&'static str, u64, &'static str), ()>;
     /// Facts about this host's copy of the store (never replicated): the
     /// changelog position it has applied.
     local: LOCAL = "local", None, <&'static str, u64>;
@@ -369,42 +373,17 @@ impl Store {
         self.read(|t| state_names_in(&t.open_table(STATE)?, service, key))
     }
 
-    /// How many invocations have not completed, and the `limit` oldest of
-    /// them (by creation order), oldest first; one pass that keeps at most
-    /// `limit` records in memory.
-    pub fn oldest_unfinished(&self, limit: usize) -> StoreResult<(usize, Vec<InvocationRecord>)> {
-        struct BySeq(InvocationRecord);
-        impl PartialEq for BySeq {
-            fn eq(&self, other: &Self) -> bool {
-                self.0.seq == other.0.seq
-            }
-        }
-        impl Eq for BySeq {}
-        impl PartialOrd for BySeq {
-            fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-                Some(self.cmp(other))
-            }
-        }
-        impl Ord for BySeq {
-            fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-                self.0.seq.cmp(&other.0.seq)
-            }
-        }
-        let mut total = 0;
-        let mut newest_kept = std::collections::BinaryHeap::new();
-        self.for_each_unfinished(|r| {
-            total += 1;
-            newest_kept.push(BySeq(r));
-            if newest_kept.len() > limit {
-                newest_kept.pop();
-            }
-        })?;
-        let oldest = newest_kept
-            .into_sorted_vec()
-            .into_iter()
-            .map(|r| r.0)
-            .collect();
-        Ok((total, oldest))
+    /// A key's state: `(name, value)`, sorted by name.
+    pub fn state_entries(&self, service: &str, key: &str) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        self.read(|t| {
+            t.open_table(STATE)?
+                .range((service, key, "")..=(service, key, "\u{10FFFF}\u{10FFFF}"))?
+                .map(|row| {
+                    let (k, v) = row?;
+                    Ok((k.value().2.to_string(), v.value().to_vec()))
+                })
+                .collect()
+        })
     }
 
     /// Visit every invocation that has not completed, in no particular
@@ -422,6 +401,54 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// A page of invocations that `filter` and `keep` accept, newest
+    /// first, below `cursor` (see [`crate::listing`]).
+    pub fn list(
+        &self,
+        filter: &Filter,
+        mut keep: impl FnMut(&InvocationRecord) -> bool,
+        limit: usize,
+        cursor: Option<&Cursor>,
+    ) -> StoreResult<Page> {
+        let facet = filter.facet();
+        let low = (facet.as_str(), filter.created_after_ms.unwrap_or(0), "");
+        let mut high = (
+            facet.as_str(),
+            filter.created_before_ms.unwrap_or(u64::MAX),
+            "",
+        );
+        if let Some(c) = cursor.filter(|c| (c.created_ms, c.id.as_str()) < (high.1, high.2)) {
+            high = (facet.as_str(), c.created_ms, c.id.as_str());
+        }
+        let mut page = Page::default();
+        if high <= low {
+            return Ok(page);
+        }
+        let txn = self.db.begin_read().map_err(StoreError::redb)?;
+        let listing = txn.open_table(LISTING).map_err(StoreError::redb)?;
+        let invocations = txn.open_table(INVOCATIONS).map_err(StoreError::redb)?;
+        let rows = listing.range(low..high).map_err(StoreError::redb)?;
+        for (read, row) in rows.rev().enumerate() {
+            let (row, _) = row.map_err(StoreError::redb)?;
+            let (_, created_ms, id) = row.value();
+            let last = Cursor {
+                created_ms,
+                id: id.to_string(),
+            };
+            if let Some(bytes) = invocations.get(id).map_err(StoreError::redb)? {
+                let record = decode::<InvocationRecord>("invocations", bytes.value())?;
+                if filter.matches(&record) && keep(&record) {
+                    page.invocations.push(record);
+                }
+            }
+            if page.invocations.len() >= limit || read + 1 >= SCAN_BUDGET {
+                page.next = Some(last);
+                break;
+            }
+        }
+        Ok(page)
     }
 
     /// The invocation an idempotency key maps to.
@@ -550,6 +577,7 @@ impl Store {
                 ("promises", t.open_table(PROMISES)?.len()?),
                 ("promise_waiters", t.open_table(PROMISE_WAITERS)?.len()?),
                 ("outbox", t.open_table(OUTBOX)?.len()?),
+                ("listing", t.open_table(LISTING)?.len()?),
             ])
         })
     }
@@ -660,6 +688,8 @@ impl<'txn> Tables<'txn> {
     pub fn put_invocation(&mut self, record: &InvocationRecord) -> StoreResult<()> {
         use crate::records::Status;
         let id = record.id.as_str();
+        let before = self.invocation(&record.id)?;
+        self.index(before.as_ref(), Some(record))?;
         self.invocations.insert(id, encode(record).as_slice())?;
         let finished = record.status == Status::Completed;
         if finished {
@@ -878,16 +908,74 @@ impl<'txn> Tables<'txn> {
         self.expiry.insert((at_ms, id.as_str()), ())
     }
 
-    /// Delete a completed invocation whose retention ended at `expiry_ms`:
-    /// every row it owns (record, journal, idempotency key, the rows of
-    /// operations it still waited on, and a workflow's state, promises and
-    /// promise waiters). Returns the durable timers it removed, so that the
-    /// caller drops them from memory too.
+    /// Index every invocation of a store written before the listing
+    /// existed (once: `meta` remembers it); how many it indexed.
+    pub fn index_listing_once(&mut self) -> StoreResult<u64> {
+        const DONE: &str = "listing_indexed";
+        if self.meta.get(DONE).map_err(StoreError::redb)?.is_some() {
+            return Ok(0);
+        }
+        let mut indexed = 0;
+        for row in self.invocations.iter().map_err(StoreError::redb)? {
+            let (_, bytes) = row.map_err(StoreError::redb)?;
+            let record = decode::<InvocationRecord>("invocations", bytes.value())?;
+            let (created, id) = (record.created_ms, record.id.as_str());
+            for facet in crate::listing::facets(&record) {
+                self.listing.insert((facet.as_str(), created, id), ())?;
+            }
+            indexed += 1;
+        }
+        self.meta.insert(DONE, 1)?;
+        Ok(indexed)
+    }
+
+    /// Move `record`'s listing rows from what `before` had to what
+    /// `after` has (a new record has no `before`; a deleted one no
+    /// `after`).
+    fn index(
+        &mut self,
+        before: Option<&InvocationRecord>,
+        after: Option<&InvocationRecord>,
+    ) -> StoreResult<()> {
+        let facets =
+            |r: Option<&InvocationRecord>| r.map(crate::listing::facets).unwrap_or_default();
+        let (old, new) = (facets(before), facets(after));
+        for (record, facets, other, add) in [(before, &old, &new, false), (after, &new, &old, true)]
+        {
+            let Some(record) = record else { continue };
+            let (created, id) = (record.created_ms, record.id.as_str());
+            for facet in facets.iter().filter(|f| !other.contains(f)) {
+                match add {
+                    true => self.listing.insert((facet.as_str(), created, id), ())?,
+                    false => self
+                        .listing
+                        .remove((facet.as_str(), created, id))
+                        .map(drop)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Delete a completed invocation whose retention ended at `expiry_ms`
+    /// (see [`Tables::purge`]); its timers.
     pub fn forget(&mut self, expiry_ms: u64, id: &InvocationId) -> StoreResult<Vec<(u64, u32)>> {
         self.expiry.remove((expiry_ms, id.as_str()))?;
-        let Some(record) = self.invocation(id)? else {
-            return Ok(Vec::new());
-        };
+        match self.invocation(id)? {
+            Some(record) => self.purge(&record),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Delete a completed invocation now: every row it owns (record,
+    /// listing, journal, idempotency key, the rows of operations it still
+    /// waited on, and a workflow's state, promises and promise waiters)
+    /// but its expiry row, which retention removes when it comes. Returns
+    /// the durable timers it removed, so that the caller drops them from
+    /// memory too.
+    pub fn purge(&mut self, record: &InvocationRecord) -> StoreResult<Vec<(u64, u32)>> {
+        let id = &record.id;
+        self.index(Some(record), None)?;
         if let Some(key) = &record.idempotency_key {
             self.idempotency
                 .remove((record.target.to_string().as_str(), key.as_str()))?;
@@ -1115,31 +1203,25 @@ mod tests {
             t.append(&a.id, &Entry::Command(Command::GetStateKeys))
         });
         assert_eq!((a.seq, b.seq), (1, 2));
-        let (total, oldest) = store.oldest_unfinished(10).unwrap();
-        let oldest: Vec<_> = oldest.into_iter().map(|r| r.id).collect();
-        assert_eq!(
-            (total, oldest),
-            (2, vec![a.id.clone(), b.id.clone()]),
-            "arrival order"
-        );
-        let (total, oldest) = store.oldest_unfinished(1).unwrap();
-        assert_eq!(
-            (total, oldest.len(), &oldest[0].id),
-            (2, 1, &a.id),
-            "the oldest"
-        );
+        assert_eq!(listed(&store, "unfinished").len(), 2);
         assert_eq!(
             store.idempotent("Counter/x/add", "k").unwrap(),
             Some(a.id.clone())
         );
 
         a.status = Status::Completed;
+        a.outcome = Some(Outcome::Success(b"2".to_vec()));
         a.completed_ms = Some(10);
         with_tables(&store, |t| {
             t.put_invocation(&a)?;
             t.expire_at(100, &a.id)
         });
-        assert_eq!(store.oldest_unfinished(0).unwrap(), (1, vec![]));
+        assert_eq!(listed(&store, "unfinished"), vec![b.id.clone()]);
+        assert_eq!(
+            listed(&store, "succeeded"),
+            vec![a.id.clone()],
+            "re-indexed"
+        );
         assert!(store.expired(99, 10).unwrap().is_empty());
         assert_eq!(store.expired(100, 10).unwrap(), vec![(100, a.id.clone())]);
         with_tables(&store, |t| t.forget(100, &a.id));
@@ -1147,6 +1229,76 @@ mod tests {
         assert!(store.journal(&a.id).unwrap().is_empty());
         assert_eq!(store.idempotent("Counter/x/add", "k").unwrap(), None);
         assert!(store.expired(u64::MAX - 1, 10).unwrap().is_empty());
+        assert!(
+            listed(&store, "succeeded").is_empty(),
+            "its listing rows go"
+        );
+    }
+
+    /// The ids a filter on status class `class` lists, newest first.
+    fn listed(store: &Store, class: &str) -> Vec<InvocationId> {
+        let filter = Filter {
+            class: Some(class.into()),
+            ..Filter::default()
+        };
+        let page = store.list(&filter, |_| true, 100, None).unwrap();
+        page.invocations.into_iter().map(|r| r.id).collect()
+    }
+
+    #[test]
+    fn a_filtered_page_reads_one_index_and_goes_on_from_its_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut all = Vec::new();
+        with_tables(&store, |t| {
+            for n in 0..30u64 {
+                let mut r = record(&format!("k{}", n % 3), HandlerKind::Exclusive);
+                r.created_ms = 1000 + n;
+                r.target.handler = if n % 2 == 0 { "add" } else { "get" }.into();
+                if n % 5 == 0 {
+                    r.status = Status::Paused;
+                }
+                t.put_invocation(&r)?;
+                all.push(r);
+            }
+            Ok(())
+        });
+        let filter = Filter {
+            service: Some("Counter".into()),
+            key: Some("k1".into()),
+            handler: Some("add".into()),
+            ..Filter::default()
+        };
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        for _ in 0..10 {
+            let page = store.list(&filter, |_| true, 2, cursor.as_ref()).unwrap();
+            seen.extend(page.invocations.iter().map(|r| r.created_ms));
+            cursor = page.next;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        let expected: Vec<u64> = all
+            .iter()
+            .rev()
+            .filter(|r| r.target.key.as_deref() == Some("k1") && r.target.handler == "add")
+            .map(|r| r.created_ms)
+            .collect();
+        assert_eq!(seen, expected, "pages of 2, newest first, none twice");
+        assert_eq!(
+            listed(&store, "paused").len(),
+            6,
+            "the status index holds the paused ones"
+        );
+        let window = Filter {
+            created_after_ms: Some(1010),
+            created_before_ms: Some(1015),
+            ..Filter::default()
+        };
+        let page = store.list(&window, |_| true, 100, None).unwrap();
+        let times: Vec<u64> = page.invocations.iter().map(|r| r.created_ms).collect();
+        assert_eq!(times, [1014, 1013, 1012, 1011, 1010]);
     }
 
     #[test]

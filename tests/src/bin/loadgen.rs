@@ -47,6 +47,11 @@ struct Args {
     /// long the restart takes until the host is ready again.
     #[arg(long)]
     timers: Option<u64>,
+    /// Listing: store about this many invocations (half finished
+    /// `steps3`, half sends due in a day on 1,000 keys), then time filtered
+    /// pages of `GET /invocations` (p50/p99 of 50 requests per filter).
+    #[arg(long)]
+    listing: Option<u64>,
 }
 
 struct Scenario {
@@ -107,6 +112,12 @@ async fn main() -> anyhow::Result<()> {
         "{:<14} {:>10} {:>10} {:>9} {:>9} {:>9} {:>7} {:>9}",
         "scenario", "requests", "inv/s", "p50 ms", "p99 ms", "max ms", "errors", "peak MiB"
     );
+    if let Some(n) = args.listing {
+        let host = host.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("the listing run starts its own host: omit --ingress")
+        })?;
+        return listing(&args, host, n).await;
+    }
     if let Some(n) = args.timers {
         let host = host
             .as_mut()
@@ -199,6 +210,72 @@ async fn timers(args: &Args, host: &mut Host, n: u64) -> anyhow::Result<()> {
         "10 s later: {}",
         report(host, &host.admin_get("/storage").await)
     );
+    Ok(())
+}
+
+/// Store `n` invocations, then time filtered listing pages.
+async fn listing(args: &Args, host: &Host, n: u64) -> anyhow::Result<()> {
+    let mut stored = 0;
+    for name in ["steps3", "send-delayed"] {
+        let scenario = SCENARIOS.iter().find(|s| s.name == name).unwrap();
+        let mut sent = 0;
+        while sent < (n / 2) as usize {
+            let r = run(args, &host.ingress(), scenario, Duration::from_secs(10)).await;
+            sent += r.count;
+            println!(
+                "{:<14} {:>10} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>9}",
+                scenario.name,
+                sent,
+                r.rate,
+                r.p50,
+                r.p99,
+                r.max,
+                r.errors,
+                peak_mib(host)
+            );
+        }
+        stored += sent;
+    }
+    let storage = host.admin_get("/storage").await;
+    println!(
+        "{stored} invocations stored ({} rows in invocations, {} in listing)",
+        storage["rows"]["invocations"], storage["rows"]["listing"]
+    );
+    println!(
+        "{:<58} {:>7} {:>9} {:>9} {:>6}",
+        "GET /invocations?...", "found", "p50 ms", "p99 ms", "more"
+    );
+    for query in [
+        "limit=50",
+        "service=Counter&key=k7&limit=50",
+        "service=Steps&status=succeeded&limit=50",
+        "status=scheduled&limit=50",
+        "handler=add&limit=50",
+        "status=paused&limit=50",
+        "service=Counter&status=running&limit=50",
+        "created_before=2000-01-01T00:00:00Z&limit=50",
+    ] {
+        let mut times = Vec::new();
+        let mut last = serde_json::Value::Null;
+        for _ in 0..50 {
+            let t = Instant::now();
+            last = host.admin_get(&format!("/invocations?{query}")).await;
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        times.sort_by(f64::total_cmp);
+        println!(
+            "{:<58} {:>7} {:>9.2} {:>9.2} {:>6}",
+            query,
+            last["invocations"].as_array().map_or(0, Vec::len),
+            times[times.len() / 2],
+            times[times.len() * 99 / 100],
+            if last["next_cursor"].is_null() {
+                "no"
+            } else {
+                "yes"
+            }
+        );
+    }
     Ok(())
 }
 
