@@ -8,7 +8,7 @@ use cairn_tests::kafka::{
     require_broker, subscribe, unique_topic, Record,
 };
 use cairn_tests::server::TestServer;
-use cairn_tests::{add_until_acked, example, until, Host, HostOptions};
+use cairn_tests::{add_until_acked, example, metric, until, Host, HostOptions};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -61,12 +61,31 @@ async fn counter_sums_are_exact_for_100k_records_over_1000_keys() {
     produce(&topic, records).await;
     let host = Host::start_with(options("")).await;
     let started = Instant::now();
-    subscribe(&host, &broker, &topic, "service://Counter/add").await;
+    let sub = subscribe(&host, &broker, &topic, "service://Counter/add").await;
     let expected: Vec<i64> = (0..1000)
         .map(|k| (0..100).map(|j| ((k + 1000 * j) % 7) as i64).sum())
         .collect();
     until("every key's sum", Duration::from_secs(600), || async {
         counters(&host, 1000).await == expected
+    })
+    .await;
+    // `/metrics` counts every record and, from librdkafka's statistics,
+    // reads no lag left on any of the topic's four partitions.
+    until("the metrics catch up", Duration::from_secs(60), || async {
+        let text = host.metrics().await;
+        let ingested = metric(
+            &text,
+            "cairn_subscription_ingested_total",
+            &[("subscription", &sub)],
+        );
+        let lags: Vec<Option<f64>> = ["0", "1", "2", "3"]
+            .iter()
+            .map(|p| {
+                let labels = [("subscription", sub.as_str()), ("kafka_partition", p)];
+                metric(&text, "cairn_subscription_lag", &labels)
+            })
+            .collect();
+        ingested == Some(100_000.0) && lags.iter().all(|lag| *lag == Some(0.0))
     })
     .await;
     println!(

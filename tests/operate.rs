@@ -2,7 +2,7 @@
 //! indexes, reading and editing keyed state through the key's queue,
 //! purging, and the CLI's tables.
 
-use cairn_tests::{example, until, Host, HostOptions};
+use cairn_tests::{example, metric as series, until, Host, HostOptions};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -267,4 +267,150 @@ async fn the_cli_lists_invocations_state_and_deployments_as_tables_or_json() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("404"), "{err}");
+}
+
+#[tokio::test]
+async fn prometheus_metrics_count_what_happened_and_read_gauges_at_scrape_time() {
+    let host = start().await;
+    for _ in 0..3 {
+        assert_eq!(host.post("/Counter/m/add", "1", &[]).await.status, 200);
+    }
+    assert_eq!(host.post("/Steps/fail", "\"x\"", &[]).await.status, 500);
+    let r = host
+        .post("/Counter/later/add/send?delay=1h", "1", &[])
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+
+    let r = host
+        .http
+        .get(format!("{}/metrics", host.admin()))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain"),
+        "Prometheus text format"
+    );
+    let text = r.text().await.unwrap();
+    let finished = |service, outcome| {
+        series(
+            &text,
+            "cairn_invocations_finished_total",
+            &[
+                ("service", service),
+                ("outcome", outcome),
+                ("partition", "0"),
+            ],
+        )
+    };
+    assert_eq!(finished("Counter", "succeeded"), Some(3.0), "{text}");
+    assert_eq!(finished("Steps", "failed"), Some(1.0), "{text}");
+    let started = &[("service", "Counter"), ("handler", "add")];
+    assert_eq!(
+        series(&text, "cairn_invocations_started_total", started),
+        Some(3.0)
+    );
+    assert_eq!(series(&text, "cairn_attempts_total", started), Some(3.0));
+    let scheduled = &[("status", "scheduled"), ("partition", "0")];
+    assert_eq!(
+        series(&text, "cairn_invocations", scheduled),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        series(&text, "cairn_invocations", &[("status", "paused")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        series(&text, "cairn_timers", &[]),
+        Some(1.0),
+        "the delayed send's timer"
+    );
+    assert!(series(&text, "cairn_database_bytes", &[]).unwrap_or(0.0) > 0.0);
+    assert!(series(&text, "cairn_commit_batch_jobs_count", &[]).unwrap_or(0.0) >= 5.0);
+    let within_60s = &[("service", "Counter"), ("le", "60")];
+    assert_eq!(
+        series(
+            &text,
+            "cairn_invocation_duration_seconds_bucket",
+            within_60s
+        ),
+        Some(3.0),
+        "end-to-end latency histogram: {text}"
+    );
+    assert!(
+        text.contains("# HELP cairn_invocations_finished_total"),
+        "described"
+    );
+    let json = host.admin_get("/metrics.json").await;
+    assert!(json["commit_transactions"].as_u64().unwrap() > 0, "{json}");
+}
+
+#[tokio::test]
+async fn guest_output_is_logged_once_with_its_attempt_even_when_replayed() {
+    let host = Host::start_with(HostOptions {
+        // Suspend at once: the sleep ends in a new attempt that replays
+        // the first print.
+        config: "suspend_after = \"1ms\"\n".into(),
+        deploy: vec![example("coordination")],
+    })
+    .await;
+    let r = host.post("/Sleeper/narrate", "300", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = id_of(&r);
+    until("the second print is logged", MINUTE, || async {
+        host.log().contains("after the nap")
+    })
+    .await;
+    let log = host.log();
+    let lines = |text: &str| log.lines().filter(|l| l.contains(text)).count();
+    assert_eq!(
+        lines("before the nap"),
+        1,
+        "not printed again by the replay:\n{log}"
+    );
+    assert_eq!(lines("after the nap"), 1);
+    let line = log.lines().find(|l| l.contains("before the nap")).unwrap();
+    assert!(
+        line.contains(&id) && line.contains("Sleeper") && line.contains("attempt=1"),
+        "tagged: {line}"
+    );
+}
+
+#[tokio::test]
+async fn log_format_json_writes_one_json_object_per_line() {
+    use std::io::{BufRead, BufReader};
+    let data = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(cairn_tests::cairn_bin())
+        .args(["serve", "--log-format", "json", "--data-dir"])
+        .arg(data.path())
+        .args([
+            "--ingress",
+            &format!("127.0.0.1:{}", cairn_tests::free_port()),
+        ])
+        .args([
+            "--admin",
+            &format!("127.0.0.1:{}", cairn_tests::free_port()),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let ready = stderr
+        .lines()
+        .take(50)
+        .map_while(Result::ok)
+        .find(|l| l.contains("cairn is ready"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let ready = ready.expect("the host logged that it is ready");
+    let event: Value = serde_json::from_str(&ready).expect("a JSON log line");
+    assert_eq!(event["level"], "INFO", "{event}");
+    assert!(event["fields"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("cairn is ready"));
 }

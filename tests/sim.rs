@@ -45,6 +45,12 @@ const PARTITIONS: usize = 2;
 const CHAOS: usize = 3;
 const MINUTE: Duration = Duration::from_secs(60);
 
+/// Whether an invocation in `status` has finished (operators' kills and
+/// cancellations included).
+fn finished(status: &str) -> bool {
+    matches!(status, "succeeded" | "failed" | "killed" | "cancelled")
+}
+
 /// splitmix64: small, seedable, the same everywhere.
 struct Rng(u64);
 
@@ -817,7 +823,7 @@ impl Sim {
                     continue;
                 };
                 match v["status"].as_str() {
-                    Some("succeeded" | "failed") => {}
+                    Some(status) if finished(status) => {}
                     Some("paused") => {
                         unfinished += 1;
                         let path = format!("/invocations/{id}/resume");
@@ -911,7 +917,7 @@ impl Sim {
                 continue;
             };
             let v: Value = r.json().await.unwrap_or(Value::Null);
-            if !matches!(v["status"].as_str(), Some("succeeded" | "failed")) {
+            if !v["status"].as_str().is_some_and(finished) {
                 report.push_str(&format!("{k} {id}: {v}\n"));
             }
         }

@@ -15,7 +15,8 @@
 //! | `POST /subscriptions/{id}/pause`, `.../resume`, `DELETE /subscriptions/{id}` | stop, restart, remove its consumer |
 //! | `POST /schedules` `{"name", "cron", "target": "S/h" or "O/k/h", "input"}` | 201; `GET /schedules`; `DELETE /schedules/{name}` |
 //! | `POST /concurrency-limits` `{"scope", "max"}`; `GET`; `DELETE ?scope=` | flow control (see `limits`) |
-//! | `GET /metrics` | group-commit counters: transactions and the jobs they carried |
+//! | `GET /metrics` | Prometheus text: invocations, attempts, latencies, group commits, subscriptions (see `metrics`) |
+//! | `GET /metrics.json` | group-commit counters: transactions and the jobs they carried |
 //! | `GET /storage` | rows per table and the sizes of the invoker's in-memory structures |
 //! | `GET /health` | 200 once the host serves |
 
@@ -118,7 +119,8 @@ pub fn router(
             "/objects/{service}/{key}/state/{name}",
             axum::routing::put(set_object_state).delete(clear_object_state),
         )
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(prometheus))
+        .route("/metrics.json", get(metrics))
         .route("/storage", get(storage))
         .route(
             "/concurrency-limits",
@@ -321,6 +323,14 @@ async fn remove_limit(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `GET /metrics`: every metric of this host in Prometheus text format
+/// (see [`crate::metrics`]).
+pub async fn prometheus() -> Response {
+    let text = crate::metrics::Metrics::get().render();
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// `GET /metrics.json`: the group-commit counters of the partition.
 async fn metrics(State(invoker): State<Arc<Invoker>>) -> Json<Value> {
     let (transactions, jobs) = invoker.committer().stats();
     Json(json!({ "commit_transactions": transactions, "commit_jobs": jobs }))
@@ -531,6 +541,12 @@ fn time_ms(value: &str) -> Result<u64, String> {
         .map_or(0, |d| d.as_millis() as u64))
 }
 
+/// An invocation id from a path; 400 if it is not one.
+fn invocation_id(id: &str) -> Result<InvocationId, ApiError> {
+    id.parse()
+        .map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, e))
+}
+
 /// Ms since the epoch in RFC 3339 (UTC, milliseconds).
 pub fn rfc3339(ms: u64) -> String {
     let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
@@ -541,9 +557,7 @@ async fn describe_invocation(
     State(invoker): State<Arc<Invoker>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let id: InvocationId = id
-        .parse()
-        .map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let id = invocation_id(&id)?;
     let record = invoker.store().invocation(&id)?.ok_or_else(|| {
         ApiError::new(StatusCode::NOT_FOUND, format!("invocation {id} not found"))
     })?;
@@ -679,9 +693,7 @@ async fn purge_invocation(
     State(invoker): State<Arc<Invoker>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let id: InvocationId = id
-        .parse()
-        .map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let id = invocation_id(&id)?;
     invoker.purge(&id).await?;
     Ok(Json(json!({ "id": id, "purged": true })))
 }

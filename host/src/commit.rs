@@ -78,19 +78,19 @@ pub struct Stats {
 impl Committer {
     /// Start the writer thread over `store` (standalone mode).
     pub fn start(store: Arc<Store>) -> Self {
-        Self::start_with_log(store, None)
+        Self::start_with_log(store, None, 0)
     }
 
-    /// Start the writer thread over `store`, appending every transaction's
-    /// changes to `log` first, if any.
-    pub fn start_with_log(store: Arc<Store>, log: Option<Box<dyn Log>>) -> Self {
+    /// Start the writer thread over `store` of `partition`, appending every
+    /// transaction's changes to `log` first, if any.
+    pub fn start_with_log(store: Arc<Store>, log: Option<Box<dyn Log>>, partition: u32) -> Self {
         let (queue, jobs) = mpsc::channel::<Job>();
         let stats = Arc::new(Stats::default());
         let stopped = Arc::new(AtomicBool::new(false));
         let (counters, stop) = (stats.clone(), stopped.clone());
         let thread = std::thread::Builder::new()
             .name("cairn-commit".into())
-            .spawn(move || writer(&store, log, jobs, &counters, &stop))
+            .spawn(move || writer(&store, log, jobs, &counters, &stop, partition))
             .expect("the commit thread starts");
         Committer {
             queue,
@@ -209,7 +209,11 @@ fn writer(
     jobs: mpsc::Receiver<Job>,
     stats: &Stats,
     stopped: &AtomicBool,
+    partition: u32,
 ) {
+    let labels = [("partition", partition.to_string())];
+    let batch_jobs = metrics::histogram!("cairn_commit_batch_jobs", &labels);
+    let latency = metrics::histogram!("cairn_commit_duration_seconds", &labels);
     while let Ok(first) = jobs.recv() {
         if stopped.load(Ordering::SeqCst) {
             return;
@@ -222,9 +226,12 @@ fn writer(
             }
         }
         let size = batch.len();
+        let started = std::time::Instant::now();
         match apply(store, log.as_deref_mut(), batch) {
             Ok(continuations) => {
                 tracing::trace!(jobs = size, "group commit");
+                latency.record(started.elapsed().as_secs_f64());
+                batch_jobs.record(size as f64);
                 stats.transactions.fetch_add(1, Ordering::Relaxed);
                 stats.jobs.fetch_add(size as u64, Ordering::Relaxed);
                 continuations.into_iter().for_each(|c| c());

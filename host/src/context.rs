@@ -29,6 +29,7 @@ use crate::runtime::GuestState;
 use crate::sandbox::AttemptClock;
 use crate::store::{StoreResult, Tables};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -155,6 +156,9 @@ pub struct DurableContext {
     epoch: Epoch,
     /// This attempt's busy time, for its wall-clock budget.
     clock: Arc<AttemptClock>,
+    /// Whether the handler is still replaying its journal (its output is
+    /// then not logged again; see `guestlog`).
+    replaying: Arc<AtomicBool>,
 }
 
 impl DurableContext {
@@ -167,6 +171,7 @@ impl DurableContext {
         overlay: SharedOverlay,
         epoch: Epoch,
     ) -> Self {
+        let journal_replaying = journal.is_replaying();
         DurableContext {
             record,
             journal,
@@ -176,7 +181,22 @@ impl DurableContext {
             step: None,
             epoch,
             clock: AttemptClock::start(),
+            replaying: Arc::new(AtomicBool::new(journal_replaying)),
         }
+    }
+
+    /// Whether the handler is still replaying its journal, as it goes.
+    pub fn replaying(&self) -> Arc<AtomicBool> {
+        self.replaying.clone()
+    }
+
+    /// Match an issued command against the journal, and note whether the
+    /// handler is still replaying after it.
+    fn issue(&mut self, command: &Command) -> Result<Issued, JournalMismatch> {
+        let issued = self.journal.issue(command);
+        self.replaying
+            .store(self.journal.is_replaying(), Ordering::Relaxed);
+        issued
     }
 
     /// The attempt's busy-time clock.
@@ -231,7 +251,7 @@ impl DurableContext {
         }
         // A replayed outside effect without its answer is still in the
         // outbox, which performs it; nothing to do here.
-        match self.journal.issue(&command)? {
+        match self.issue(&command)? {
             Issued::Replayed(completion) => Ok(completion),
             Issued::Live(index) => {
                 let carried = payload(&command);
@@ -735,7 +755,7 @@ impl context::Host for GuestState {
                 "run step {name:?} started inside run step {open:?}"
             )));
         }
-        match d.journal.issue(&Command::Run { name: name.clone() })? {
+        match d.issue(&Command::Run { name: name.clone() })? {
             Issued::Replayed(Some(CompletionValue::Outcome(outcome))) => Ok(Some(to_wit(outcome))),
             Issued::Replayed(other) => Err(unexpected("a step result", other)),
             Issued::Live(command) => {

@@ -163,12 +163,14 @@ impl Front {
             .with_state(self.clone())
     }
 
-    /// The admin router: `/health` and `/cluster` are answered by every
-    /// host itself.
+    /// The admin router: `/health`, `/cluster` and `/metrics` are
+    /// answered by every host itself (its metrics cover the partitions it
+    /// serves).
     pub fn admin(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/health", get(|| async { "ok" }))
             .route("/cluster", get(status))
+            .route("/metrics", get(crate::admin::prometheus))
             .fallback(|State(front): State<Arc<Front>>, req: Request| async move {
                 front.dispatch(Api::Admin, req).await
             })

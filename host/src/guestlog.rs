@@ -4,10 +4,12 @@
 //! it could forge host log lines (`ERROR cairn::invoker ...`), move the
 //! cursor or hide lines with ANSI escapes. Instead every line becomes one
 //! event of target `guest` at INFO (stdout) or WARN (stderr), tagged with
-//! the invocation, service and handler, its text escaped (control
+//! the invocation, service, handler and attempt, its text escaped (control
 //! characters, including ESC, as `\u{1b}`) and cut at [`MAX_LINE`] bytes.
 //! An attempt may log [`MAX_BYTES`] bytes per stream; the rest is dropped
-//! with one notice.
+//! with one notice. While a later attempt replays the journal, what the
+//! handler prints is not logged again (the attempt that ran those steps
+//! logged it).
 //!
 //! Lifecycle: [`GuestOutput::for_attempt`] when the instance is made, one
 //! [`GuestOutput::stream`] per WASI stream; a partial last line is logged
@@ -15,6 +17,7 @@
 
 use crate::records::InvocationRecord;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::io::AsyncWrite;
@@ -31,16 +34,23 @@ pub struct GuestOutput {
     invocation: Arc<str>,
     service: Arc<str>,
     handler: Arc<str>,
+    attempt: u32,
+    /// Set while the handler replays its journal: what it prints then was
+    /// logged by the attempt that ran it first.
+    replaying: Arc<AtomicBool>,
 }
 
 impl GuestOutput {
-    /// The output of an attempt of `record` (untagged while describing).
-    pub fn for_attempt(record: Option<&InvocationRecord>) -> Self {
+    /// The output of an attempt of `record` (untagged while describing),
+    /// silent while `replaying` is set.
+    pub fn for_attempt(record: Option<&InvocationRecord>, replaying: Arc<AtomicBool>) -> Self {
         match record {
             Some(r) => GuestOutput {
                 invocation: r.id.as_str().into(),
                 service: r.target.service.as_str().into(),
                 handler: r.target.handler.as_str().into(),
+                attempt: r.attempts + 1,
+                replaying,
             },
             None => GuestOutput::default(),
         }
@@ -56,11 +66,15 @@ impl GuestOutput {
     }
 
     fn emit(&self, stream: &'static str, line: &str) {
+        if self.replaying.load(Ordering::Relaxed) {
+            return;
+        }
         let (invocation, service, handler) = (&*self.invocation, &*self.service, &*self.handler);
+        let attempt = self.attempt;
         if stream == "stderr" {
-            tracing::warn!(target: "guest", invocation, service, handler, stream, "{line}");
+            tracing::warn!(target: "guest", invocation, service, handler, attempt, stream, "{line}");
         } else {
-            tracing::info!(target: "guest", invocation, service, handler, stream, "{line}");
+            tracing::info!(target: "guest", invocation, service, handler, attempt, stream, "{line}");
         }
     }
 }

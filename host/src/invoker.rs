@@ -48,7 +48,7 @@ use crate::records::{Caller, HandlerKind, InvocationRecord, ServiceKind, Status,
 use crate::runtime::{AttemptEnd, Runtime};
 use crate::store::{Store, StoreError, StoreResult, Tables};
 use crate::timers::{Due, TimerQueue};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -689,6 +689,31 @@ impl Invoker {
         self.live.lock().unwrap().get(id).map(|l| l.status)
     }
 
+    /// The metric labels of an invocation of `target` in this partition.
+    fn labels(&self, target: &Target) -> Vec<(&'static str, String)> {
+        vec![
+            ("service", target.service.clone()),
+            ("handler", target.handler.clone()),
+            ("partition", self.partitioning.me.to_string()),
+        ]
+    }
+
+    /// How many unfinished invocations are in each live status.
+    pub fn live_counts(&self) -> BTreeMap<&'static str, usize> {
+        let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for live in self.live.lock().unwrap().values() {
+            let status = match live.status {
+                LiveStatus::Scheduled => "scheduled",
+                LiveStatus::Pending => "pending",
+                LiveStatus::Running => "running",
+                LiveStatus::BackingOff => "backing-off",
+                LiveStatus::Suspended => "suspended",
+            };
+            *counts.entry(status).or_default() += 1;
+        }
+        counts
+    }
+
     /// Sizes of the in-memory structures: `(live, busy keys, timers,
     /// fenced attempts, watched ids)`; each is bounded by what is
     /// unfinished, and the tests check that they drain.
@@ -948,6 +973,12 @@ impl Invoker {
                 return self.complete(&record, record.attempts, cancelled).await;
             }
             let attempts = record.attempts + 1;
+            let labels = self.labels(&record.target);
+            if attempts == 1 && journal.is_empty() {
+                metrics::counter!("cairn_invocations_started_total", &labels).increment(1);
+            }
+            metrics::counter!("cairn_attempts_total", &labels).increment(1);
+            let began = std::time::Instant::now();
             let end = self
                 .attempt(
                     record.clone(),
@@ -956,6 +987,8 @@ impl Invoker {
                     epoch,
                 )
                 .await;
+            metrics::histogram!("cairn_attempt_duration_seconds", &labels)
+                .record(began.elapsed().as_secs_f64());
             let error = match end {
                 AttemptEnd::Success(output) => {
                     return self
@@ -1003,6 +1036,7 @@ impl Invoker {
                 self.retire_writes(&record, Some(epoch));
                 return self.stop_running(&id, epoch);
             }
+            metrics::counter!("cairn_retries_total", &labels).increment(1);
             // Also the barrier: the next attempt reads a journal that holds
             // everything this one queued.
             self.note_failure(&id, attempts, error).await;
@@ -1151,6 +1185,11 @@ impl Invoker {
         r.outcome = Some(outcome.clone());
         r.completed_ms = Some(now);
         t.put_invocation(&r)?;
+        let mut labels = self.labels(&r.target);
+        let elapsed = now.saturating_sub(r.created_ms) as f64 / 1000.0;
+        metrics::histogram!("cairn_invocation_duration_seconds", &labels).record(elapsed);
+        labels.push(("outcome", r.status_class().to_string()));
+        metrics::counter!("cairn_invocations_finished_total", &labels).increment(1);
         let retention = if r.idempotency_key.is_some() {
             self.config
                 .idempotency_retention

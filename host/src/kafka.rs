@@ -69,10 +69,45 @@ pub enum SubscriptionError {
 pub struct Stats {
     ingested: AtomicU64,
     rate: AtomicU64,
+    /// Per Kafka partition, the consumer lag librdkafka's statistics
+    /// reported last (every second).
+    lag: std::sync::Mutex<BTreeMap<i32, i64>>,
+}
+
+/// The consumer context of a subscription: keeps the lag from
+/// librdkafka's statistics (for `/metrics`, without a broker round trip).
+pub struct Context(Arc<Stats>);
+
+impl rdkafka::ClientContext for Context {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let lag: BTreeMap<i32, i64> = statistics
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.values())
+            .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
+            .map(|p| (p.partition, p.consumer_lag))
+            .collect();
+        *self.0.lag.lock().unwrap() = lag;
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for Context {}
+
+/// A subscription's consumer.
+type SubscriptionConsumer = StreamConsumer<Context>;
+
+/// What `/metrics` reports of one subscription.
+pub struct Gauges {
+    /// The subscription's id.
+    pub id: String,
+    /// Per Kafka partition, records not yet ingested.
+    pub lag: BTreeMap<i32, i64>,
+    /// Its invocations not finished.
+    pub in_flight: usize,
 }
 
 struct Running {
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<SubscriptionConsumer>,
     stats: Arc<Stats>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -295,14 +330,14 @@ impl Subscriptions {
             tracing::error!(subscription = %record.id, "cluster {} is not registered", record.cluster);
             return Ok(());
         };
-        let consumer = match consumer(&cluster, &record) {
+        let stats = Arc::new(Stats::default());
+        let consumer = match consumer(&cluster, &record, Context(stats.clone())) {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 tracing::error!(subscription = %record.id, "cannot create the consumer: {e}");
                 return Ok(());
             }
         };
-        let stats = Arc::new(Stats::default());
         let ingest = Ingest {
             invoker: self.invoker.clone(),
             consumer: consumer.clone(),
@@ -321,6 +356,19 @@ impl Subscriptions {
             },
         );
         Ok(())
+    }
+
+    /// What `/metrics` reports of each running subscription.
+    pub fn gauges(&self) -> Vec<Gauges> {
+        let running = self.running.lock().unwrap();
+        running
+            .iter()
+            .map(|(id, r)| Gauges {
+                id: id.clone(),
+                lag: r.stats.lag.lock().unwrap().clone(),
+                in_flight: self.invoker.in_flight(id),
+            })
+            .collect()
     }
 
     async fn view(&self, mut record: SubscriptionRecord) -> SubscriptionView {
@@ -366,7 +414,8 @@ impl Subscriptions {
 fn consumer(
     cluster: &ClusterRecord,
     sub: &SubscriptionRecord,
-) -> rdkafka::error::KafkaResult<StreamConsumer> {
+    context: Context,
+) -> rdkafka::error::KafkaResult<SubscriptionConsumer> {
     let mut config = ClientConfig::new();
     // librdkafka prefetches up to 100,000 records per partition and 64 MiB
     // per consumer by default; ingest is paced by `max_in_flight`, so a
@@ -385,20 +434,21 @@ fn consumer(
         // expire the dead member's session.
         .set("group.instance.id", format!("cairn-{}", sub.id))
         .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        .set("statistics.interval.ms", "1000");
     for (k, v) in &sub.options {
         config.set(k, v);
     }
     config
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
-    let consumer: StreamConsumer = config.create()?;
+    let consumer: SubscriptionConsumer = config.create_with_context(context)?;
     consumer.subscribe(&[sub.topic.as_str()])?;
     Ok(consumer)
 }
 
 /// Per partition: high watermark minus committed offset.
-fn lag(consumer: &StreamConsumer, topic: &str) -> BTreeMap<i32, i64> {
+fn lag(consumer: &SubscriptionConsumer, topic: &str) -> BTreeMap<i32, i64> {
     let timeout = Duration::from_secs(2);
     let Ok(assignment) = consumer.assignment() else {
         return BTreeMap::new();
@@ -519,7 +569,7 @@ impl Producers {
 /// One subscription's consumer loop.
 struct Ingest {
     invoker: Arc<Invoker>,
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<SubscriptionConsumer>,
     stats: Arc<Stats>,
     record: SubscriptionRecord,
     max_in_flight: usize,
@@ -539,6 +589,8 @@ impl Ingest {
             };
             let (ingested, stop) = self.ingest(batch).await;
             self.stats.ingested.fetch_add(ingested, Ordering::Relaxed);
+            metrics::counter!("cairn_subscription_ingested_total", "subscription" => self.record.id.clone())
+                .increment(ingested);
             if let Some(reason) = stop {
                 return self.stop_on(reason).await;
             }

@@ -57,6 +57,7 @@ pub mod limits;
 pub mod listener;
 pub mod listing;
 pub mod membership;
+pub mod metrics;
 pub mod outbound;
 pub mod partition;
 pub mod records;

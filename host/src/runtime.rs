@@ -342,7 +342,8 @@ impl Runtime {
             .map(|d| d.record().target.service.clone())
             .unwrap_or_default();
         let in_step = Arc::new(AtomicBool::new(false));
-        let output = GuestOutput::for_attempt(durable.as_ref().map(|d| d.record()));
+        let replaying = durable.as_ref().map(|d| d.replaying()).unwrap_or_default();
+        let output = GuestOutput::for_attempt(durable.as_ref().map(|d| d.record()), replaying);
         let mut wasi = WasiCtx::builder();
         wasi.stdout(output.stream("stdout"))
             .stderr(output.stream("stderr"))

@@ -32,6 +32,7 @@ use crate::forward::Front;
 use crate::invoker::Invoker;
 use crate::listener;
 use crate::membership::{Address, Event, Membership};
+use crate::metrics::{Collector, Metrics};
 use crate::partition::Partitioning;
 use crate::runtime::Runtime;
 use crate::store::Store;
@@ -49,6 +50,9 @@ pub async fn serve(config: Config, deploy: Vec<PathBuf>) -> anyhow::Result<()> {
          --admin-token / CAIRN_ADMIN_TOKEN), or bind the admin API to a loopback address",
         config.admin_addr
     );
+    // Before anything records a metric (the writers take their handles
+    // when they start).
+    Metrics::get();
     match config.cluster.clone() {
         None => serve_standalone(config, deploy).await,
         Some(cluster) => serve_cluster(config, cluster, deploy).await,
@@ -250,7 +254,7 @@ impl ClusterHost {
         let mut log = crate::cluster::KafkaLog::open(&self.cluster, p).await?;
         let restored = crate::cluster::restore(slot.store.clone(), &mut log, &self.cluster).await?;
         tracing::info!(partition = p, ?restored, "restored from the changelog");
-        let committer = Committer::start_with_log(slot.store.clone(), Some(Box::new(log)));
+        let committer = Committer::start_with_log(slot.store.clone(), Some(Box::new(log)), p);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name(format!("cairn-p{p}"))
@@ -324,6 +328,7 @@ impl ClusterHost {
         let slot = self.slots[p as usize].clone();
         let mut role = slot.role.lock().await;
         self.front.stop_serving(p);
+        Metrics::get().stop(p);
         if let Role::Owner(owned) = std::mem::replace(&mut *role, Role::Standby(None)) {
             if let Some(invoker) = slot.invoker.lock().unwrap().take() {
                 invoker.close();
@@ -443,6 +448,45 @@ struct Engine {
     admin: Router,
 }
 
+/// The gauges of one partition's engine, read when `/metrics` is scraped.
+struct Gauges {
+    invoker: Arc<Invoker>,
+    subscriptions: Arc<crate::kafka::Subscriptions>,
+}
+
+impl Collector for Gauges {
+    fn collect(&self) {
+        let p = self.invoker.partitioning().me.to_string();
+        let store = self.invoker.store();
+        let live = self.invoker.live_counts();
+        for status in crate::metrics::STATUSES {
+            let count = match status {
+                "paused" => store.count_listed(&crate::listing::status_facet("paused")),
+                _ => Ok(live.get(status).copied().unwrap_or(0)),
+            };
+            if let Ok(count) = count {
+                metrics::gauge!("cairn_invocations", "partition" => p.clone(), "status" => status)
+                    .set(count as f64);
+            }
+        }
+        let timers = self.invoker.footprint()[2];
+        metrics::gauge!("cairn_timers", "partition" => p.clone()).set(timers as f64);
+        metrics::gauge!("cairn_database_bytes", "partition" => p.clone())
+            .set(store.size_bytes() as f64);
+        for sub in self.subscriptions.gauges() {
+            metrics::gauge!("cairn_subscription_in_flight", "subscription" => sub.id.clone())
+                .set(sub.in_flight as f64);
+            for (kafka_partition, lag) in sub.lag {
+                let labels = [
+                    ("subscription", sub.id.clone()),
+                    ("kafka_partition", kafka_partition.to_string()),
+                ];
+                metrics::gauge!("cairn_subscription_lag", &labels).set(lag as f64);
+            }
+        }
+    }
+}
+
 impl Engine {
     /// Load deployments, deploy the `--deploy` files, resume unfinished
     /// invocations, set the configured limits, start subscriptions and
@@ -509,6 +553,11 @@ impl Engine {
             .collect::<Result<Vec<_>, _>>()
             .context("invalid [[schedules]] in the config")?;
         let schedules = crate::schedules::Schedules::start(invoker.clone(), configured).await?;
+        let gauges = Gauges {
+            invoker: invoker.clone(),
+            subscriptions: subscriptions.clone(),
+        };
+        Metrics::get().serve(partitioning.me, Arc::new(gauges));
         Ok(Engine {
             ingress: crate::ingress::router(invoker.clone(), config.max_body_bytes),
             admin: crate::admin::router(

@@ -228,6 +228,8 @@ fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> StoreResult
 /// The database, for reads; writes go through [`crate::commit::Committer`].
 pub struct Store {
     db: Database,
+    /// The redb file.
+    path: std::path::PathBuf,
 }
 
 impl Store {
@@ -241,6 +243,7 @@ impl Store {
     pub fn open_with_cache(data_dir: &Path, cache_bytes: usize) -> StoreResult<Self> {
         std::fs::create_dir_all(data_dir).map_err(StoreError::redb)?;
         let path = data_dir.join("cairn.redb");
+        let file = path.clone();
         let mut builder = Database::builder();
         builder.set_cache_size(cache_bytes);
         let db = match crate::faults::Faults::from_env() {
@@ -263,7 +266,7 @@ impl Store {
         let txn = db.begin_write().map_err(StoreError::redb)?;
         drop(Tables::open(&txn)?);
         txn.commit().map_err(StoreError::redb)?;
-        Ok(Store { db })
+        Ok(Store { db, path: file })
     }
 
     pub(crate) fn begin_write(&self) -> StoreResult<WriteTransaction> {
@@ -401,6 +404,17 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// How many invocations the listing holds under `facet`.
+    pub fn count_listed(&self, facet: &str) -> StoreResult<usize> {
+        let high = (facet, u64::MAX, "");
+        self.read(|t| Ok(t.open_table(LISTING)?.range((facet, 0, "")..high)?.count()))
+    }
+
+    /// The size of the database file, bytes.
+    pub fn size_bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.len())
     }
 
     /// A page of invocations that `filter` and `keep` accept, newest

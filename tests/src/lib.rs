@@ -342,6 +342,18 @@ impl Host {
             .json()
     }
 
+    /// The host's `GET /metrics` (Prometheus text).
+    pub async fn metrics(&self) -> String {
+        let url = format!("{}/metrics", self.admin());
+        let r = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .expect("the admin API answers");
+        r.text().await.expect("a metrics text")
+    }
+
     /// Upload a module's bytes (`POST /deployments`).
     pub async fn upload(&self, module: Vec<u8>) -> Response {
         let req = self
@@ -505,4 +517,18 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
 /// Read a file fully (panics with the path).
 pub fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// The value of the Prometheus series `name` whose labels include
+/// `labels`, from a `/metrics` text.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+            let all = rest.strip_suffix('}')?;
+            let has = |(k, v): &(&str, &str)| all.split(',').any(|kv| kv == format!("{k}=\"{v}\""));
+            (metric == name && labels.iter().all(has)).then(|| value.parse().ok())?
+        })
 }

@@ -17,6 +17,15 @@ impl Sleeper {
         Ok(ms)
     }
 
+    /// Print, sleep `ms` durably, print again: the attempt that resumes
+    /// after the sleep replays the first print, which is not logged twice.
+    pub fn narrate(ctx: &Context, ms: u64) -> HandlerResult<()> {
+        println!("before the nap");
+        ctx.sleep(Duration::from_millis(ms)).wait()?;
+        println!("after the nap");
+        Ok(())
+    }
+
     /// Send `Log/{key}/add(text)` after `ms` milliseconds; returns its id.
     pub fn later(ctx: &Context, req: (String, String, u64)) -> HandlerResult<String> {
         let (key, text, ms) = req;

@@ -168,23 +168,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// Fill the host with `n` delayed sends, then restart it after a SIGKILL.
 async fn timers(args: &Args, host: &mut Host, n: u64) -> anyhow::Result<()> {
-    let scenario = SCENARIOS.iter().find(|s| s.name == "send-delayed").unwrap();
-    let mut sent = 0;
-    while sent < n as usize {
-        let r = run(args, &host.ingress(), scenario, Duration::from_secs(10)).await;
-        sent += r.count;
-        println!(
-            "{:<14} {:>10} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>9}",
-            scenario.name,
-            sent,
-            r.rate,
-            r.p50,
-            r.p99,
-            r.max,
-            r.errors,
-            peak_mib(host)
-        );
-    }
+    fill(args, host, "send-delayed", n).await;
     let report = |host: &Host, storage: &serde_json::Value| {
         format!(
             "{} timers in the table, {} in memory; host memory {:.1} MiB (VmRSS)",
@@ -213,28 +197,34 @@ async fn timers(args: &Args, host: &mut Host, n: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Run scenario `name` in 10 s rounds until it made about `n` requests,
+/// printing each round; how many it made.
+async fn fill(args: &Args, host: &Host, name: &str, n: u64) -> usize {
+    let scenario = SCENARIOS.iter().find(|s| s.name == name).unwrap();
+    let mut sent = 0;
+    while sent < n as usize {
+        let r = run(args, &host.ingress(), scenario, Duration::from_secs(10)).await;
+        sent += r.count;
+        println!(
+            "{:<14} {:>10} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>9}",
+            scenario.name,
+            sent,
+            r.rate,
+            r.p50,
+            r.p99,
+            r.max,
+            r.errors,
+            peak_mib(host)
+        );
+    }
+    sent
+}
+
 /// Store `n` invocations, then time filtered listing pages.
 async fn listing(args: &Args, host: &Host, n: u64) -> anyhow::Result<()> {
     let mut stored = 0;
     for name in ["steps3", "send-delayed"] {
-        let scenario = SCENARIOS.iter().find(|s| s.name == name).unwrap();
-        let mut sent = 0;
-        while sent < (n / 2) as usize {
-            let r = run(args, &host.ingress(), scenario, Duration::from_secs(10)).await;
-            sent += r.count;
-            println!(
-                "{:<14} {:>10} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>9}",
-                scenario.name,
-                sent,
-                r.rate,
-                r.p50,
-                r.p99,
-                r.max,
-                r.errors,
-                peak_mib(host)
-            );
-        }
-        stored += sent;
+        stored += fill(args, host, name, n / 2).await;
     }
     let storage = host.admin_get("/storage").await;
     println!(
