@@ -724,3 +724,44 @@ async fn a_re_created_topic_stops_instead_of_colliding_with_old_records() {
         "no new record was taken for an old one"
     );
 }
+
+#[tokio::test]
+async fn cairn_produce_wait_ingested_returns_once_the_records_are_applied() {
+    let broker = require_broker();
+    let topic = unique_topic("wait-ingested");
+    create_topic(&topic, 2).await;
+    let host = Host::start_with(options("")).await;
+    let err = host
+        .cli(&[
+            "produce",
+            &topic,
+            "--bootstrap",
+            &broker,
+            "--key",
+            "w",
+            "1",
+            "--wait-ingested",
+        ])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no subscription consumes"), "{err}");
+    subscribe(&host, &broker, &topic, "service://Counter/add").await;
+    let out = host
+        .cli(&[
+            "produce",
+            &topic,
+            "--bootstrap",
+            &broker,
+            "--key",
+            "w",
+            "2",
+            "3",
+            "4",
+            "--wait-ingested",
+        ])
+        .unwrap();
+    assert!(out.contains("ingested by 1 subscription"), "{out}");
+    // No polling: once the command returned, every record was applied
+    // (the 1 produced before the subscription included).
+    assert_eq!(counter(&host, "w").await, 10);
+}

@@ -350,11 +350,13 @@ async fn prometheus_metrics_count_what_happened_and_read_gauges_at_scrape_time()
 }
 
 #[tokio::test]
-async fn guest_output_is_logged_once_with_its_attempt_even_when_replayed() {
+async fn guest_output_is_logged_once_with_its_attempt_and_secrets_redacted() {
     let host = Host::start_with(HostOptions {
         // Suspend at once: the sleep ends in a new attempt that replays
-        // the first print.
-        config: "suspend_after = \"1ms\"\n".into(),
+        // the first print. The narrator's name is a secret.
+        config: "suspend_after = \"1ms\"\n\
+                 [guest_env]\nNARRATOR = { value = \"Ms Hidden\", secret = true }\n"
+            .into(),
         deploy: vec![example("coordination")],
     })
     .await;
@@ -377,6 +379,10 @@ async fn guest_output_is_logged_once_with_its_attempt_even_when_replayed() {
     assert!(
         line.contains(&id) && line.contains("Sleeper") && line.contains("attempt=1"),
         "tagged: {line}"
+    );
+    assert!(
+        line.contains("narrator: <redacted>") && !log.contains("Ms Hidden"),
+        "a secret of [guest_env] is redacted: {line}"
     );
 }
 

@@ -864,6 +864,31 @@ impl Sim {
         lag_zero && v["in_flight"] == 0
     }
 
+    /// Every invocation of key `k` as the host shows it (clients', sends,
+    /// Kafka records), and the host's log: what a failed balance check
+    /// needs.
+    async fn history(&self, k: &str) -> String {
+        let mut report = String::new();
+        let url = format!(
+            "{}/invocations?service=Acct&key={k}&limit=1000",
+            self.host().admin()
+        );
+        let listed: Value = match self.http.get(url).send().await {
+            Ok(r) => r.json().await.unwrap_or_default(),
+            Err(e) => return format!("cannot list the invocations of {k}: {e}"),
+        };
+        for listed in listed["invocations"].as_array().into_iter().flatten() {
+            let id = listed["id"].as_str().unwrap_or_default();
+            let url = format!("{}/invocations/{id}", self.host().admin());
+            let shown = match self.http.get(url).send().await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(e) => e.to_string(),
+            };
+            report.push_str(&format!("{id}: {shown}\n"));
+        }
+        format!("{report}{}", self.logs())
+    }
+
     async fn stuck_report(&self) -> String {
         let url = format!(
             "{}/subscriptions/{}",
@@ -960,7 +985,13 @@ impl Sim {
                 .parse()
                 .unwrap();
             let expected = self.model.balance.get(&k).copied().unwrap_or(0);
-            assert_eq!(balance, expected, "seed {}: balance of {k}", self.seed);
+            if balance != expected {
+                panic!(
+                    "seed {}: balance of {k} is {balance}, the model says {expected}\n{}",
+                    self.seed,
+                    self.history(&k).await
+                );
+            }
             let highest = self.model.read.get(&k).copied().unwrap_or(0);
             assert!(
                 balance >= highest,

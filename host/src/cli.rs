@@ -82,6 +82,40 @@ pub fn print_json(body: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Wait until every subscription of `topic` has no lag left and none of
+/// its invocations is unfinished (`cairn produce --wait-ingested`).
+pub async fn wait_ingested(
+    admin: &AdminUrl,
+    topic: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let listed = admin.call(Method::GET, "/subscriptions", None).await?;
+        let of_topic: Vec<&Value> = listed["subscriptions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["topic"] == topic)
+            .collect();
+        if of_topic.is_empty() {
+            bail!("no subscription consumes {topic}: create one with `cairn subscriptions create`");
+        }
+        let done = of_topic.iter().all(|s| {
+            let lag = s["lag"].as_object().into_iter().flatten();
+            s["in_flight"] == 0 && lag.map(|(_, n)| n.as_i64().unwrap_or(1)).sum::<i64>() == 0
+        });
+        if done {
+            println!("ingested by {} subscription(s)", of_topic.len());
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("the subscriptions of {topic} did not catch up within {timeout:?}: see `cairn subscriptions list`");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// How an answer is printed.
 #[derive(Args)]
 pub struct Output {

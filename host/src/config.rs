@@ -41,6 +41,9 @@
 //! # would change code.
 //! [guest_env]
 //! PAYMENTS_API = "https://payments.example.com"
+//! # A secret: its value is redacted from what guests print (the host
+//! # never shows [guest_env] otherwise).
+//! PAYMENTS_KEY = { value = "sk_live_...", secret = true }
 //!
 //! # The admin API answers only requests with `Authorization: Bearer <token>`
 //! # when this is set (also --admin-token or CAIRN_ADMIN_TOKEN; the CLI
@@ -162,6 +165,47 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// A `[guest_env]` value: a string, or `{ value = "...", secret = true }`
+/// for one whose value is redacted from every guest output line.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum GuestEnvValue {
+    /// A setting.
+    Plain(String),
+    /// A value with its marking.
+    Marked {
+        /// The value.
+        value: String,
+        /// Whether it is a secret.
+        #[serde(default)]
+        secret: bool,
+    },
+}
+
+impl GuestEnvValue {
+    /// The value the guest sees.
+    pub fn value(&self) -> &str {
+        match self {
+            GuestEnvValue::Plain(value) | GuestEnvValue::Marked { value, .. } => value,
+        }
+    }
+
+    /// Whether it must not be shown.
+    pub fn is_secret(&self) -> bool {
+        matches!(self, GuestEnvValue::Marked { secret: true, .. })
+    }
+}
+
+/// A secret's value never reaches a log line, even through `{:?}`.
+impl std::fmt::Debug for GuestEnvValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.is_secret() {
+            true => f.write_str("\"<redacted>\""),
+            false => write!(f, "{:?}", self.value()),
+        }
+    }
+}
+
 /// The whole configuration of one host.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -192,7 +236,7 @@ pub struct Config {
     /// Outgoing HTTP allow-list for guests.
     pub http_allow: Vec<String>,
     /// Environment variables of every guest.
-    pub guest_env: std::collections::BTreeMap<String, String>,
+    pub guest_env: std::collections::BTreeMap<String, GuestEnvValue>,
     /// The bearer token the admin API requires, if any.
     pub admin_token: Option<String>,
     /// Client connection limits and timeouts.
@@ -505,12 +549,23 @@ mod tests {
     }
 
     #[test]
-    fn guest_env_is_a_table_of_strings() {
-        let c: Config =
-            toml::from_str("[guest_env]\nAPI = \"http://127.0.0.1:1\"\nDELAY_MS = \"5\"\n")
-                .unwrap();
-        assert_eq!(c.guest_env["API"], "http://127.0.0.1:1");
-        assert_eq!(c.guest_env.len(), 2);
+    fn guest_env_is_a_table_of_strings_some_marked_secret() {
+        let c: Config = toml::from_str(
+            "[guest_env]\nAPI = \"http://127.0.0.1:1\"\nDELAY_MS = \"5\"\n\
+             KEY = { value = \"k\", secret = true }\n",
+        )
+        .unwrap();
+        assert_eq!(c.guest_env["API"].value(), "http://127.0.0.1:1");
+        assert!(!c.guest_env["API"].is_secret());
+        assert_eq!(
+            (c.guest_env["KEY"].value(), c.guest_env["KEY"].is_secret()),
+            ("k", true)
+        );
+        assert_eq!(c.guest_env.len(), 3);
+        assert!(
+            !format!("{c:?}").contains("\"k\""),
+            "a secret is not in Debug output"
+        );
         assert!(toml::from_str::<Config>("[guest_env]\nDELAY_MS = 5\n").is_err());
     }
 

@@ -9,7 +9,8 @@
 //! An attempt may log [`MAX_BYTES`] bytes per stream; the rest is dropped
 //! with one notice. While a later attempt replays the journal, what the
 //! handler prints is not logged again (the attempt that ran those steps
-//! logged it).
+//! logged it). The values of `[guest_env]` marked secret are replaced by
+//! `<redacted>` in every line.
 //!
 //! Lifecycle: [`GuestOutput::for_attempt`] when the instance is made, one
 //! [`GuestOutput::stream`] per WASI stream; a partial last line is logged
@@ -38,6 +39,9 @@ pub struct GuestOutput {
     /// Set while the handler replays its journal: what it prints then was
     /// logged by the attempt that ran it first.
     replaying: Arc<AtomicBool>,
+    /// Values replaced by `<redacted>` in every line (`[guest_env]`
+    /// secrets).
+    secrets: Arc<[String]>,
 }
 
 impl GuestOutput {
@@ -51,9 +55,15 @@ impl GuestOutput {
                 handler: r.target.handler.as_str().into(),
                 attempt: r.attempts + 1,
                 replaying,
+                secrets: Arc::new([]),
             },
             None => GuestOutput::default(),
         }
+    }
+
+    /// The same output with `secrets` redacted from every line.
+    pub fn redacting(self, secrets: Arc<[String]>) -> Self {
+        GuestOutput { secrets, ..self }
     }
 
     /// The WASI stream `name` ("stdout" or "stderr").
@@ -69,6 +79,9 @@ impl GuestOutput {
         if self.replaying.load(Ordering::Relaxed) {
             return;
         }
+        let line = self.secrets.iter().fold(line.to_string(), |line, secret| {
+            line.replace(secret.as_str(), "<redacted>")
+        });
         let (invocation, service, handler) = (&*self.invocation, &*self.service, &*self.handler);
         let attempt = self.attempt;
         if stream == "stderr" {

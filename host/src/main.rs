@@ -124,6 +124,12 @@ enum Command {
         /// The broker.
         #[arg(long, env = "CAIRN_KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
         bootstrap: String,
+        /// Then wait (60 s at most) until every subscription of the topic
+        /// has ingested the records and their invocations have finished.
+        #[arg(long)]
+        wait_ingested: bool,
+        #[command(flatten)]
+        admin: AdminUrl,
     },
 }
 
@@ -525,7 +531,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             values,
             key,
             bootstrap,
-        } => produce(&bootstrap, &topic, key.as_deref(), &values).await,
+            wait_ingested,
+            admin,
+        } => {
+            produce(&bootstrap, &topic, key.as_deref(), &values).await?;
+            if wait_ingested {
+                cairn::cli::wait_ingested(&admin, &topic, std::time::Duration::from_secs(60))
+                    .await?;
+            }
+            Ok(())
+        }
         Command::Services { admin } => admin_call(&admin, Method::GET, "/services", None).await,
     }
 }

@@ -125,6 +125,8 @@ pub struct Runtime {
     limits: Limits,
     http_allow: Arc<AllowList>,
     guest_env: Vec<(String, String)>,
+    /// The values of `[guest_env]` marked secret, redacted from guest output.
+    secrets: Arc<[String]>,
     memory: Arc<MemoryBudget>,
     turns: CpuTurns,
     /// Every module compiled by this engine, by deployment (a host's
@@ -181,7 +183,13 @@ impl Runtime {
             linker,
             limits,
             http_allow: Arc::new(AllowList::new(&host.http_allow)),
-            guest_env: host.guest_env.clone().into_iter().collect(),
+            guest_env: (host.guest_env.iter())
+                .map(|(name, v)| (name.clone(), v.value().to_string()))
+                .collect(),
+            secrets: (host.guest_env.values())
+                .filter(|v| v.is_secret() && !v.value().is_empty())
+                .map(|v| v.value().to_string())
+                .collect(),
             memory: MemoryBudget::new(host.limits.memory_total),
             turns: CpuTurns::new(host.limits.service_cores()),
             compiled: Default::default(),
@@ -343,7 +351,8 @@ impl Runtime {
             .unwrap_or_default();
         let in_step = Arc::new(AtomicBool::new(false));
         let replaying = durable.as_ref().map(|d| d.replaying()).unwrap_or_default();
-        let output = GuestOutput::for_attempt(durable.as_ref().map(|d| d.record()), replaying);
+        let output = GuestOutput::for_attempt(durable.as_ref().map(|d| d.record()), replaying)
+            .redacting(self.secrets.clone());
         let mut wasi = WasiCtx::builder();
         wasi.stdout(output.stream("stdout"))
             .stderr(output.stream("stderr"))

@@ -19,8 +19,10 @@ impl Sleeper {
 
     /// Print, sleep `ms` durably, print again: the attempt that resumes
     /// after the sleep replays the first print, which is not logged twice.
+    /// It names the `NARRATOR` of its `[guest_env]`, if any.
     pub fn narrate(ctx: &Context, ms: u64) -> HandlerResult<()> {
-        println!("before the nap");
+        let narrator = cairn_sdk::env("NARRATOR").unwrap_or_else(|_| "nobody".into());
+        println!("before the nap (narrator: {narrator})");
         ctx.sleep(Duration::from_millis(ms)).wait()?;
         println!("after the nap");
         Ok(())
