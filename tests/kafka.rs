@@ -731,35 +731,17 @@ async fn cairn_produce_wait_ingested_returns_once_the_records_are_applied() {
     let topic = unique_topic("wait-ingested");
     create_topic(&topic, 2).await;
     let host = Host::start_with(options("")).await;
-    let err = host
-        .cli(&[
-            "produce",
-            &topic,
-            "--bootstrap",
-            &broker,
-            "--key",
-            "w",
-            "1",
-            "--wait-ingested",
-        ])
-        .unwrap_err()
-        .to_string();
+    // `cairn produce TOPIC --key w VALUES... --wait-ingested`.
+    let produce = |values: &[&str]| {
+        let mut args = vec!["produce", &topic, "--bootstrap", &broker, "--key", "w"];
+        args.extend(values);
+        args.push("--wait-ingested");
+        host.cli(&args)
+    };
+    let err = produce(&["1"]).unwrap_err().to_string();
     assert!(err.contains("no subscription consumes"), "{err}");
     subscribe(&host, &broker, &topic, "service://Counter/add").await;
-    let out = host
-        .cli(&[
-            "produce",
-            &topic,
-            "--bootstrap",
-            &broker,
-            "--key",
-            "w",
-            "2",
-            "3",
-            "4",
-            "--wait-ingested",
-        ])
-        .unwrap();
+    let out = produce(&["2", "3", "4"]).unwrap();
     assert!(out.contains("ingested by 1 subscription"), "{out}");
     // No polling: once the command returned, every record was applied
     // (the 1 produced before the subscription included).
