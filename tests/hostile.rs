@@ -373,6 +373,7 @@ async fn the_admin_api_requires_its_token_and_redacts_secrets() {
     assert_eq!(wrong.send().await.unwrap().status(), 401);
     let ok = host.http.get(url("/services")).bearer_auth("s3cret-token");
     assert_eq!(ok.send().await.unwrap().status(), 200);
+    console_signs_in_with_the_token(&host).await;
     let cluster = json!({"name": "secure", "properties": {
         "bootstrap.servers": "127.0.0.1:1", "sasl.password": "hunter2",
         "ssl.key.password": "hunter3", "sasl.oauthbearer.config": "hunter4",
@@ -410,6 +411,38 @@ async fn the_admin_api_requires_its_token_and_redacts_secrets() {
         .env("CAIRN_ADMIN_URL", host.admin())
         .env("CAIRN_ADMIN_TOKEN", "s3cret-token");
     assert!(cairn_tests::run(&mut cli).unwrap().contains("Hostile"));
+}
+
+/// The console's page asks for the token and shows no data; its sign-in
+/// sets a cookie that opens the admin API like the bearer token, and only
+/// with the right token.
+async fn console_signs_in_with_the_token(host: &Host) {
+    let url = |path: &str| format!("{}{path}", host.admin());
+    let page = host.http.get(url("/ui")).send().await.unwrap();
+    assert_eq!(page.status(), 401);
+    let form = page.text().await.unwrap();
+    assert!(form.contains("action=\"/ui/login\""), "{form}");
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for (token, expected) in [("s3cret-tokeX", 401), ("s3cret-token", 200)] {
+        let signed = browser
+            .post(url("/ui/login"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("token={token}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(signed.status(), 303);
+        let cookie = signed.headers()["set-cookie"].to_str().unwrap().to_string();
+        assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"));
+        let cookie = cookie.split(';').next().unwrap().to_string();
+        for path in ["/services", "/ui"] {
+            let r = browser.get(url(path)).header("cookie", &cookie);
+            assert_eq!(r.send().await.unwrap().status(), expected, "{path} {token}");
+        }
+    }
 }
 
 /// Whether the host closed `stream` (read gives EOF or an error) within `within`.

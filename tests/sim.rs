@@ -76,6 +76,9 @@ impl Rng {
 #[derive(Default)]
 struct Model {
     balance: BTreeMap<String, i64>,
+    /// Per exact key, every credit the balance expects and where it comes
+    /// from: a mismatch prints it beside the key's invocations.
+    ledger: BTreeMap<String, Vec<(String, i64)>>,
     /// Per key, the marks of client programs with the burst that sent
     /// them: bursts are ordered, the requests of one burst race.
     marks: BTreeMap<String, Vec<(u64, u64)>>,
@@ -100,6 +103,17 @@ struct Model {
     produced: usize,
     /// Shared reads made during the run.
     reads: usize,
+}
+
+impl Model {
+    /// Expect `n` more on `key`, from `source`.
+    fn credit(&mut self, key: &str, n: i64, source: String) {
+        *self.balance.entry(key.to_string()).or_default() += n;
+        self.ledger
+            .entry(key.to_string())
+            .or_default()
+            .push((source, n));
+    }
 }
 
 /// A `Flow` workflow: it adds `go + n` to `key` once its promise `go` is
@@ -339,7 +353,7 @@ impl Sim {
     }
 
     /// A random program for `key`, and its effect on the model.
-    fn program(&mut self, class: char, index: usize) -> Vec<Value> {
+    fn program(&mut self, class: char, index: usize, source: &str) -> Vec<Value> {
         let own = key(class, index);
         let peers = if class == 'k' { EXACT } else { CHAOS };
         let mut program = Vec::new();
@@ -357,12 +371,12 @@ impl Sim {
             let n = 1 + self.rng.below(9) as i64;
             let op = match self.rng.below(10) {
                 0 | 1 => {
-                    *self.model.balance.entry(own.clone()).or_default() += n;
+                    self.model.credit(&own, n, format!("Add in {source}"));
                     json!({ "Add": n })
                 }
                 2 => {
                     let target = key(class, self.rng.below(peers as u64) as usize);
-                    *self.model.balance.entry(target.clone()).or_default() += n;
+                    self.model.credit(&target, n, format!("Send from {source}"));
                     let delay_ms = [0, 0, 50, 400][self.rng.below(4) as usize];
                     json!({ "Send": { "key": target, "n": n, "delay_ms": delay_ms } })
                 }
@@ -372,7 +386,7 @@ impl Sim {
                         class,
                         index + 1 + self.rng.below((peers - index - 1) as u64) as usize,
                     );
-                    *self.model.balance.entry(target.clone()).or_default() += n;
+                    self.model.credit(&target, n, format!("Call from {source}"));
                     json!({ "Call": { "key": target, "n": n } })
                 }
                 4 => json!({ "Sleep": 10 + self.rng.below(290) }),
@@ -388,7 +402,8 @@ impl Sim {
                 8 => {
                     // Comes back through Kafka as `Acct/{target}/apply`.
                     let target = key(class, self.rng.below(peers as u64) as usize);
-                    *self.model.balance.entry(target.clone()).or_default() += n;
+                    self.model
+                        .credit(&target, n, format!("Produce from {source}"));
                     self.model.produced += 1;
                     json!({ "Produce": { "key": target, "n": n } })
                 }
@@ -469,7 +484,7 @@ impl Sim {
                 false => ('x', self.rng.below(CHAOS as u64) as usize),
             };
             let idem = self.fresh("client");
-            let mut program = self.program(class, index);
+            let mut program = self.program(class, index, &idem);
             self.maybe_fail(&mut program, &idem);
             requests.push((key(class, index), idem, json!(program).to_string()));
         }
@@ -557,7 +572,8 @@ impl Sim {
                 // A 409 after a lost answer: our own first try completed it.
                 200 | 202 | 204 | 409 if status != 409 || retried => {
                     if resolve && k.starts_with('k') {
-                        *self.model.balance.entry(k).or_default() += value;
+                        let source = format!("awakeable {id} resolved ({status})");
+                        self.model.credit(&k, value, source);
                     }
                 }
                 // The invocation was killed (chaos keys only).
@@ -579,7 +595,8 @@ impl Sim {
         let (status, text) = self.post(path, &body.to_string(), Some(&idempotency)).await;
         assert_eq!(status, 200, "seed {}: {path} {id}: {text}", self.seed);
         if let (Some(v), true) = (value, k.starts_with('k')) {
-            *self.model.balance.entry(k.to_string()).or_default() += v;
+            let source = format!("awakeable {id} resolved by {path}");
+            self.model.credit(k, v, source);
         }
         self.model.answered.insert(id.to_string());
     }
@@ -676,7 +693,8 @@ impl Sim {
         assert_eq!(status, 200, "seed {}: {path}: {text}", self.seed);
         let flow = &mut self.model.flows[i];
         flow.go = Some(go);
-        *self.model.balance.entry(flow.key.clone()).or_default() += go + flow.n;
+        let (k, n) = (flow.key.clone(), go + flow.n);
+        self.model.credit(&k, n, format!("workflow {id}"));
     }
 
     /// Every workflow returned its promise's value plus its `n`.
@@ -986,9 +1004,14 @@ impl Sim {
                 .unwrap();
             let expected = self.model.balance.get(&k).copied().unwrap_or(0);
             if balance != expected {
+                let ledger: Vec<String> = (self.model.ledger.get(&k).into_iter().flatten())
+                    .map(|(source, n)| format!("  +{n} {source}"))
+                    .collect();
                 panic!(
-                    "seed {}: balance of {k} is {balance}, the model says {expected}\n{}",
+                    "seed {}: balance of {k} is {balance}, the model says {expected}\n\
+                     expected credits:\n{}\n{}",
                     self.seed,
+                    ledger.join("\n"),
                     self.history(&k).await
                 );
             }

@@ -19,6 +19,7 @@
 //! | `GET /metrics.json` | group-commit counters: transactions and the jobs they carried |
 //! | `GET /storage` | rows per table and the sizes of the invoker's in-memory structures |
 //! | `GET /health` | 200 once the host serves |
+//! | `GET /ui` | the web console (see `console`) |
 
 use crate::deployments::UploadError;
 use crate::ids::InvocationId;
@@ -40,8 +41,10 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// `router` refusing requests without `Authorization: Bearer <token>`
-/// (when a token is configured); `GET /health` stays open.
+/// `router` refusing requests without `Authorization: Bearer <token>` or
+/// the console's cookie (when a token is configured); `GET /health` and
+/// the console's sign-in stay open, and a console page without a token
+/// gets the sign-in form.
 pub fn with_token(router: Router, token: Option<String>) -> Router {
     let token: Option<Arc<str>> = token.map(Arc::from);
     router.layer(axum::middleware::from_fn_with_state(token, check_token))
@@ -55,14 +58,22 @@ async fn check_token(
     let Some(token) = token else {
         return next.run(request).await;
     };
-    let presented = request
+    let (method, path) = (request.method(), request.uri().path());
+    let bearer = request
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    if request.uri().path() == "/health" || same_secret(presented.as_bytes(), token.as_bytes()) {
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let cookie = crate::console::cookie_token(request.headers());
+    let presented = bearer.or(cookie.as_deref()).unwrap_or_default();
+    if path == "/health"
+        || crate::console::is_public(method, path)
+        || same_secret(presented.as_bytes(), token.as_bytes())
+    {
         return next.run(request).await;
+    }
+    if crate::console::wants_sign_in(method, path) {
+        return crate::console::sign_in();
     }
     let mut response = ApiError::new(
         StatusCode::UNAUTHORIZED,
@@ -129,6 +140,7 @@ pub fn router(
         .with_state(invoker.clone())
         .merge(kafka.route("/health", get(|| async { "ok" })))
         .merge(cron)
+        .merge(crate::console::router())
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(max_module_bytes))
 }

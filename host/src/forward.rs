@@ -163,14 +163,15 @@ impl Front {
             .with_state(self.clone())
     }
 
-    /// The admin router: `/health`, `/cluster` and `/metrics` are
-    /// answered by every host itself (its metrics cover the partitions it
-    /// serves).
+    /// The admin router: `/health`, `/cluster`, `/metrics` and the console
+    /// (`/ui`) are answered by every host itself (its metrics cover the
+    /// partitions it serves).
     pub fn admin(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/health", get(|| async { "ok" }))
             .route("/cluster", get(status))
             .route("/metrics", get(crate::admin::prometheus))
+            .merge(crate::console::router())
             .fallback(|State(front): State<Arc<Front>>, req: Request| async move {
                 front.dispatch(Api::Admin, req).await
             })

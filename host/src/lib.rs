@@ -29,7 +29,9 @@
 //!   turns, wall-clock deadline); [`guestlog`]: guest output as tagged,
 //!   escaped log events.
 //! - [`ingress`], [`admin`]: the HTTP APIs; [`listener`]: connection caps
-//!   and timeouts for both; [`server`] wires a host.
+//!   and timeouts for both; [`console`]: the web console over the admin
+//!   API; [`listing`], [`metrics`], [`cli`]: finding invocations, metrics
+//!   and the command line's client side; [`server`] wires a host.
 //!
 //! `docs/design.md` describes the journal, the tables and the replay rules.
 
@@ -40,6 +42,7 @@ pub mod clock;
 pub mod cluster;
 pub mod commit;
 pub mod config;
+pub mod console;
 pub mod context;
 pub mod deployments;
 pub mod faults;
