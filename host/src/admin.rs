@@ -20,6 +20,7 @@
 //! | `GET /storage` | rows per table and the sizes of the invoker's in-memory structures |
 //! | `GET /health` | 200 once the host serves |
 //! | `GET /ui` | the web console (see `console`) |
+//! | `GET /openapi.json` | this API as an OpenAPI 3.1 document, generated from the handlers' annotations |
 
 use crate::deployments::UploadError;
 use crate::ids::InvocationId;
@@ -35,11 +36,12 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 /// `router` refusing requests without `Authorization: Bearer <token>` or
 /// the console's cookie (when a token is configured); `GET /health` and
@@ -99,50 +101,85 @@ pub fn router(
     schedules: Arc<Schedules>,
     max_module_bytes: usize,
 ) -> Router {
-    let cron = Router::new()
-        .route("/schedules", get(list_schedules).post(put_schedule))
-        .route("/schedules/{name}", axum::routing::delete(delete_schedule))
-        .with_state(schedules);
-    let kafka = Router::new()
-        .route("/kafka-clusters", get(list_clusters).post(put_cluster))
-        .route(
-            "/subscriptions",
-            get(list_subscriptions).post(create_subscription),
-        )
-        .route(
-            "/subscriptions/{id}",
-            get(get_subscription).delete(delete_subscription),
-        )
-        .route("/subscriptions/{id}/{action}", post(control_subscription))
-        .with_state(subscriptions);
+    let routes = Documented::new();
     Router::new()
-        .route("/deployments", get(list_deployments).post(deploy))
-        .route("/deployments/{id}", get(describe_deployment))
-        .route("/services", get(list_services))
-        .route("/invocations", get(list_invocations))
-        .route(
-            "/invocations/{id}",
-            get(describe_invocation).delete(purge_invocation),
-        )
-        .route("/invocations/{id}/{action}", post(control_invocation))
-        .route("/objects/{service}/{key}/state", get(object_state))
-        .route(
-            "/objects/{service}/{key}/state/{name}",
-            axum::routing::put(set_object_state).delete(clear_object_state),
-        )
-        .route("/metrics", get(prometheus))
-        .route("/metrics.json", get(metrics))
-        .route("/storage", get(storage))
-        .route(
-            "/concurrency-limits",
-            get(list_limits).post(set_limit).delete(remove_limit),
-        )
-        .with_state(invoker.clone())
-        .merge(kafka.route("/health", get(|| async { "ok" })))
-        .merge(cron)
+        .merge(routes.core.with_state(invoker))
+        .merge(routes.kafka.with_state(subscriptions))
+        .merge(routes.cron.with_state(schedules))
+        .route("/health", get(|| async { "ok" }))
+        .route("/openapi.json", get(openapi_json))
         .merge(crate::console::router())
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(max_module_bytes))
+}
+
+/// Every documented admin route, by the state it needs: the routes and the
+/// OpenAPI document come from the same `#[utoipa::path]` annotations, so
+/// the document cannot list a route the host does not serve.
+struct Documented {
+    core: OpenApiRouter<Arc<Invoker>>,
+    kafka: OpenApiRouter<Arc<Subscriptions>>,
+    cron: OpenApiRouter<Arc<Schedules>>,
+}
+
+impl Documented {
+    fn new() -> Self {
+        let core = OpenApiRouter::new()
+            .routes(routes!(list_deployments, deploy))
+            .routes(routes!(describe_deployment))
+            .routes(routes!(list_services))
+            .routes(routes!(list_invocations))
+            .routes(routes!(describe_invocation, purge_invocation))
+            .routes(routes!(control_invocation))
+            .routes(routes!(object_state))
+            .routes(routes!(set_object_state, clear_object_state))
+            .routes(routes!(prometheus))
+            .routes(routes!(metrics))
+            .routes(routes!(storage))
+            .routes(routes!(list_limits, set_limit, remove_limit));
+        let kafka = OpenApiRouter::new()
+            .routes(routes!(list_clusters, put_cluster))
+            .routes(routes!(list_subscriptions, create_subscription))
+            .routes(routes!(get_subscription, delete_subscription))
+            .routes(routes!(control_subscription));
+        let cron = OpenApiRouter::new()
+            .routes(routes!(list_schedules, put_schedule))
+            .routes(routes!(delete_schedule));
+        Documented { core, kafka, cron }
+    }
+}
+
+/// The admin API's OpenAPI 3.1 document, built once.
+pub fn openapi() -> &'static utoipa::openapi::OpenApi {
+    static DOC: std::sync::OnceLock<utoipa::openapi::OpenApi> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        let routes = Documented::new();
+        let mut doc = routes.core.into_openapi();
+        doc.merge(routes.kafka.into_openapi());
+        doc.merge(routes.cron.into_openapi());
+        doc.info.title = "Cairn admin API".into();
+        doc.info.version = env!("CARGO_PKG_VERSION").into();
+        doc.info.description = Some(
+            "Deploy modules, find and operate invocations, edit keyed state, manage Kafka \
+             subscriptions, schedules and limits. With an admin_token every route but \
+             /health needs `Authorization: Bearer <token>`. Errors answer `{\"message\"}`."
+                .into(),
+        );
+        doc
+    })
+}
+
+/// `GET /openapi.json`.
+pub async fn openapi_json() -> Json<&'static utoipa::openapi::OpenApi> {
+    Json(openapi())
+}
+
+/// The body of every error answer (for the OpenAPI document).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+struct Message {
+    /// What went wrong, and what to do about it.
+    message: String,
 }
 
 /// A path the admin API does not have: a JSON answer, like the ingress's.
@@ -167,6 +204,11 @@ impl From<ScheduleError> for ApiError {
     }
 }
 
+#[utoipa::path(
+    post, path = "/schedules", tag = "schedules",
+    request_body(content = Value, description = "A cron schedule", example = json!({"name": "nightly", "cron": "0 0 3 * * *", "target": "Reports/run", "input": {}})),
+    responses((status = 201, description = "Stored (replacing one of the same name)", body = Value), (status = 400, description = "Bad cron or target", body = Message))
+)]
 async fn put_schedule(
     State(schedules): State<Arc<Schedules>>,
     Json(config): Json<crate::config::ScheduleConfig>,
@@ -175,11 +217,20 @@ async fn put_schedule(
     Ok((StatusCode::CREATED, Json(schedule_json(&record))).into_response())
 }
 
+#[utoipa::path(
+    get, path = "/schedules", tag = "schedules",
+    responses((status = 200, description = "`{\"schedules\": [...]}`", body = Value))
+)]
 async fn list_schedules(State(schedules): State<Arc<Schedules>>) -> Result<Json<Value>, ApiError> {
     let all: Vec<Value> = schedules.list()?.iter().map(schedule_json).collect();
     Ok(Json(json!({ "schedules": all })))
 }
 
+#[utoipa::path(
+    delete, path = "/schedules/{name}", tag = "schedules",
+    params(("name" = String, Path, description = "The schedule's name")),
+    responses((status = 204, description = "Removed"), (status = 404, description = "No such schedule", body = Message))
+)]
 async fn delete_schedule(
     State(schedules): State<Arc<Schedules>>,
     Path(name): Path<String>,
@@ -212,6 +263,11 @@ struct NewSubscription {
     options: std::collections::BTreeMap<String, String>,
 }
 
+#[utoipa::path(
+    post, path = "/kafka-clusters", tag = "kafka",
+    request_body(content = Value, description = "A named Kafka cluster: librdkafka properties", example = json!({"name": "local", "properties": {"bootstrap.servers": "127.0.0.1:9092"}})),
+    responses((status = 201, description = "Stored; secret properties come back as `<redacted>`", body = Value), (status = 400, description = "Invalid", body = Message))
+)]
 async fn put_cluster(
     State(subs): State<Arc<Subscriptions>>,
     Json(cluster): Json<ClusterRecord>,
@@ -221,6 +277,10 @@ async fn put_cluster(
     Ok((StatusCode::CREATED, Json(shown)).into_response())
 }
 
+#[utoipa::path(
+    get, path = "/kafka-clusters", tag = "kafka",
+    responses((status = 200, description = "`{\"clusters\": [...]}`, secrets redacted", body = Value))
+)]
 async fn list_clusters(State(subs): State<Arc<Subscriptions>>) -> Result<Json<Value>, ApiError> {
     let clusters: Vec<ClusterRecord> = subs
         .clusters()?
@@ -230,6 +290,11 @@ async fn list_clusters(State(subs): State<Arc<Subscriptions>>) -> Result<Json<Va
     Ok(Json(json!({ "clusters": clusters })))
 }
 
+#[utoipa::path(
+    post, path = "/subscriptions", tag = "kafka",
+    request_body(content = Value, description = "Records of a topic become invocations of a handler", example = json!({"source": "kafka://local/orders", "sink": "service://Orders/place", "options": {"auto.offset.reset": "earliest"}})),
+    responses((status = 201, description = "`{\"id\", \"source\", \"sink\"}`", body = Value), (status = 400, description = "Unknown cluster, service or handler", body = Message), (status = 409, description = "The same source and sink exist", body = Message))
+)]
 async fn create_subscription(
     State(subs): State<Arc<Subscriptions>>,
     Json(req): Json<NewSubscription>,
@@ -242,12 +307,20 @@ async fn create_subscription(
         .into_response())
 }
 
+#[utoipa::path(
+    get, path = "/subscriptions", tag = "kafka",
+    responses((status = 200, description = "`{\"subscriptions\": [...]}` with ingested, ingest_rate, in_flight, lag per partition, stopped", body = Value))
+)]
 async fn list_subscriptions(
     State(subs): State<Arc<Subscriptions>>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({ "subscriptions": subs.list().await? })))
 }
 
+#[utoipa::path(
+    get, path = "/subscriptions/{id}", tag = "kafka", params(("id" = String, Path, description = "The subscription id (sub_...)")),
+    responses((status = 200, description = "The subscription and its figures", body = Value), (status = 404, description = "No such subscription", body = Message))
+)]
 async fn get_subscription(
     State(subs): State<Arc<Subscriptions>>,
     Path(id): Path<String>,
@@ -255,6 +328,10 @@ async fn get_subscription(
     Ok(Json(json!(subs.get(&id).await?)))
 }
 
+#[utoipa::path(
+    delete, path = "/subscriptions/{id}", tag = "kafka", params(("id" = String, Path, description = "The subscription id (sub_...)")),
+    responses((status = 204, description = "Removed, its consumer stopped"), (status = 404, description = "No such subscription", body = Message))
+)]
 async fn delete_subscription(
     State(subs): State<Arc<Subscriptions>>,
     Path(id): Path<String>,
@@ -263,6 +340,11 @@ async fn delete_subscription(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    post, path = "/subscriptions/{id}/{action}", tag = "kafka",
+    params(("id" = String, Path, description = "The subscription id (sub_...)"), ("action" = String, Path, description = "`pause` or `resume`")),
+    responses((status = 200, description = "`{\"id\", \"paused\"}`", body = Value), (status = 404, description = "No such subscription or action", body = Message))
+)]
 async fn control_subscription(
     State(subs): State<Arc<Subscriptions>>,
     Path((id, action)): Path<(String, String)>,
@@ -281,6 +363,11 @@ async fn control_subscription(
     Ok(Json(json!({ "id": record.id, "paused": record.paused })))
 }
 
+#[utoipa::path(
+    post, path = "/deployments", tag = "deployments",
+    request_body(content = Vec<u8>, content_type = "application/wasm", description = "A WebAssembly component built against the cairn WIT package"),
+    responses((status = 201, description = "Deployed: `{\"id\", \"services\"}`", body = Value), (status = 200, description = "The same module was already deployed", body = Value), (status = 400, description = "Not a component, or it does not export the cairn handler interface", body = Message))
+)]
 async fn deploy(State(invoker): State<Arc<Invoker>>, body: Bytes) -> Result<Response, ApiError> {
     let known = invoker.registry().deployments().len();
     match invoker
@@ -306,6 +393,11 @@ async fn deploy(State(invoker): State<Arc<Invoker>>, body: Bytes) -> Result<Resp
     }
 }
 
+#[utoipa::path(
+    post, path = "/concurrency-limits", tag = "limits",
+    request_body(content = Value, example = json!({"scope": "Payments", "max": 10})),
+    responses((status = 201, description = "Set", body = Value), (status = 400, description = "Bad scope", body = Message))
+)]
 async fn set_limit(
     State(invoker): State<Arc<Invoker>>,
     Json(limit): Json<crate::config::ConcurrencyConfig>,
@@ -314,6 +406,10 @@ async fn set_limit(
     Ok((StatusCode::CREATED, Json(limit)).into_response())
 }
 
+#[utoipa::path(
+    get, path = "/concurrency-limits", tag = "limits",
+    responses((status = 200, description = "`{\"limits\": [{\"scope\", \"max\", \"in_use\"}]}`", body = Value))
+)]
 async fn list_limits(State(invoker): State<Arc<Invoker>>) -> Json<Value> {
     let limits: Vec<Value> = invoker
         .limits()
@@ -323,6 +419,11 @@ async fn list_limits(State(invoker): State<Arc<Invoker>>) -> Json<Value> {
     Json(json!({ "limits": limits }))
 }
 
+#[utoipa::path(
+    delete, path = "/concurrency-limits", tag = "limits",
+    params(("scope" = String, Query, description = "The limit's scope")),
+    responses((status = 204, description = "Removed"), (status = 400, description = "No scope given", body = Message))
+)]
 async fn remove_limit(
     State(invoker): State<Arc<Invoker>>,
     Query(query): Query<HashMap<String, String>>,
@@ -337,17 +438,29 @@ async fn remove_limit(
 
 /// `GET /metrics`: every metric of this host in Prometheus text format
 /// (see [`crate::metrics`]).
+#[utoipa::path(
+    get, path = "/metrics", tag = "observability",
+    responses((status = 200, description = "Prometheus text format (see the README's metrics table)", body = String, content_type = "text/plain"))
+)]
 pub async fn prometheus() -> Response {
     let text = crate::metrics::Metrics::get().render();
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// `GET /metrics.json`: the group-commit counters of the partition.
+#[utoipa::path(
+    get, path = "/metrics.json", tag = "observability",
+    responses((status = 200, description = "Group-commit counters", body = Value))
+)]
 async fn metrics(State(invoker): State<Arc<Invoker>>) -> Json<Value> {
     let (transactions, jobs) = invoker.committer().stats();
     Json(json!({ "commit_transactions": transactions, "commit_jobs": jobs }))
 }
 
+#[utoipa::path(
+    get, path = "/storage", tag = "observability",
+    responses((status = 200, description = "Rows per table and the sizes of the in-memory structures", body = Value))
+)]
 async fn storage(State(invoker): State<Arc<Invoker>>) -> Result<Json<Value>, ApiError> {
     let rows: serde_json::Map<String, Value> = invoker
         .store()
@@ -368,6 +481,10 @@ async fn storage(State(invoker): State<Arc<Invoker>>) -> Result<Json<Value>, Api
     })))
 }
 
+#[utoipa::path(
+    get, path = "/deployments", tag = "deployments",
+    responses((status = 200, description = "`{\"deployments\": [...]}`", body = Value))
+)]
 async fn list_deployments(State(invoker): State<Arc<Invoker>>) -> Json<Value> {
     let deployments: Vec<Value> = invoker
         .registry()
@@ -379,6 +496,11 @@ async fn list_deployments(State(invoker): State<Arc<Invoker>>) -> Json<Value> {
 }
 
 /// `GET /deployments/{id}`.
+#[utoipa::path(
+    get, path = "/deployments/{id}", tag = "deployments",
+    params(("id" = String, Path, description = "The deployment id (dp_...)")),
+    responses((status = 200, description = "The deployment, its services and handlers", body = Value), (status = 404, description = "No such deployment", body = Message))
+)]
 async fn describe_deployment(
     State(invoker): State<Arc<Invoker>>,
     Path(id): Path<String>,
@@ -401,6 +523,10 @@ fn deployment_json(d: &crate::records::DeploymentRecord) -> Value {
     })
 }
 
+#[utoipa::path(
+    get, path = "/services", tag = "deployments",
+    responses((status = 200, description = "`{\"services\": [...]}`, each with its kind, handlers and current deployment", body = Value))
+)]
 async fn list_services(State(invoker): State<Arc<Invoker>>) -> Json<Value> {
     let services: Vec<Value> = invoker
         .registry()
@@ -450,6 +576,21 @@ const STATUSES: [(&str, &str); 12] = [
 /// `GET /invocations`: a page of invocations, newest first, filtered by
 /// service, handler, key, status, deployment and creation time (see
 /// [`crate::listing`]), and the cursor of the next page.
+#[utoipa::path(
+    get, path = "/invocations", tag = "invocations",
+    params(
+        ("service" = Option<String>, Query, description = "Only this service's invocations"),
+        ("handler" = Option<String>, Query, description = "Only this handler's"),
+        ("key" = Option<String>, Query, description = "Only this key's (needs service)"),
+        ("status" = Option<String>, Query, description = "unfinished, scheduled, pending, ready, running, backing-off, suspended, paused, succeeded, failed, killed or cancelled"),
+        ("deployment" = Option<String>, Query, description = "Only those pinned to this deployment"),
+        ("created_after" = Option<String>, Query, description = "RFC 3339 or ms since the epoch"),
+        ("created_before" = Option<String>, Query, description = "RFC 3339 or ms since the epoch"),
+        ("limit" = Option<usize>, Query, description = "Page size, 1 to 1000 (default 100)"),
+        ("cursor" = Option<String>, Query, description = "The previous page's next_cursor"),
+    ),
+    responses((status = 200, description = "Newest first from the listing indexes: `{\"invocations\": [...], \"next_cursor\"}`; a page may be short with a cursor when the filter is selective", body = Value), (status = 400, description = "A bad filter", body = Message))
+)]
 async fn list_invocations(
     State(invoker): State<Arc<Invoker>>,
     Query(query): Query<HashMap<String, String>>,
@@ -565,6 +706,10 @@ pub fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(at).to_string()
 }
 
+#[utoipa::path(
+    get, path = "/invocations/{id}", tag = "invocations", params(("id" = String, Path, description = "The invocation id (inv_...)")),
+    responses((status = 200, description = "Status, target, times (RFC 3339), input, outcome and the journal, each completion naming the command it answers", body = Value), (status = 404, description = "No such invocation", body = Message))
+)]
 async fn describe_invocation(
     State(invoker): State<Arc<Invoker>>,
     Path(id): Path<String>,
@@ -608,6 +753,10 @@ async fn describe_invocation(
 
 /// `GET /objects/{service}/{key}/state`: every entry of a key's state, as
 /// committed (JSON values as JSON).
+#[utoipa::path(
+    get, path = "/objects/{service}/{key}/state", tag = "state", params(("service" = String, Path, description = "A virtual object or workflow"), ("key" = String, Path, description = "The key")),
+    responses((status = 200, description = "`{\"service\", \"key\", \"state\": {name: value}}` as committed", body = Value), (status = 400, description = "A plain service has no state", body = Message), (status = 404, description = "No such service", body = Message))
+)]
 async fn object_state(
     State(invoker): State<Arc<Invoker>>,
     Path((service, key)): Path<(String, String)>,
@@ -624,6 +773,11 @@ async fn object_state(
 }
 
 /// `PUT /objects/{service}/{key}/state/{name}` (body: the JSON value).
+#[utoipa::path(
+    put, path = "/objects/{service}/{key}/state/{name}", tag = "state", params(("service" = String, Path, description = "A virtual object or workflow"), ("key" = String, Path, description = "The key"), ("name" = String, Path, description = "The state entry's name")),
+    request_body(content = Value, description = "The new value, as JSON", example = json!(42)),
+    responses((status = 200, description = "Applied, as an exclusive invocation of the key (it waited for the key's queue)", body = Value), (status = 400, description = "Not JSON, or a plain service", body = Message), (status = 404, description = "No such service", body = Message))
+)]
 async fn set_object_state(
     State(invoker): State<Arc<Invoker>>,
     Path((service, key, name)): Path<(String, String, String)>,
@@ -639,6 +793,10 @@ async fn set_object_state(
 }
 
 /// `DELETE /objects/{service}/{key}/state/{name}`.
+#[utoipa::path(
+    delete, path = "/objects/{service}/{key}/state/{name}", tag = "state", params(("service" = String, Path, description = "A virtual object or workflow"), ("key" = String, Path, description = "The key"), ("name" = String, Path, description = "The state entry's name")),
+    responses((status = 200, description = "Cleared, as an exclusive invocation of the key", body = Value), (status = 404, description = "No such service", body = Message))
+)]
 async fn clear_object_state(
     State(invoker): State<Arc<Invoker>>,
     Path((service, key, name)): Path<(String, String, String)>,
@@ -701,6 +859,10 @@ fn keyed_service(invoker: &Invoker, service: &str) -> Result<(), ApiError> {
 
 /// `DELETE /invocations/{id}`: forget a finished invocation now (its
 /// journal, idempotency key and, for a workflow, its state and promises).
+#[utoipa::path(
+    delete, path = "/invocations/{id}", tag = "invocations", params(("id" = String, Path, description = "The invocation id (inv_...)")),
+    responses((status = 200, description = "Forgotten: its journal, idempotency key and (for a workflow) state and promises", body = Value), (status = 404, description = "No such invocation", body = Message), (status = 409, description = "It has not finished", body = Message))
+)]
 async fn purge_invocation(
     State(invoker): State<Arc<Invoker>>,
     Path(id): Path<String>,
@@ -710,6 +872,12 @@ async fn purge_invocation(
     Ok(Json(json!({ "id": id, "purged": true })))
 }
 
+#[utoipa::path(
+    post, path = "/invocations/{id}/{action}", tag = "invocations",
+    params(("id" = String, Path, description = "The invocation id (inv_...)"), ("action" = String, Path, description = "cancel, kill, pause or resume"),
+        ("deployment" = Option<String>, Query, description = "resume only: run it on this deployment")),
+    responses((status = 200, description = "Done: `{\"id\", \"action\"}`", body = Value), (status = 404, description = "No such invocation or action", body = Message), (status = 409, description = "It has finished", body = Message))
+)]
 async fn control_invocation(
     State(invoker): State<Arc<Invoker>>,
     Path((id, action)): Path<(String, String)>,

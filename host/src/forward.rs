@@ -171,6 +171,7 @@ impl Front {
             .route("/health", get(|| async { "ok" }))
             .route("/cluster", get(status))
             .route("/metrics", get(crate::admin::prometheus))
+            .route("/openapi.json", get(crate::admin::openapi_json))
             .merge(crate::console::router())
             .fallback(|State(front): State<Arc<Front>>, req: Request| async move {
                 front.dispatch(Api::Admin, req).await
