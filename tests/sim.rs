@@ -885,24 +885,35 @@ impl Sim {
     /// Every invocation of key `k` as the host shows it (clients', sends,
     /// Kafka records), and the host's log: what a failed balance check
     /// needs.
-    async fn history(&self, k: &str) -> String {
+    /// Every invocation of the workload (any key: the lost credit may sit in
+    /// the journal of its sender), with its journal, then the logs.
+    async fn history(&self) -> String {
         let mut report = String::new();
-        let url = format!(
-            "{}/invocations?service=Acct&key={k}&limit=1000",
-            self.host().admin()
-        );
-        let listed: Value = match self.http.get(url).send().await {
-            Ok(r) => r.json().await.unwrap_or_default(),
-            Err(e) => return format!("cannot list the invocations of {k}: {e}"),
-        };
-        for listed in listed["invocations"].as_array().into_iter().flatten() {
-            let id = listed["id"].as_str().unwrap_or_default();
-            let url = format!("{}/invocations/{id}", self.host().admin());
-            let shown = match self.http.get(url).send().await {
-                Ok(r) => r.text().await.unwrap_or_default(),
-                Err(e) => e.to_string(),
-            };
-            report.push_str(&format!("{id}: {shown}\n"));
+        for service in ["Acct", "Flow", "Answer"] {
+            let mut cursor = String::new();
+            loop {
+                let url = format!(
+                    "{}/invocations?service={service}&limit=1000{cursor}",
+                    self.host().admin()
+                );
+                let listed: Value = match self.http.get(url).send().await {
+                    Ok(r) => r.json().await.unwrap_or_default(),
+                    Err(e) => return format!("cannot list the invocations of {service}: {e}"),
+                };
+                for listed in listed["invocations"].as_array().into_iter().flatten() {
+                    let id = listed["id"].as_str().unwrap_or_default();
+                    let url = format!("{}/invocations/{id}", self.host().admin());
+                    let shown = match self.http.get(url).send().await {
+                        Ok(r) => r.text().await.unwrap_or_default(),
+                        Err(e) => e.to_string(),
+                    };
+                    report.push_str(&format!("{id}: {shown}\n"));
+                }
+                match listed["next_cursor"].as_str() {
+                    Some(next) => cursor = format!("&cursor={next}"),
+                    None => break,
+                }
+            }
         }
         format!("{report}{}", self.logs())
     }
@@ -1012,7 +1023,7 @@ impl Sim {
                      expected credits:\n{}\n{}",
                     self.seed,
                     ledger.join("\n"),
-                    self.history(&k).await
+                    self.history().await
                 );
             }
             let highest = self.model.read.get(&k).copied().unwrap_or(0);

@@ -105,6 +105,11 @@
 //! # After this many attempts the invocation is paused (resume it via the admin API).
 //! max_attempts = 30
 //!
+//! [tracing]
+//! # Export OpenTelemetry spans over OTLP/HTTP (also OTEL_EXPORTER_OTLP_ENDPOINT;
+//! # OTEL_EXPORTER_OTLP_PROTOCOL=http/json for JSON, OTEL_SERVICE_NAME).
+//! endpoint = "http://127.0.0.1:4318"
+//!
 //! [kafka]
 //! # Unfinished invocations per subscription before its partitions pause.
 //! max_in_flight = 10000
@@ -256,6 +261,17 @@ pub struct Config {
     /// Retry policies of particular services (`"Service"`) or handlers
     /// (`"Service/handler"`); fields they omit take the built-in defaults.
     pub retry_overrides: std::collections::BTreeMap<String, RetryPolicy>,
+    /// OpenTelemetry export.
+    pub tracing: TracingConfig,
+}
+
+/// Where spans go (see `traces`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The OTLP/HTTP collector's base URL (spans go to `{endpoint}/v1/traces`);
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` when unset; no export when neither is.
+    pub endpoint: Option<String>,
 }
 
 /// Client connection limits and timeouts of the two listeners.
@@ -452,6 +468,7 @@ impl Default for Config {
             limits: Limits::default(),
             retry: RetryPolicy::default(),
             retry_overrides: Default::default(),
+            tracing: TracingConfig::default(),
             kafka: KafkaConfig::default(),
             cluster: None,
             schedules: Vec::new(),

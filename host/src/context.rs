@@ -28,10 +28,11 @@ use crate::runtime::bindings::cairn::runtime::{context, types as wit};
 use crate::runtime::GuestState;
 use crate::sandbox::AttemptClock;
 use crate::store::{StoreResult, Tables};
+use crate::traces::{SpanRef, Traces, TRACEPARENT};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
 use wasmtime::format_err;
 
@@ -150,8 +151,9 @@ pub struct DurableContext {
     /// State writes of this key not necessarily committed yet (shared by
     /// the exclusive invocations of a key while it stays busy).
     overlay: SharedOverlay,
-    /// The live `run` step between `run-enter` and `run-exit`, if any.
-    step: Option<(u32, String)>,
+    /// The live `run` step between `run-enter` and `run-exit`, if any:
+    /// its command, name and start.
+    step: Option<(u32, String, SystemTime)>,
     /// This attempt's epoch: its writes apply only while it is current.
     epoch: Epoch,
     /// This attempt's busy time, for its wall-clock budget.
@@ -159,6 +161,8 @@ pub struct DurableContext {
     /// Whether the handler is still replaying its journal (its output is
     /// then not logged again; see `guestlog`).
     replaying: Arc<AtomicBool>,
+    /// This attempt's span, when traces are exported (see `traces`).
+    span: Option<SpanRef>,
 }
 
 impl DurableContext {
@@ -182,7 +186,64 @@ impl DurableContext {
             epoch,
             clock: AttemptClock::start(),
             replaying: Arc::new(AtomicBool::new(journal_replaying)),
+            span: None,
         }
+    }
+
+    /// The same context, its steps traced under the attempt span `span`.
+    pub fn with_span(mut self, span: Option<SpanRef>) -> Self {
+        self.span = span;
+        self
+    }
+
+    /// Export a span of this attempt (if it is traced) that ran from
+    /// `start` to `end`.
+    fn trace(
+        &self,
+        me: SpanRef,
+        name: String,
+        start: SystemTime,
+        end: SystemTime,
+        error: Option<&str>,
+    ) {
+        Traces::get().emit(crate::traces::Span {
+            name,
+            me,
+            parent: self.span,
+            kind: opentelemetry::trace::SpanKind::Internal,
+            start,
+            end,
+            attributes: vec![opentelemetry::KeyValue::new(
+                "cairn.invocation.id",
+                self.record.id.to_string(),
+            )],
+            error,
+        });
+    }
+
+    /// The span of a live call, send or sleep (their callee invocation or
+    /// timer is its child), when this attempt is traced.
+    fn command_span(&self, command: &Command) -> Option<SpanRef> {
+        let traced = matches!(
+            command,
+            Command::Call { .. } | Command::Send { .. } | Command::Sleep { .. }
+        );
+        self.span.filter(|_| traced).map(|attempt| attempt.child())
+    }
+
+    /// Export the span of a live call, send or sleep once it is issued (a
+    /// sleep's span ends when it is due to wake).
+    fn trace_command(&self, span: SpanRef, command: &Command) {
+        let now = SystemTime::now();
+        let (name, end) = match command {
+            Command::Call { target, .. } => (format!("call {target}"), now),
+            Command::Send { target, .. } => (format!("send {target}"), now),
+            Command::Sleep { wake_at_ms } => {
+                ("sleep".to_string(), crate::traces::at_ms(*wake_at_ms))
+            }
+            _ => return,
+        };
+        self.trace(span, name, now, end, None);
     }
 
     /// Whether the handler is still replaying its journal, as it goes.
@@ -243,7 +304,7 @@ impl DurableContext {
 
     /// The one path of every journaled call; see the module docs.
     async fn durable(&mut self, command: Command) -> wasmtime::Result<Option<CompletionValue>> {
-        if let Some((_, name)) = &self.step {
+        if let Some((_, name, _)) = &self.step {
             return Err(terminal(format!(
                 "{} was called inside run step {name:?}; steps may not use the context",
                 command.signature()
@@ -259,7 +320,11 @@ impl DurableContext {
                     check_size(what, len, self.invoker.max_value_bytes())?;
                 }
                 let large = carried.is_some_and(|(_, len)| len >= LARGE_WRITE);
-                let completion = self.execute(index, command).await?;
+                let span = self.command_span(&command);
+                if let Some(span) = span {
+                    self.trace_command(span, &command);
+                }
+                let completion = self.execute(index, command, span).await?;
                 // Large writes are not pipelined: one handler writing many
                 // megabytes must not fill the commit queue (and the host's
                 // memory) ahead of everybody else's commits.
@@ -277,6 +342,7 @@ impl DurableContext {
         &mut self,
         index: u32,
         command: Command,
+        span: Option<SpanRef>,
     ) -> wasmtime::Result<Option<CompletionValue>> {
         let id = self.record.id.clone();
         let (service, key) = (
@@ -294,7 +360,13 @@ impl DurableContext {
                 target,
                 input,
                 delay_ms,
-            } => match self.child(target, input, Some(Duration::from_millis(*delay_ms)), None) {
+            } => match self.child(
+                target,
+                input,
+                Some(Duration::from_millis(*delay_ms)),
+                None,
+                span,
+            ) {
                 Ok(child) => {
                     let sent = CompletionValue::Id(child.id.to_string());
                     self.append_with(command, Some(sent.clone()), index, move |t, inv| {
@@ -316,7 +388,7 @@ impl DurableContext {
                     id: id.clone(),
                     command: index,
                 };
-                match self.child(target, input, None, Some(caller)) {
+                match self.child(target, input, None, Some(caller), span) {
                     Ok(mut child) => {
                         child.id = callee
                             .parse()
@@ -470,19 +542,24 @@ impl DurableContext {
         }));
     }
 
-    /// A new invocation record for a call or send from this invocation.
+    /// A new invocation record for a call or send from this invocation
+    /// (under the command's span, if it is traced).
     fn child(
         &self,
         target: &Target,
         input: &[u8],
         delay: Option<Duration>,
         caller: Option<Caller>,
+        span: Option<SpanRef>,
     ) -> Result<InvocationRecord, String> {
+        let headers = span
+            .map(|s| vec![(TRACEPARENT.to_string(), s.header())])
+            .unwrap_or_default();
         self.invoker
             .new_record(NewInvocation {
                 target: target.clone(),
                 input: input.to_vec(),
-                headers: Vec::new(),
+                headers,
                 idempotency_key: None,
                 delay: delay.filter(|d| !d.is_zero()),
                 caller,
@@ -750,7 +827,7 @@ impl context::Host for GuestState {
 
     async fn run_enter(&mut self, name: String) -> wasmtime::Result<Option<wit::Outcome>> {
         let d = self.durable()?;
-        if let Some((_, open)) = &d.step {
+        if let Some((_, open, _)) = &d.step {
             return Err(terminal(format!(
                 "run step {name:?} started inside run step {open:?}"
             )));
@@ -759,7 +836,7 @@ impl context::Host for GuestState {
             Issued::Replayed(Some(CompletionValue::Outcome(outcome))) => Ok(Some(to_wit(outcome))),
             Issued::Replayed(other) => Err(unexpected("a step result", other)),
             Issued::Live(command) => {
-                d.step = Some((command, name));
+                d.step = Some((command, name, SystemTime::now()));
                 self.set_in_step(true);
                 Ok(None)
             }
@@ -775,10 +852,17 @@ impl context::Host for GuestState {
             outcome_len(&step_outcome),
             d.invoker.max_value_bytes(),
         )?;
-        let (command, name) = d
+        let (command, name, began) = d
             .step
             .take()
             .ok_or_else(|| terminal("run-exit without a matching run-enter"))?;
+        let failed = match &step_outcome {
+            Outcome::Failure { message, .. } => Some(message.clone()),
+            Outcome::Success(_) => None,
+        };
+        let traced = d
+            .span
+            .map(|attempt| (attempt.child(), format!("run {name:?}")));
         let value = CompletionValue::Outcome(step_outcome);
         let (id, epoch, invoker) = (d.record.id.clone(), d.epoch, d.invoker.clone());
         let journaled = d
@@ -794,6 +878,9 @@ impl context::Host for GuestState {
             })
             .await;
         d.clock.mark_waited();
+        if let (Some((span, step)), true) = (traced, journaled) {
+            d.trace(span, step, began, SystemTime::now(), failed.as_deref());
+        }
         match journaled {
             true => Ok(()),
             false => Err(wasmtime::Error::new(HostTrap::Fenced)),

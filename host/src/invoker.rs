@@ -48,6 +48,9 @@ use crate::records::{Caller, HandlerKind, InvocationRecord, ServiceKind, Status,
 use crate::runtime::{AttemptEnd, Runtime};
 use crate::store::{Store, StoreError, StoreResult, Tables};
 use crate::timers::{Due, TimerQueue};
+use crate::traces::{InvocationTrace, Span, SpanRef, Traces, TRACEPARENT};
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -979,16 +982,24 @@ impl Invoker {
             }
             metrics::counter!("cairn_attempts_total", &labels).increment(1);
             let began = std::time::Instant::now();
+            let span = Traces::get()
+                .enabled()
+                .then(|| InvocationTrace::of(&record).span.child());
+            let started = std::time::SystemTime::now();
             let end = self
                 .attempt(
                     record.clone(),
                     Journal::from_entries(journal),
                     mailbox.clone(),
                     epoch,
+                    span,
                 )
                 .await;
             metrics::histogram!("cairn_attempt_duration_seconds", &labels)
                 .record(began.elapsed().as_secs_f64());
+            if let Some(span) = span {
+                trace_attempt(&record, span, attempts, started, &end);
+            }
             let error = match end {
                 AttemptEnd::Success(output) => {
                     return self
@@ -1089,6 +1100,7 @@ impl Invoker {
         journal: Journal,
         mailbox: Arc<Mailbox>,
         epoch: Epoch,
+        span: Option<SpanRef>,
     ) -> AttemptEnd {
         if record.target.handler == EDIT_STATE {
             return self.edit_state(&record, epoch).await;
@@ -1099,7 +1111,8 @@ impl Invoker {
         let _limited = self.limits.acquire(&record.target).await;
         let _slot = self.instances.acquire(&record.target.service).await;
         let overlay = self.overlay_for(&record);
-        let durable = DurableContext::new(record, journal, self.clone(), mailbox, overlay, epoch);
+        let durable = DurableContext::new(record, journal, self.clone(), mailbox, overlay, epoch)
+            .with_span(span);
         self.runtime.invoke(&deployment.module, durable).await
     }
 
@@ -1209,6 +1222,7 @@ impl Invoker {
         };
         let me = self.clone();
         Ok(Some(Box::new(move || {
+            trace_invocation(&r);
             let task = me.live.lock().unwrap().remove(&r.id).and_then(|l| l.task);
             me.fence.reopen(&r.id);
             me.retire_writes(&r, fenced);
@@ -1568,6 +1582,9 @@ impl Invoker {
     fn perform(self: &Arc<Self>, id: InvocationId, command: u32, effect: Command) {
         let me = self.clone();
         self.tokio.spawn(async move {
+            let traced = me.effect_span(&id);
+            let started = std::time::SystemTime::now();
+            let traceparent = traced.map(|(span, _)| span.header());
             let outcome = match &effect {
                 Command::Produce {
                     cluster,
@@ -1576,21 +1593,54 @@ impl Invoker {
                     value,
                 } => {
                     let effect_id = format!("{id}:{command}");
-                    me.producers
-                        .send(&effect_id, cluster, topic, key.as_deref(), value)
-                        .await
+                    let record = crate::kafka::Produced {
+                        produce_id: &effect_id,
+                        cluster,
+                        topic,
+                        key: key.as_deref(),
+                        value,
+                        traceparent: traceparent.as_deref(),
+                    };
+                    me.producers.send(record).await
                 }
-                Command::HttpCall(request) => me.outbound.call(request).await,
+                Command::HttpCall(request) => match &traceparent {
+                    Some(traceparent) => {
+                        let mut request = request.clone();
+                        request
+                            .headers
+                            .retain(|(name, _)| !name.eq_ignore_ascii_case(TRACEPARENT));
+                        request
+                            .headers
+                            .push((TRACEPARENT.to_string(), traceparent.clone()));
+                        me.outbound.call(&request).await
+                    }
+                    None => me.outbound.call(request).await,
+                },
                 _ => {
                     tracing::error!(invocation = %id, command, "not an outside effect: {effect:?}");
                     return;
                 }
             };
+            if let Some((span, parent)) = traced {
+                trace_effect(&id, &effect, span, parent, started, &outcome);
+            }
             let row = id.clone();
             me.complete_outside(id, command, CompletionValue::Outcome(outcome), move |t| {
                 t.take_outbox(&row, command)
             });
         });
+    }
+
+    /// The span of an outside effect of `id` and its parent (the
+    /// invocation's span: the effect may run after a restart, in no
+    /// attempt), when traces are exported.
+    fn effect_span(&self, id: &InvocationId) -> Option<(SpanRef, SpanRef)> {
+        if !Traces::get().enabled() {
+            return None;
+        }
+        let record = self.store.invocation(id).ok().flatten()?;
+        let invocation = InvocationTrace::of(&record).span;
+        Some((invocation.child(), invocation))
     }
 
     /// Complete command `command` of `id` with `value` in a transaction of
@@ -1749,4 +1799,117 @@ fn in_state(
             "invocation {id} {otherwise}"
         ))),
     })
+}
+
+/// Export the span of one attempt of `record`.
+fn trace_attempt(
+    record: &InvocationRecord,
+    span: SpanRef,
+    attempt: u32,
+    started: std::time::SystemTime,
+    end: &AttemptEnd,
+) {
+    let error = match end {
+        AttemptEnd::Success(_) | AttemptEnd::Suspended => None,
+        AttemptEnd::Terminal { message, .. } => Some(message.as_str()),
+        AttemptEnd::Retryable(why)
+        | AttemptEnd::Interrupted(why)
+        | AttemptEnd::Trapped(why)
+        | AttemptEnd::Stopped(why) => Some(why.as_str()),
+        AttemptEnd::Fenced => Some("fenced: killed or paused while it ran"),
+    };
+    let ended = match end {
+        AttemptEnd::Suspended => "suspended",
+        _ if error.is_some() => "failed",
+        _ => "completed",
+    };
+    Traces::get().emit(Span {
+        name: format!("attempt {attempt}"),
+        me: span,
+        parent: Some(InvocationTrace::of(record).span),
+        kind: SpanKind::Internal,
+        start: started,
+        end: std::time::SystemTime::now(),
+        attributes: vec![
+            KeyValue::new("cairn.invocation.id", record.id.to_string()),
+            KeyValue::new("cairn.attempt", i64::from(attempt)),
+            KeyValue::new("cairn.attempt.end", ended),
+        ],
+        error,
+    });
+}
+
+/// Export the span of a completed invocation, from its creation to its
+/// completion.
+fn trace_invocation(record: &InvocationRecord) {
+    if !Traces::get().enabled() {
+        return;
+    }
+    let trace = InvocationTrace::of(record);
+    let error = match &record.outcome {
+        Some(Outcome::Failure { message, .. }) => Some(message.as_str()),
+        _ => None,
+    };
+    let mut attributes = vec![
+        KeyValue::new("cairn.invocation.id", record.id.to_string()),
+        KeyValue::new("cairn.service", record.target.service.clone()),
+        KeyValue::new("cairn.handler", record.target.handler.clone()),
+        KeyValue::new("cairn.status", record.status_class()),
+        KeyValue::new("cairn.attempts", i64::from(record.attempts)),
+    ];
+    if let Some(key) = &record.target.key {
+        attributes.push(KeyValue::new("cairn.key", key.clone()));
+    }
+    Traces::get().emit(Span {
+        name: record.target.to_string(),
+        me: trace.span,
+        parent: trace.parent,
+        kind: SpanKind::Server,
+        start: crate::traces::at_ms(record.created_ms),
+        end: crate::traces::at_ms(record.completed_ms.unwrap_or(record.created_ms)),
+        attributes,
+        error,
+    });
+}
+
+/// Export the span of an `http_call` or `kafka_produce` the host performed.
+fn trace_effect(
+    id: &InvocationId,
+    effect: &Command,
+    span: SpanRef,
+    parent: SpanRef,
+    started: std::time::SystemTime,
+    outcome: &Outcome,
+) {
+    let mut attributes = vec![KeyValue::new("cairn.invocation.id", id.to_string())];
+    let (name, kind) = match effect {
+        Command::HttpCall(request) => {
+            attributes.push(KeyValue::new("http.request.method", request.method.clone()));
+            attributes.push(KeyValue::new("url.full", request.url.clone()));
+            (format!("http_call {}", request.method), SpanKind::Client)
+        }
+        Command::Produce { cluster, topic, .. } => {
+            attributes.push(KeyValue::new("messaging.system", "kafka"));
+            attributes.push(KeyValue::new("messaging.destination.name", topic.clone()));
+            (
+                format!("kafka_produce {cluster}/{topic}"),
+                SpanKind::Producer,
+            )
+        }
+        _ => return,
+    };
+    let error = match outcome {
+        Outcome::Failure { message, .. } => Some(message.as_str()),
+        Outcome::Success(_) => None,
+    };
+    Traces::get().emit(Span {
+        name,
+        me: span,
+        parent: Some(parent),
+        kind,
+        start: started,
+        end: std::time::SystemTime::now(),
+        attributes,
+        error,
+    });
 }

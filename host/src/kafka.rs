@@ -67,7 +67,6 @@ pub enum SubscriptionError {
 /// Counters of one running subscription.
 #[derive(Default)]
 pub struct Stats {
-    ingested: AtomicU64,
     rate: AtomicU64,
     /// Per Kafka partition, the consumer lag librdkafka's statistics
     /// reported last (every second).
@@ -122,7 +121,8 @@ pub struct SubscriptionView {
     pub source: String,
     /// `service://Service/handler`.
     pub sink: String,
-    /// Records turned into invocations since the host started.
+    /// Records turned into invocations since the subscription was created
+    /// (kept across restarts; in a cluster, those of partition 0's keys).
     pub ingested: u64,
     /// Records per second over the last second.
     pub ingest_rate: u64,
@@ -379,20 +379,24 @@ impl Subscriptions {
             .unwrap()
             .get(&record.id)
             .map(|r| (r.consumer.clone(), r.stats.clone()));
-        let (ingested, ingest_rate, lag) = match running {
+        let (ingest_rate, lag) = match running {
             Some((consumer, stats)) => {
                 let topic = record.topic.clone();
                 let lag = tokio::task::spawn_blocking(move || lag(&consumer, &topic))
                     .await
                     .unwrap_or_default();
-                (
-                    stats.ingested.load(Ordering::Relaxed),
-                    stats.rate.load(Ordering::Relaxed),
-                    lag,
-                )
+                (stats.rate.load(Ordering::Relaxed), lag)
             }
-            None => (0, 0, BTreeMap::new()),
+            None => (0, BTreeMap::new()),
         };
+        let ingested = self
+            .invoker
+            .store()
+            .ingested(&record.id)
+            .unwrap_or_else(|e| {
+                tracing::warn!(subscription = %record.id, "cannot read the ingested count: {e}");
+                0
+            });
         let stopped = self
             .invoker
             .store()
@@ -528,28 +532,28 @@ impl Producers {
 
     /// Send one record, tagged `produce_id`, until the broker acknowledges
     /// it: `{"partition", "offset"}`, or a failure for an unknown cluster.
-    pub async fn send(
-        &self,
-        produce_id: &str,
-        cluster: &str,
-        topic: &str,
-        key: Option<&[u8]>,
-        value: &[u8],
-    ) -> crate::journal::Outcome {
+    pub async fn send(&self, r: Produced<'_>) -> crate::journal::Outcome {
         use crate::journal::Outcome;
-        let producer = match self.producer(cluster) {
+        let producer = match self.producer(r.cluster) {
             Ok(p) => p,
             Err(message) => return Outcome::Failure { code: 404, message },
         };
         loop {
-            let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
-                key: PRODUCE_ID,
-                value: Some(produce_id),
-            });
-            let mut record = rdkafka::producer::FutureRecord::to(topic)
-                .payload(value)
+            let mut headers =
+                rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                    key: PRODUCE_ID,
+                    value: Some(r.produce_id),
+                });
+            if let Some(traceparent) = r.traceparent {
+                headers = headers.insert(rdkafka::message::Header {
+                    key: crate::traces::TRACEPARENT,
+                    value: Some(traceparent),
+                });
+            }
+            let mut record = rdkafka::producer::FutureRecord::to(r.topic)
+                .payload(r.value)
                 .headers(headers);
-            if let Some(key) = key {
+            if let Some(key) = r.key {
                 record = record.key(key);
             }
             match producer.send(record, Duration::from_secs(30)).await {
@@ -558,12 +562,26 @@ impl Producers {
                     return Outcome::Success(at.to_string().into_bytes());
                 }
                 Err((e, _)) => {
-                    tracing::warn!(%produce_id, "produce to {cluster}/{topic} failed: {e}; retrying");
+                    tracing::warn!(produce_id = %r.produce_id, "produce to {}/{} failed: {e}; retrying", r.cluster, r.topic);
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }
     }
+}
+
+/// A record a guest produces (`kafka_produce`), performed by the host.
+pub struct Produced<'a> {
+    /// The produce's id (`invocation:command`), in header `cairn-produce-id`:
+    /// a subscription that reads the record back ingests it once.
+    pub produce_id: &'a str,
+    /// The cluster's name, the topic, the record's key and value.
+    pub cluster: &'a str,
+    pub topic: &'a str,
+    pub key: Option<&'a [u8]>,
+    pub value: &'a [u8],
+    /// The produce's span, as header `traceparent`, when traced.
+    pub traceparent: Option<&'a str>,
 }
 
 /// One subscription's consumer loop.
@@ -588,7 +606,6 @@ impl Ingest {
                 Err(reason) => return self.stop_on(reason).await,
             };
             let (ingested, stop) = self.ingest(batch).await;
-            self.stats.ingested.fetch_add(ingested, Ordering::Relaxed);
             metrics::counter!("cairn_subscription_ingested_total", "subscription" => self.record.id.clone())
                 .increment(ingested);
             if let Some(reason) = stop {
@@ -680,8 +697,9 @@ impl Ingest {
             }
             let at = (record.partition, record.offset);
             let fingerprint = fingerprint(&record);
-            match self.invoker.submit_queued(self.request(record)) {
-                Ok(answer) => queued.push((at, fingerprint, answer)),
+            let (request, traced) = self.request(record);
+            match self.invoker.submit_queued(request) {
+                Ok(answer) => queued.push((at, fingerprint, answer, traced)),
                 Err(e) => {
                     let reason = self.stopped_at(at, &format!("cannot be ingested: {e}"));
                     stop.get_or_insert((at.0, reason));
@@ -689,7 +707,7 @@ impl Ingest {
             }
         }
         let mut ingested = 0;
-        for ((partition, offset), fingerprint, answer) in queued {
+        for ((partition, offset), fingerprint, answer, traced) in queued {
             let Ok(submitted) = answer.await else {
                 continue;
             };
@@ -705,6 +723,9 @@ impl Ingest {
                 );
                 stop = Some((partition, self.stopped_at((partition, offset), &why)));
                 continue;
+            }
+            if let (Some(traced), false) = (traced, submitted.existing) {
+                self.trace_ingest(traced, (partition, offset), &submitted.id);
             }
             ingested += 1;
             offsets.insert(partition, offset + 1);
@@ -774,7 +795,36 @@ impl Ingest {
             .await;
     }
 
-    fn request(&self, r: OwnedRecord) -> NewInvocation {
+    /// Export the span of a record's ingest (the new invocation is its child).
+    fn trace_ingest(
+        &self,
+        (parent, span, received): Traced,
+        (partition, offset): (i32, i64),
+        id: &crate::ids::InvocationId,
+    ) {
+        use opentelemetry::KeyValue;
+        crate::traces::Traces::get().emit(crate::traces::Span {
+            name: format!("ingest {}", self.record.topic),
+            me: span,
+            parent,
+            kind: opentelemetry::trace::SpanKind::Consumer,
+            start: received,
+            end: std::time::SystemTime::now(),
+            attributes: vec![
+                KeyValue::new("messaging.system", "kafka"),
+                KeyValue::new("messaging.destination.name", self.record.topic.clone()),
+                KeyValue::new("messaging.destination.partition.id", partition.to_string()),
+                KeyValue::new("messaging.kafka.offset", offset),
+                KeyValue::new("cairn.subscription", self.record.id.clone()),
+                KeyValue::new("cairn.invocation.id", id.to_string()),
+            ],
+            error: None,
+        });
+    }
+
+    /// The invocation a record becomes; with its ingest span (the record's
+    /// own `traceparent` header, if any, its parent) when traces are on.
+    fn request(&self, r: OwnedRecord) -> (NewInvocation, Option<Traced>) {
         let keyed = self
             .invoker
             .registry()
@@ -797,8 +847,22 @@ impl Ingest {
                 self.record.id, self.record.topic, r.partition, r.offset
             ),
         };
+        let traced = crate::traces::Traces::get().enabled().then(|| {
+            use crate::traces::{SpanRef, TRACEPARENT};
+            let parent = r
+                .headers
+                .iter()
+                .find(|(name, _)| name == TRACEPARENT)
+                .and_then(|(_, value)| SpanRef::parse(value));
+            let span = crate::traces::ingest_span(parent, &dedupe);
+            (parent, span, std::time::SystemTime::now())
+        });
         headers.extend(r.headers);
-        NewInvocation {
+        if let Some((_, span, _)) = &traced {
+            headers.retain(|(name, _)| name != crate::traces::TRACEPARENT);
+            headers.push((crate::traces::TRACEPARENT.to_string(), span.header()));
+        }
+        let request = NewInvocation {
             target: Target {
                 service: self.record.service.clone(),
                 handler: self.record.handler.clone(),
@@ -809,9 +873,17 @@ impl Ingest {
             idempotency_key: Some(dedupe),
             source: Some(self.record.id.clone()),
             ..Default::default()
-        }
+        };
+        (request, traced)
     }
 }
+
+/// A record's ingest span: its parent, itself, and when the record arrived.
+type Traced = (
+    Option<crate::traces::SpanRef>,
+    crate::traces::SpanRef,
+    std::time::SystemTime,
+);
 
 /// A record copied out of the consumer's buffer.
 struct OwnedRecord {

@@ -71,3 +71,4 @@ pub mod schedules;
 pub mod server;
 pub mod store;
 pub mod timers;
+pub mod traces;

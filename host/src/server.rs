@@ -53,10 +53,13 @@ pub async fn serve(config: Config, deploy: Vec<PathBuf>) -> anyhow::Result<()> {
     // Before anything records a metric (the writers take their handles
     // when they start).
     Metrics::get();
-    match config.cluster.clone() {
+    crate::traces::Traces::init(config.tracing.endpoint.as_deref())?;
+    let served = match config.cluster.clone() {
         None => serve_standalone(config, deploy).await,
         Some(cluster) => serve_cluster(config, cluster, deploy).await,
-    }
+    };
+    crate::traces::Traces::get().flush();
+    served
 }
 
 /// Open the store in `dir` with `cache_bytes` of page cache.

@@ -596,6 +596,19 @@ impl Store {
         })
     }
 
+    /// How many invocations subscription `id` created in this store (each
+    /// counted in the transaction that created it, so never twice and
+    /// never lost in a crash).
+    pub fn ingested(&self, id: &str) -> StoreResult<u64> {
+        self.read(|t| {
+            let meta = t.open_table(META)?;
+            let count = meta
+                .get(ingested_key(id).as_str())?
+                .map_or(0, |v| v.value());
+            Ok(count)
+        })
+    }
+
     /// Why subscription `id` stopped, if it did.
     pub fn subscription_stop(&self, id: &str) -> StoreResult<Option<String>> {
         self.read(|t| {
@@ -622,6 +635,11 @@ impl Store {
             .filter_map(|(id, cmd)| Some((id.parse().ok()?, cmd)))
             .collect())
     }
+}
+
+/// The `meta` row counting the invocations subscription `id` created.
+fn ingested_key(subscription: &str) -> String {
+    format!("ingested:{subscription}")
 }
 
 /// The `meta` row of a schedule's last fired tick.
@@ -703,6 +721,12 @@ impl<'txn> Tables<'txn> {
         use crate::records::Status;
         let id = record.id.as_str();
         let before = self.invocation(&record.id)?;
+        if let (None, Some(subscription)) = (&before, &record.source) {
+            let key = ingested_key(subscription);
+            let count = self.meta.get(key.as_str()).map_err(StoreError::redb)?;
+            let count = count.map_or(0, |v| v.value());
+            self.meta.insert(key.as_str(), count + 1)?;
+        }
         self.index(before.as_ref(), Some(record))?;
         self.invocations.insert(id, encode(record).as_slice())?;
         let finished = record.status == Status::Completed;
@@ -1122,6 +1146,7 @@ impl<'txn> Tables<'txn> {
     /// Delete a subscription (and its stop reason); `false` if there was none.
     pub fn remove_subscription(&mut self, id: &str) -> StoreResult<bool> {
         self.set_subscription_stop(id, None)?;
+        self.meta.remove(ingested_key(id).as_str())?;
         self.subscriptions.remove(id)
     }
 

@@ -109,8 +109,8 @@ pub struct Host {
     child: Option<Child>,
     data: tempfile::TempDir,
     options: HostOptions,
-    /// `CAIRN_FAULTS` for this host only, if set.
-    faults: Option<String>,
+    /// Environment variables of this host only (e.g. `CAIRN_FAULTS`).
+    env: Vec<(String, String)>,
     ingress_port: u16,
     admin_port: u16,
     /// HTTP client for tests.
@@ -131,11 +131,21 @@ impl Host {
     /// Start a host with these options and, for it alone, the fault
     /// injection `faults` (`CAIRN_FAULTS`, e.g. `"fsync_delay_ms=200"`).
     pub async fn start_with_faults(options: HostOptions, faults: Option<&str>) -> Host {
+        let env: Vec<(&str, &str)> = faults.map(|f| ("CAIRN_FAULTS", f)).into_iter().collect();
+        Host::start_with_env(options, &env).await
+    }
+
+    /// Start a host with these options and, for it alone, these
+    /// environment variables.
+    pub async fn start_with_env(options: HostOptions, env: &[(&str, &str)]) -> Host {
         let mut host = Host {
             child: None,
             data: tempfile::tempdir().expect("a temp dir"),
             options,
-            faults: faults.map(str::to_string),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ingress_port: free_port(),
             admin_port: free_port(),
             http: reqwest::Client::builder()
@@ -178,9 +188,7 @@ impl Host {
         if std::env::var("RUST_LOG").is_err() {
             cmd.env("RUST_LOG", "info,wasmtime=warn,cranelift=warn");
         }
-        if let Some(faults) = &self.faults {
-            cmd.env("CAIRN_FAULTS", faults);
-        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         // A host that an injected fault (CAIRN_FAULTS) aborted right after
         // it became ready is started again, as an operator's supervisor would.
         for _ in 0..20 {

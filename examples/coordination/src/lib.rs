@@ -326,6 +326,13 @@ impl Enrich {
         let response = ctx.http_call(cairn_sdk::HttpCall::get(&url)).wait()?;
         Ok((response.status, response.body))
     }
+
+    /// Check `url` in a step, then look it up through a call to `lookup`:
+    /// a chain of spans when the host exports traces.
+    pub fn relay(ctx: &Context, url: String) -> HandlerResult<(u16, String)> {
+        let url = ctx.run("check", || Ok(url.trim().to_string()))?;
+        ctx.call(Target::service("Enrich", "lookup"), &url).wait()
+    }
 }
 
 /// Durable produce to Kafka.
