@@ -116,10 +116,15 @@ async fn sign_in(browser: &Client, token: &str) {
         .await
         .expect("the sign-in form");
     field.send_keys(token).await.unwrap();
+    click(browser, "form button[type='submit']").await;
+}
+
+/// Click the element `css` finds.
+async fn click(browser: &Client, css: &str) {
     browser
-        .find(Locator::Css("form button[type='submit']"))
+        .find(Locator::Css(css))
         .await
-        .unwrap()
+        .unwrap_or_else(|e| panic!("no {css} on the page: {e}"))
         .click()
         .await
         .unwrap();
@@ -207,13 +212,7 @@ async fn the_console_signs_in_filters_opens_a_journal_and_resumes_a_paused_invoc
         .select_by_value("Counter")
         .await
         .unwrap();
-    browser
-        .find(Locator::Id("apply-filters"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, "#apply-filters").await;
     until_texts(
         &browser,
         "the Counter invocations",
@@ -263,15 +262,11 @@ async fn the_console_signs_in_filters_opens_a_journal_and_resumes_a_paused_invoc
     })
     .await;
     screenshot(&browser, "paused").await;
-    browser
-        .find(Locator::Css(&format!(
-            "#invocations tr[data-id='{nap}'] button[data-action='resume']"
-        )))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(
+        &browser,
+        &format!("#invocations tr[data-id='{nap}'] button[data-action='resume']"),
+    )
+    .await;
     until_texts(
         &browser,
         "the nap to leave the paused list",
@@ -354,13 +349,7 @@ async fn the_console_shows_services_edits_state_and_pauses_a_subscription() {
     assert_eq!(value.prop("value").await.unwrap().as_deref(), Some("7"));
     value.clear().await.unwrap();
     value.send_keys("40").await.unwrap();
-    browser
-        .find(Locator::Css("#state tr[data-name='count'] button.primary"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, "#state tr[data-name='count'] button.primary").await;
     until("the edit to be applied", WAIT, || async {
         let state: Value = host.admin_get("/objects/Counter/carol/state").await;
         state["state"]["count"] == 40
@@ -385,15 +374,7 @@ async fn the_console_shows_services_edits_state_and_pauses_a_subscription() {
     .await;
     screenshot(&browser, "subscriptions").await;
     for (action, paused) in [("pause", true), ("resume", false)] {
-        browser
-            .find(Locator::Css(&format!(
-                "{row} button[data-action='{action}']"
-            )))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&browser, &format!("{row} button[data-action='{action}']")).await;
         until(&format!("the subscription to {action}"), WAIT, || async {
             host.admin_get(&format!("/subscriptions/{sub}")).await["paused"] == paused
         })
