@@ -96,6 +96,45 @@ async fn a_killed_delayed_invocation_does_not_keep_its_key() {
 }
 
 #[tokio::test]
+async fn a_holder_keeps_its_key_across_a_crash_before_an_earlier_delayed_send() {
+    // Found by the simulation (seed 2): a delayed send created before the
+    // holder (so earlier in the key's order) fell due while the holder
+    // waited; after a crash, recovery ordered the key by arrival and ran
+    // the send first, between the holder's read and its write: the
+    // holder's write then erased the send's add.
+    let mut host = start("").await;
+    let r = host
+        .post(
+            "/Acct/h/apply/send?delay=1s",
+            &json!([{ "Add": 5 }]).to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let delayed = r.invocation_id();
+    let holder = send(&host, "/Acct/h/add_after", &json!([1, 3000])).await;
+    cairn_tests::until("the holder to read and nap", MINUTE, || async {
+        let v = host.admin_get(&format!("/invocations/{holder}")).await;
+        v["journal"].as_array().is_some_and(|j| j.len() >= 3)
+    })
+    .await;
+    cairn_tests::until("the delayed send to wait behind it", MINUTE, || async {
+        status(&host, &delayed).await == "pending"
+    })
+    .await;
+    host.restart().await;
+    for id in [&holder, &delayed] {
+        host.wait_invocation(id, MINUTE, |v| v["status"] == "succeeded")
+            .await;
+    }
+    assert_eq!(
+        balance(&host, "h").await,
+        6,
+        "both adds count: the holder wrote 0 + 1, then the send added 5"
+    );
+}
+
+#[tokio::test]
 async fn a_paused_queued_invocation_resumes_in_its_place_behind_the_holder() {
     let host = start("").await;
     let holder = send(&host, "/Acct/q/churn", &json!(300)).await;

@@ -349,7 +349,18 @@ impl Invoker {
                 (Status::Completed, _) => {}
             }
         })?;
-        due.sort_by_key(|r| r.seq);
+        // A key's holder at the crash goes first, whatever its sequence
+        // number: it may have read state already (its journal holds the
+        // reads), so another writer of the key must not run before it ends.
+        // An invocation that became due later but arrived earlier (a delayed
+        // send) waited behind it, and waits again. At most one unfinished
+        // invocation per key has journaled anything: the next holder's
+        // entries queue behind its holder's completion.
+        let mut started = HashMap::new();
+        for record in &due {
+            started.insert(record.id.clone(), self.store.has_journal(&record.id)?);
+        }
+        due.sort_by_key(|r| (!started[&r.id], r.seq));
         for record in due {
             match record.status {
                 // A paused invocation keeps its place in its key's queue.

@@ -312,6 +312,15 @@ impl Store {
         bytes.map(|b| decode("invocations", &b)).transpose()
     }
 
+    /// Whether an invocation has journaled anything.
+    pub fn has_journal(&self, id: &InvocationId) -> StoreResult<bool> {
+        self.read(|t| {
+            let table = t.open_table(JOURNAL)?;
+            let mut range = table.range((id.as_str(), 0)..=(id.as_str(), u32::MAX))?;
+            Ok(range.next().is_some())
+        })
+    }
+
     /// An invocation's journal: `(entry index, entry)` in order.
     pub fn journal(&self, id: &InvocationId) -> StoreResult<JournalEntries> {
         decode_journal(self.read(|t| journal_in(t, id))?)

@@ -111,6 +111,18 @@ impl Acct {
         Ok(n)
     }
 
+    /// Read the balance, sleep `ms` durably, then store what was read plus
+    /// `n`: a holder that reads before it waits and writes after. Another
+    /// writer of the key in between would be lost, so the key's queue must
+    /// keep it the holder, also across a crash.
+    pub fn add_after(ctx: &Context, req: (i64, u64)) -> HandlerResult<i64> {
+        let (n, ms) = req;
+        let read = balance(ctx)?;
+        ctx.sleep(Duration::from_millis(ms)).wait()?;
+        ctx.set("balance", &(read + n));
+        Ok(read + n)
+    }
+
     /// The `ticks` state.
     #[shared]
     pub fn ticks(ctx: &Context) -> HandlerResult<u64> {
