@@ -993,9 +993,10 @@ impl Invoker {
             }
             metrics::counter!("cairn_attempts_total", &labels).increment(1);
             let began = std::time::Instant::now();
-            let span = Traces::get()
+            let trace = Traces::get()
                 .enabled()
-                .then(|| InvocationTrace::of(&record).span.child());
+                .then(|| InvocationTrace::of(&record).span);
+            let span = trace.map(|invocation| invocation.child());
             let started = std::time::SystemTime::now();
             let end = self
                 .attempt(
@@ -1008,8 +1009,8 @@ impl Invoker {
                 .await;
             metrics::histogram!("cairn_attempt_duration_seconds", &labels)
                 .record(began.elapsed().as_secs_f64());
-            if let Some(span) = span {
-                trace_attempt(&record, span, attempts, started, &end);
+            if let (Some(invocation), Some(span)) = (trace, span) {
+                trace_attempt(&record, (invocation, span), attempts, started, &end);
             }
             let error = match end {
                 AttemptEnd::Success(output) => {
@@ -1812,10 +1813,10 @@ fn in_state(
     })
 }
 
-/// Export the span of one attempt of `record`.
+/// Export the span of one attempt of `record` (under its invocation's span).
 fn trace_attempt(
     record: &InvocationRecord,
-    span: SpanRef,
+    (invocation, span): (SpanRef, SpanRef),
     attempt: u32,
     started: std::time::SystemTime,
     end: &AttemptEnd,
@@ -1837,7 +1838,7 @@ fn trace_attempt(
     Traces::get().emit(Span {
         name: format!("attempt {attempt}"),
         me: span,
-        parent: Some(InvocationTrace::of(record).span),
+        parent: Some(invocation),
         kind: SpanKind::Internal,
         start: started,
         end: std::time::SystemTime::now(),

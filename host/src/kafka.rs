@@ -848,12 +848,7 @@ impl Ingest {
             ),
         };
         let traced = crate::traces::Traces::get().enabled().then(|| {
-            use crate::traces::{SpanRef, TRACEPARENT};
-            let parent = r
-                .headers
-                .iter()
-                .find(|(name, _)| name == TRACEPARENT)
-                .and_then(|(_, value)| SpanRef::parse(value));
+            let parent = crate::traces::parent_in(&r.headers);
             let span = crate::traces::ingest_span(parent, &dedupe);
             (parent, span, std::time::SystemTime::now())
         });

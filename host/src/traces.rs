@@ -118,12 +118,7 @@ pub struct InvocationTrace {
 impl InvocationTrace {
     /// The trace position of `record`, the same every time it is computed.
     pub fn of(record: &InvocationRecord) -> InvocationTrace {
-        let parent = record
-            .headers
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(TRACEPARENT))
-            .and_then(|(_, value)| SpanRef::parse(value));
-        InvocationTrace::under(parent, &record.id)
+        InvocationTrace::under(parent_in(&record.headers), &record.id)
     }
 
     /// The trace position of invocation `id` under `parent`.
@@ -135,6 +130,14 @@ impl InvocationTrace {
             span: above.derived(&format!("invocation:{id}")),
         }
     }
+}
+
+/// The span a request's (or a record's) `traceparent` header names, if any.
+pub fn parent_in(headers: &[(String, String)]) -> Option<SpanRef> {
+    headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(TRACEPARENT))
+        .and_then(|(_, value)| SpanRef::parse(value))
 }
 
 /// The span of the Kafka ingest of the record that `source` (its
