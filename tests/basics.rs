@@ -301,7 +301,7 @@ async fn a_looping_guest_is_interrupted_while_others_are_served() {
     assert_eq!(v["attempts"], 2, "{v:#}");
     let error = v["last_error"].as_str().unwrap();
     assert!(
-        error.contains("paused after 2 attempts") && error.contains("ran longer than its budget"),
+        error.contains("gave up after 2 attempts") && error.contains("ran longer than its budget"),
         "{error}"
     );
     assert_eq!(

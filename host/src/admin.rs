@@ -141,7 +141,8 @@ impl Documented {
             .routes(routes!(list_clusters, put_cluster))
             .routes(routes!(list_subscriptions, create_subscription))
             .routes(routes!(get_subscription, delete_subscription))
-            .routes(routes!(control_subscription));
+            .routes(routes!(control_subscription))
+            .routes(routes!(skip_record));
         let cron = OpenApiRouter::new()
             .routes(routes!(list_schedules, put_schedule))
             .routes(routes!(delete_schedule));
@@ -255,14 +256,6 @@ impl From<SubscriptionError> for ApiError {
     }
 }
 
-#[derive(serde::Deserialize)]
-struct NewSubscription {
-    source: String,
-    sink: String,
-    #[serde(default)]
-    options: std::collections::BTreeMap<String, String>,
-}
-
 #[utoipa::path(
     post, path = "/kafka-clusters", tag = "kafka",
     request_body(content = Value, description = "A named Kafka cluster: librdkafka properties", example = json!({"name": "local", "properties": {"bootstrap.servers": "127.0.0.1:9092"}})),
@@ -297,9 +290,9 @@ async fn list_clusters(State(subs): State<Arc<Subscriptions>>) -> Result<Json<Va
 )]
 async fn create_subscription(
     State(subs): State<Arc<Subscriptions>>,
-    Json(req): Json<NewSubscription>,
+    Json(req): Json<crate::kafka::SubscriptionSpec>,
 ) -> Result<Response, ApiError> {
-    let record = subs.create(&req.source, &req.sink, req.options).await?;
+    let record = subs.create(req).await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({ "id": record.id, "source": record.source(), "sink": record.sink() })),
@@ -360,6 +353,33 @@ async fn control_subscription(
         }
     };
     let record = subs.set_paused(&id, paused).await?;
+    Ok(Json(json!({ "id": record.id, "paused": record.paused })))
+}
+
+/// The record `POST /subscriptions/{id}/skip` skips.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SkipRecord {
+    /// Needed when the subscription reads several topics.
+    topic: Option<String>,
+    partition: i32,
+    offset: i64,
+}
+
+#[utoipa::path(
+    post, path = "/subscriptions/{id}/skip", tag = "kafka",
+    params(("id" = String, Path, description = "The subscription id (sub_...)")),
+    request_body(content = Value, description = "The record the subscription stopped on", example = json!({"topic": "orders", "partition": 0, "offset": 41})),
+    responses((status = 200, description = "Skipped and resumed: `{\"id\", \"paused\": false}`", body = Value), (status = 400, description = "The subscription is not stopped on that record", body = Message), (status = 404, description = "No such subscription", body = Message))
+)]
+async fn skip_record(
+    State(subs): State<Arc<Subscriptions>>,
+    Path(id): Path<String>,
+    Json(skip): Json<SkipRecord>,
+) -> Result<Json<Value>, ApiError> {
+    let record = subs
+        .skip(&id, skip.topic.as_deref(), skip.partition, skip.offset)
+        .await?;
     Ok(Json(json!({ "id": record.id, "paused": record.paused })))
 }
 

@@ -114,6 +114,31 @@
 //! # Unfinished invocations per subscription before its partitions pause.
 //! max_in_flight = 10000
 //!
+//! # Kafka clusters registered at start (librdkafka properties: SASL, TLS, ...).
+//! [[kafka.clusters]]
+//! name = "main"
+//! properties = { "bootstrap.servers" = "127.0.0.1:9092", "security.protocol" = "SASL_PLAINTEXT", "sasl.mechanism" = "PLAIN", "sasl.username" = "cairn", "sasl.password" = "secret" }
+//!
+//! # Subscriptions owned by this file, by name: created, changed and removed
+//! # at start to match it (subscriptions made through the API are left alone).
+//! [[kafka.subscriptions]]
+//! name = "orders"
+//! # One topic, several (kafka://main/a,b) or a pattern (kafka://main/^orders-.*).
+//! source = "kafka://main/orders"
+//! sink = "service://Orders/place"
+//! # The object key: "key" (the record's), "header:NAME" or "json:/POINTER".
+//! key = "json:/customer/id"
+//! # Records without that key: "empty" (one queue), "spread" or "dead-letter".
+//! null_key = "dead-letter"
+//! # A failed invocation (terminal error, trap, attempts exhausted):
+//! # "dead-letter" (default with dead_letter) or "pause" (the subscription stops).
+//! on_failure = "dead-letter"
+//! dead_letter = "kafka://main/orders.dlq"
+//! # Where a new subscription starts: "earliest", "latest" or "timestamp:2026-11-01T00:00:00Z".
+//! start_at = "earliest"
+//! # librdkafka consumer properties.
+//! options = { "fetch.min.bytes" = "1" }
+//!
 //! # Cluster mode (docs/scale-out.md): every group commit also goes to a
 //! # replicated Kafka changelog, in a transaction, before the local redb;
 //! # a host started on another machine (or an empty data_dir) restores from
@@ -376,12 +401,19 @@ pub struct KafkaConfig {
     /// Unfinished invocations per subscription above which its partitions
     /// pause (they resume at half of it).
     pub max_in_flight: usize,
+    /// Clusters registered (or updated) at start.
+    pub clusters: Vec<crate::records::ClusterRecord>,
+    /// Named subscriptions reconciled at start: created, changed, and
+    /// removed when they leave the file (see `kafka::Subscriptions::reconcile`).
+    pub subscriptions: Vec<crate::kafka::SubscriptionSpec>,
 }
 
 impl Default for KafkaConfig {
     fn default() -> Self {
         KafkaConfig {
             max_in_flight: 10_000,
+            clusters: Vec::new(),
+            subscriptions: Vec::new(),
         }
     }
 }
@@ -584,6 +616,35 @@ mod tests {
             "a secret is not in Debug output"
         );
         assert!(toml::from_str::<Config>("[guest_env]\nDELAY_MS = 5\n").is_err());
+    }
+
+    #[test]
+    fn kafka_clusters_and_subscriptions_come_from_the_file() {
+        let c: Config = toml::from_str(
+            "[[kafka.clusters]]\nname = \"main\"\nproperties = { \"bootstrap.servers\" = \"127.0.0.1:9092\" }\n\
+             [[kafka.subscriptions]]\nname = \"orders\"\nsource = \"kafka://main/a,b\"\n\
+             sink = \"service://Orders/place\"\nkey = \"json:/customer/id\"\nnull_key = \"spread\"\n\
+             dead_letter = \"kafka://main/dlq\"\nstart_at = \"timestamp:2026-11-01T00:00:00Z\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.kafka.clusters[0].properties["bootstrap.servers"],
+            "127.0.0.1:9092"
+        );
+        let sub = &c.kafka.subscriptions[0];
+        assert_eq!(
+            sub.key,
+            crate::records::KeySource::Json("/customer/id".into())
+        );
+        assert_eq!(sub.null_key, crate::records::NullKey::Spread);
+        assert_eq!(
+            sub.start_at,
+            crate::records::StartAt::Timestamp(1_793_491_200_000)
+        );
+        assert_eq!(sub.on_failure, None, "decided with the dead-letter topic");
+        let bad = "[[kafka.subscriptions]]\nname = \"x\"\nsource = \"kafka://m/t\"\nsink = \"service://A/b\"\nkey = \"json:nope\"\n";
+        let error = toml::from_str::<Config>(bad).unwrap_err().to_string();
+        assert!(error.contains("json:/POINTER"), "{error}");
     }
 
     #[test]

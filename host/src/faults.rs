@@ -8,6 +8,10 @@
 //! `commit`): the simulation then restarts it and checks that nothing that
 //! was acknowledged is lost.
 //!
+//! `abort_after_dead_letter=1` aborts the host right after the broker
+//! acknowledges a dead letter and before the store forgets it: the worst
+//! moment for exactly-once dead letters (tests/pipelines.rs).
+//!
 //! Faults are armed once the host is ready ([`arm`]): opening the store and
 //! recovery run clean, so every restart gets going. The schedule mixes the
 //! seed with the process id, so a restarted host does not fail at exactly
@@ -35,6 +39,8 @@ pub struct Faults {
     pub fsync_fail_per_million: u64,
     /// Seed of the fault schedule.
     pub seed: u64,
+    /// 1: abort after a dead letter is acknowledged, before its row goes.
+    pub abort_after_dead_letter: u64,
 }
 
 impl Faults {
@@ -57,10 +63,20 @@ impl Faults {
                 "fsync_delay_ms" => faults.fsync_delay_ms = value,
                 "fsync_fail_per_million" => faults.fsync_fail_per_million = value,
                 "seed" => faults.seed = value,
+                "abort_after_dead_letter" => faults.abort_after_dead_letter = value,
                 other => tracing::warn!("CAIRN_FAULTS: unknown fault {other:?}"),
             }
         }
         Some(faults)
+    }
+}
+
+/// Abort here if `CAIRN_FAULTS` asks for `abort_after_dead_letter`.
+pub fn after_dead_letter() {
+    let asked = Faults::from_env().is_some_and(|f| f.abort_after_dead_letter == 1);
+    if asked && ARMED.load(Ordering::Relaxed) {
+        eprintln!("CAIRN_FAULTS: aborting after a dead letter was acknowledged");
+        std::process::abort();
     }
 }
 
@@ -183,7 +199,8 @@ mod tests {
             Some(Faults {
                 fsync_delay_ms: 3,
                 fsync_fail_per_million: 2000,
-                seed: 7
+                seed: 7,
+                abort_after_dead_letter: 0,
             })
         );
         assert_eq!(Faults::parse("nonsense"), None);

@@ -42,7 +42,12 @@ pub struct GuestOutput {
     /// Values replaced by `<redacted>` in every line (`[guest_env]`
     /// secrets).
     secrets: Arc<[String]>,
+    /// The last [`TAIL`] lines of stderr (a trap's panic message is there).
+    tail: Arc<Mutex<std::collections::VecDeque<String>>>,
 }
+
+/// Lines of stderr kept for [`GuestOutput::panic_message`].
+const TAIL: usize = 8;
 
 impl GuestOutput {
     /// The output of an attempt of `record` (untagged while describing),
@@ -56,6 +61,7 @@ impl GuestOutput {
                 attempt: r.attempts + 1,
                 replaying,
                 secrets: Arc::new([]),
+                tail: Arc::default(),
             },
             None => GuestOutput::default(),
         }
@@ -75,13 +81,39 @@ impl GuestOutput {
         }
     }
 
+    /// What the guest's panic printed (`panicked at FILE:LINE:COL:` and
+    /// the message), if its recent stderr holds one.
+    pub fn panic_message(&self) -> Option<String> {
+        let tail = self.tail.lock().unwrap();
+        let at = tail.iter().rposition(|l| l.contains("panicked at"))?;
+        let message: Vec<&str> = tail
+            .iter()
+            .skip(at + 1)
+            .take_while(|l| !l.starts_with("note:"))
+            .map(String::as_str)
+            .collect();
+        let place = tail[at].split("panicked at ").nth(1).unwrap_or_default();
+        Some(format!(
+            "{} (at {})",
+            message.join(" "),
+            place.trim_end_matches(':')
+        ))
+    }
+
     fn emit(&self, stream: &'static str, line: &str) {
-        if self.replaying.load(Ordering::Relaxed) {
-            return;
-        }
         let line = self.secrets.iter().fold(line.to_string(), |line, secret| {
             line.replace(secret.as_str(), "<redacted>")
         });
+        if stream == "stderr" {
+            let mut tail = self.tail.lock().unwrap();
+            if tail.len() == TAIL {
+                tail.pop_front();
+            }
+            tail.push_back(line.clone());
+        }
+        if self.replaying.load(Ordering::Relaxed) {
+            return;
+        }
         let (invocation, service, handler) = (&*self.invocation, &*self.service, &*self.handler);
         let attempt = self.attempt;
         if stream == "stderr" {

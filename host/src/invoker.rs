@@ -44,7 +44,9 @@ use crate::ids::{parse_awakeable_id, DeploymentId, InvocationId};
 use crate::journal::{Command, Completion, CompletionValue, Entry, Journal, Outcome};
 use crate::keys::{KeyQueues, KeySlot};
 use crate::partition::{Message, Partitioning};
-use crate::records::{Caller, HandlerKind, InvocationRecord, ServiceKind, Status, Target};
+use crate::records::{
+    Caller, DeadLetter, HandlerKind, InvocationRecord, OnFailure, ServiceKind, Status, Target,
+};
 use crate::runtime::{AttemptEnd, Runtime};
 use crate::store::{Store, StoreError, StoreResult, Tables};
 use crate::timers::{Due, TimerQueue};
@@ -96,6 +98,10 @@ pub struct NewInvocation {
     pub source: Option<String>,
     /// A fixed id (cron ticks derive theirs); a fresh one when `None`.
     pub id: Option<InvocationId>,
+    /// Why it must not run: it is created failed (400), and a record's
+    /// goes to its subscription's dead-letter topic (`null_key =
+    /// "dead-letter"`).
+    pub reject: Option<String>,
 }
 
 /// The answer to a submission.
@@ -384,6 +390,9 @@ impl Invoker {
         for (id, command) in self.store.outbox()? {
             self.perform_stored(id, command);
         }
+        for (id, letter) in self.store.dead_letters()? {
+            self.send_dead_letter(id, letter, true);
+        }
         let me = self.clone();
         self.tokio
             .spawn(async move { me.timers.run(|at, due| me.fire(at, due)).await });
@@ -483,9 +492,53 @@ impl Invoker {
         }
         record.seq = t.next_seq()?;
         t.put_invocation(&record)?;
+        if record.status == Status::Completed {
+            self.rejected_in(t, &record)?;
+            return Ok(None);
+        }
         self.count_source(&record, 1);
         self.route(Arc::new(record));
         Ok(None)
+    }
+
+    /// An invocation created failed (see [`NewInvocation::reject`]): it
+    /// expires like any completed one, and its record's dead letter is
+    /// produced once the transaction is durable.
+    fn rejected_in(
+        self: &Arc<Self>,
+        t: &mut Tables<'_>,
+        record: &InvocationRecord,
+    ) -> StoreResult<()> {
+        t.expire_at(self.now_ms() + self.retention_of(record), &record.id)?;
+        let Some(source) = &record.source else {
+            return Ok(());
+        };
+        let (Some(sub), Some(outcome)) = (t.subscription(source)?, &record.outcome) else {
+            return Ok(());
+        };
+        let Some(letter) = crate::kafka::dead_letter(record, &sub, outcome, self.now_ms()) else {
+            return Ok(());
+        };
+        t.put_dead_letter(&record.id, &letter)?;
+        let (me, id) = (self.clone(), record.id.clone());
+        self.tokio.spawn(async move {
+            me.committer.barrier().await;
+            me.send_dead_letter(id, letter, false);
+        });
+        Ok(())
+    }
+
+    /// How long a completed invocation is kept, ms: longer when its
+    /// idempotency key must keep answering.
+    fn retention_of(&self, record: &InvocationRecord) -> u64 {
+        let retention = match record.idempotency_key {
+            Some(_) => self
+                .config
+                .idempotency_retention
+                .max(self.config.completed_retention),
+            None => self.config.completed_retention,
+        };
+        retention.as_millis() as u64
     }
 
     /// Create a call's or a send's invocation (see [`Invoker::create`]);
@@ -524,6 +577,9 @@ impl Invoker {
             }
             Message::Cancel(id) => self.cancel_from_handler_in(t, id.as_str()),
             Message::Replicate(change) => t.copy(&change).map(|()| None),
+            Message::StopSubscription { id, reason } => {
+                t.stop_subscription(&id, &reason).map(|_| None)
+            }
             Message::Deploy(_) => Err(StoreError::Corrupt {
                 table: "partitions",
                 reason: "a deployment is applied by the registry, not in a transaction".into(),
@@ -589,12 +645,7 @@ impl Invoker {
                 ..target
             },
             input: serde_json::to_vec(edit).expect("an edit serializes"),
-            headers: Vec::new(),
-            idempotency_key: None,
-            delay: None,
-            caller: None,
-            source: None,
-            id: None,
+            ..Default::default()
         };
         let record = self.record_of(request, HandlerKind::Exclusive, deployment);
         self.submit_record(record)
@@ -615,6 +666,9 @@ impl Invoker {
             _ => request.idempotency_key,
         };
         let now = self.clock.now_ms();
+        let rejected = request
+            .reject
+            .map(|message| Outcome::Failure { code: 400, message });
         InvocationRecord {
             id: request
                 .id
@@ -628,11 +682,14 @@ impl Invoker {
             seq: 0,
             created_ms: now,
             start_at_ms: request.delay.map(|d| now + d.as_millis() as u64),
-            status: Status::Ready,
+            status: match rejected {
+                Some(_) => Status::Completed,
+                None => Status::Ready,
+            },
             attempts: 0,
             last_error: None,
-            outcome: None,
-            completed_ms: None,
+            completed_ms: rejected.as_ref().map(|_| now),
+            outcome: rejected,
             caller: request.caller,
             cancelled: false,
             source: request.source,
@@ -964,8 +1021,8 @@ impl Invoker {
                 }
                 Err(e) => {
                     tracing::error!(invocation = %id, "cannot read the invocation: {e}");
-                    self.pause(&id, None, format!("cannot read the invocation: {e}"))
-                        .await;
+                    let reason = format!("cannot read the invocation: {e}");
+                    self.pause(&id, None, reason, None).await;
                     return self.stop_running(&id, epoch);
                 }
             };
@@ -1019,15 +1076,18 @@ impl Invoker {
                         .await
                 }
                 AttemptEnd::Terminal { code, message } => {
-                    return self
-                        .complete(&record, attempts, Outcome::Failure { code, message })
-                        .await
+                    let failed = Failed::Terminal(Outcome::Failure { code, message });
+                    return self.give_up(&record, epoch, attempts, failed).await;
                 }
                 AttemptEnd::Fenced => return, // whoever fenced it cleans up
-                AttemptEnd::Stopped(reason) | AttemptEnd::Trapped(reason) => {
-                    self.pause(&id, Some(attempts), reason).await;
+                AttemptEnd::Stopped(reason) => {
+                    self.pause(&id, Some(attempts), reason, None).await;
                     self.retire_writes(&record, Some(epoch));
                     return self.stop_running(&id, epoch);
+                }
+                AttemptEnd::Trapped(reason) => {
+                    let failed = Failed::Stuck(reason);
+                    return self.give_up(&record, epoch, attempts, failed).await;
                 }
                 AttemptEnd::Suspended => {
                     // Everything the attempt queued is durable before the
@@ -1054,10 +1114,9 @@ impl Invoker {
                 .retry_policy(&record.target.service, &record.target.handler);
             let budget_spent = interrupted >= self.config.limits.interrupted_attempts;
             if attempts >= policy.max_attempts || budget_spent {
-                let reason = format!("paused after {attempts} attempts; last error: {error}");
-                self.pause(&id, Some(attempts), reason).await;
-                self.retire_writes(&record, Some(epoch));
-                return self.stop_running(&id, epoch);
+                let reason = format!("gave up after {attempts} attempts; last error: {error}");
+                let failed = Failed::Stuck(reason);
+                return self.give_up(&record, epoch, attempts, failed).await;
             }
             metrics::counter!("cairn_retries_total", &labels).increment(1);
             // Also the barrier: the next attempt reads a journal that holds
@@ -1067,6 +1126,48 @@ impl Invoker {
             self.set_status(&id, LiveStatus::BackingOff);
             tokio::time::sleep(policy.delay_before(attempts + 1)).await;
         }
+    }
+
+    /// An attempt failed for good. Without a subscription, a terminal
+    /// error completes the invocation and a trap or exhausted attempts
+    /// pause it. An invocation created by a subscription's record does what
+    /// the subscription's `on_failure` says (see [`crate::kafka`]): `pause`
+    /// pauses it (whatever the failure) and stops the subscription on its
+    /// record; `dead-letter` completes it as failed and, in the same
+    /// transaction, records the dead letter that is then produced.
+    async fn give_up(
+        self: &Arc<Self>,
+        record: &InvocationRecord,
+        epoch: Epoch,
+        attempts: u32,
+        failed: Failed,
+    ) {
+        let subscription = match record.source.as_deref().map(|s| self.store.subscription(s)) {
+            Some(Ok(found)) => found,
+            Some(Err(e)) => {
+                tracing::error!(invocation = %record.id, "cannot read its subscription: {e}");
+                None
+            }
+            None => None,
+        };
+        let outcome = match (&subscription, failed) {
+            (None, Failed::Terminal(outcome)) => outcome,
+            (Some(sub), failed) if sub.delivery.on_failure == OnFailure::DeadLetter => {
+                let outcome = failed.into_outcome();
+                let letter = crate::kafka::dead_letter(record, sub, &outcome, self.now_ms());
+                return self.complete_with(record, attempts, outcome, letter).await;
+            }
+            (subscription, failed) => {
+                let reason = failed.reason();
+                let stop = subscription
+                    .as_ref()
+                    .map(|sub| (sub.id.clone(), crate::kafka::stopped_by(record, &reason)));
+                self.pause(&record.id, Some(attempts), reason, stop).await;
+                self.retire_writes(record, Some(epoch));
+                return self.stop_running(&record.id, epoch);
+            }
+        };
+        self.complete(record, attempts, outcome).await
     }
 
     /// Attempt `epoch` of `record` is over and everything it wrote is
@@ -1215,14 +1316,7 @@ impl Invoker {
         metrics::histogram!("cairn_invocation_duration_seconds", &labels).record(elapsed);
         labels.push(("outcome", r.status_class().to_string()));
         metrics::counter!("cairn_invocations_finished_total", &labels).increment(1);
-        let retention = if r.idempotency_key.is_some() {
-            self.config
-                .idempotency_retention
-                .max(self.config.completed_retention)
-        } else {
-            self.config.completed_retention
-        };
-        t.expire_at(now + retention.as_millis() as u64, id)?;
+        t.expire_at(now + self.retention_of(&r), id)?;
         let to_caller = match &r.caller {
             Some(c) => self.complete_in(
                 t,
@@ -1272,12 +1366,35 @@ impl Invoker {
         attempts: u32,
         outcome: Outcome,
     ) {
+        self.complete_with(record, attempts, outcome, None).await
+    }
+
+    /// [`Invoker::complete`], recording `letter` in the same transaction
+    /// (if the invocation was not completed already) and producing it
+    /// after the commit.
+    async fn complete_with(
+        self: &Arc<Self>,
+        record: &InvocationRecord,
+        attempts: u32,
+        outcome: Outcome,
+        letter: Option<DeadLetter>,
+    ) {
         let me = self.clone();
         let id = record.id.clone();
         let released = Arc::new(AtomicBool::new(false));
         let flag = released.clone();
         let committed = self.committer.commit_in_order(move |t| {
-            Ok(((), me.finish_in(t, &id, Some(attempts), outcome, flag)?))
+            let then = me.finish_in(t, &id, Some(attempts), outcome, flag)?;
+            let (then, letter) = match (then, letter) {
+                (Some(then), Some(letter)) => (then, letter),
+                (then, _) => return Ok(((), then)),
+            };
+            t.put_dead_letter(&id, &letter)?;
+            let send: Continuation = Box::new(move || {
+                then();
+                me.send_dead_letter(id, letter, false);
+            });
+            Ok(((), Some(send)))
         });
         if self.has_waiters(record) && !released.swap(true, Ordering::SeqCst) {
             self.leave_key(record);
@@ -1286,11 +1403,20 @@ impl Invoker {
     }
 
     /// Pause `id` if it is still ready (an attempt gave up on it); clients
-    /// attached to it get the reason.
-    async fn pause(self: &Arc<Self>, id: &InvocationId, attempts: Option<u32>, reason: String) {
+    /// attached to it get the reason. `stop` names a subscription to stop
+    /// in the same transaction, and why (on partition 0, which runs
+    /// subscriptions: from elsewhere, through a message).
+    async fn pause(
+        self: &Arc<Self>,
+        id: &InvocationId,
+        attempts: Option<u32>,
+        reason: String,
+        stop: Option<(String, String)>,
+    ) {
         tracing::error!(invocation = %id, "paused: {reason}");
         let paused = {
             let (id, reason) = (id.clone(), reason.clone());
+            let me = self.clone();
             self.committer
                 .commit(move |t| {
                     let Some(mut r) = t.invocation(&id)? else {
@@ -1303,6 +1429,18 @@ impl Invoker {
                     r.attempts = attempts.unwrap_or(r.attempts);
                     r.last_error = Some(reason);
                     t.put_invocation(&r)?;
+                    if let Some((sub, why)) = stop {
+                        match me.partitioning.me {
+                            0 => drop(t.stop_subscription(&sub, &why)?),
+                            _ => t.send(
+                                0,
+                                &Message::StopSubscription {
+                                    id: sub,
+                                    reason: why,
+                                },
+                            )?,
+                        }
+                    }
                     Ok(true)
                 })
                 .await
@@ -1411,14 +1549,30 @@ impl Invoker {
     /// to its caller); its running attempt is fenced off and stopped, and
     /// no compensation runs.
     pub async fn kill(self: &Arc<Self>, id: &InvocationId) -> Result<(), ControlError> {
+        self.end_now(id, "killed".into()).await
+    }
+
+    /// Skip a paused invocation of a subscription's record: complete it at
+    /// once as failed with `why` (like a kill), so its key moves on.
+    pub async fn skip(
+        self: &Arc<Self>,
+        id: &InvocationId,
+        why: String,
+    ) -> Result<(), ControlError> {
+        self.end_now(id, why).await
+    }
+
+    /// Complete `id` at once with a terminal 409 failure, `message`.
+    async fn end_now(
+        self: &Arc<Self>,
+        id: &InvocationId,
+        message: String,
+    ) -> Result<(), ControlError> {
         let me = self.clone();
         let id2 = id.clone();
         self.committer
             .commit_in_order(move |t| {
-                let killed = Outcome::Failure {
-                    code: 409,
-                    message: "killed".into(),
-                };
+                let killed = Outcome::Failure { code: 409, message };
                 let task = me
                     .live
                     .lock()
@@ -1609,8 +1763,10 @@ impl Invoker {
                         produce_id: &effect_id,
                         cluster,
                         topic,
+                        partition: None,
                         key: key.as_deref(),
                         value,
+                        headers: &[],
                         traceparent: traceparent.as_deref(),
                     };
                     me.producers.send(record).await
@@ -1640,6 +1796,41 @@ impl Invoker {
             me.complete_outside(id, command, CompletionValue::Outcome(outcome), move |t| {
                 t.take_outbox(&row, command)
             });
+        });
+    }
+
+    /// Produce a dead letter until the broker has it, then take it out of
+    /// the store. `recovered`: found at start, so it may be in the topic
+    /// already (the host died between the broker's acknowledgement and the
+    /// row's removal); the topic is read from the letter's time on first.
+    fn send_dead_letter(self: &Arc<Self>, id: InvocationId, letter: DeadLetter, recovered: bool) {
+        let me = self.clone();
+        self.tokio.spawn(async move {
+            let produce_id = crate::kafka::dead_letter_id(&id);
+            let there = recovered && me.producers.holds(&letter, &produce_id).await;
+            if there {
+                tracing::info!(invocation = %id, "dead letter already in {}: not produced again", letter.topic);
+            } else {
+                let record = crate::kafka::Produced {
+                    produce_id: &produce_id,
+                    cluster: &letter.cluster,
+                    topic: &letter.topic,
+                    partition: None,
+                    key: letter.key.as_deref(),
+                    value: &letter.value,
+                    headers: &letter.headers,
+                    traceparent: None,
+                };
+                if let Outcome::Failure { message, .. } = me.producers.send(record).await {
+                    tracing::error!(invocation = %id, "dead letter not produced: {message}");
+                    return;
+                }
+                crate::faults::after_dead_letter();
+            }
+            tracing::info!(invocation = %id, cluster = %letter.cluster, topic = %letter.topic, "dead letter produced");
+            me.committer
+                .commit(move |t| t.take_dead_letter(&id).map(drop))
+                .await;
         });
     }
 
@@ -1788,6 +1979,33 @@ impl Invoker {
 /// The record of `id` if its status is `allowed`; else not found, or a
 /// conflict saying that it `otherwise`.
 /// What a client attached to a paused invocation is told.
+/// How an invocation failed for good (see [`Invoker::give_up`]).
+enum Failed {
+    /// The handler returned a terminal error.
+    Terminal(Outcome),
+    /// It trapped, or ran out of attempts: why.
+    Stuck(String),
+}
+
+impl Failed {
+    fn reason(self) -> String {
+        match self {
+            Failed::Terminal(Outcome::Failure { code, message }) => {
+                format!("failed terminally ({code}): {message}")
+            }
+            Failed::Terminal(Outcome::Success(_)) => "succeeded".into(),
+            Failed::Stuck(reason) => reason,
+        }
+    }
+
+    fn into_outcome(self) -> Outcome {
+        match self {
+            Failed::Terminal(outcome) => outcome,
+            Failed::Stuck(message) => Outcome::Failure { code: 500, message },
+        }
+    }
+}
+
 fn paused_outcome(id: &InvocationId, reason: &str) -> Outcome {
     Outcome::Failure {
         code: 500,

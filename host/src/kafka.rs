@@ -32,13 +32,16 @@
 //! invocation headers (`x-kafka-*` plus the record's own headers).
 
 use crate::invoker::{Invoker, NewInvocation};
-use crate::records::{ClusterRecord, SubscriptionRecord, Target};
+use crate::records::{
+    ClusterRecord, DeadLetter, Delivery, InvocationRecord, KeySource, NullKey, OnFailure, StartAt,
+    SubscriptionRecord, Target,
+};
 use crate::store::StoreError;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -64,13 +67,99 @@ pub enum SubscriptionError {
     Store(#[from] StoreError),
 }
 
+/// A subscription as a client (`POST /subscriptions`) or the config file
+/// (`[[kafka.subscriptions]]`) describes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionSpec {
+    /// Its name: config-file subscriptions have one (the file owns them).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `kafka://cluster/topic`, several topics `kafka://cluster/a,b`, or a
+    /// pattern `kafka://cluster/^orders-.*`.
+    pub source: String,
+    /// `service://Service/handler`.
+    pub sink: String,
+    /// librdkafka consumer properties.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    /// The object key: `key` (the record's, the default), `header:NAME` or
+    /// `json:/POINTER`.
+    #[serde(default)]
+    pub key: KeySource,
+    /// Records without a key: `empty` (default), `spread` or `dead-letter`.
+    #[serde(default)]
+    pub null_key: NullKey,
+    /// A failed invocation: `pause` or `dead-letter` (the default when
+    /// `dead_letter` is set).
+    #[serde(default)]
+    pub on_failure: Option<OnFailure>,
+    /// `kafka://cluster/topic` receiving dead letters.
+    #[serde(default)]
+    pub dead_letter: Option<String>,
+    /// `earliest` (default), `latest` or `timestamp:RFC3339`.
+    #[serde(default)]
+    pub start_at: StartAt,
+}
+
+/// `kafka://cluster/topics` as (cluster, topics).
+fn parse_source(source: &str) -> Option<(&str, &str)> {
+    source
+        .strip_prefix("kafka://")
+        .and_then(|s| s.split_once('/'))
+        .filter(|(c, t)| {
+            !c.is_empty()
+                && !t.is_empty()
+                && (t.starts_with('^') || !t.split(',').any(|t| t.trim().is_empty()))
+        })
+}
+
+/// Commit the offsets where a new subscription starts (`start_at`
+/// `latest` or a timestamp) for its consumer group.
+fn start_offsets(
+    cluster: &ClusterRecord,
+    sub: &SubscriptionRecord,
+) -> rdkafka::error::KafkaResult<()> {
+    let timeout = Duration::from_secs(10);
+    let mut config = ClientConfig::new();
+    for (k, v) in &cluster.properties {
+        config.set(k, v);
+    }
+    let consumer: rdkafka::consumer::BaseConsumer = config
+        .set("group.id", format!("cairn-{}", sub.id))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut list = TopicPartitionList::new();
+    for topic in sub.topics() {
+        let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+        for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+            let at = match sub.delivery.start_at {
+                StartAt::Timestamp(ms) => Offset::Offset(ms),
+                _ => Offset::End,
+            };
+            list.add_partition_offset(topic, p.id(), at)?;
+        }
+    }
+    let mut starts = match sub.delivery.start_at {
+        StartAt::Timestamp(_) => consumer.offsets_for_times(list, timeout)?,
+        _ => list,
+    };
+    for e in starts.clone().elements() {
+        if matches!(e.offset(), Offset::End) {
+            let (_, high) = consumer.fetch_watermarks(e.topic(), e.partition(), timeout)?;
+            starts.set_partition_offset(e.topic(), e.partition(), Offset::Offset(high))?;
+        }
+    }
+    consumer.commit(&starts, CommitMode::Sync)
+}
+
 /// Counters of one running subscription.
 #[derive(Default)]
 pub struct Stats {
     rate: AtomicU64,
-    /// Per Kafka partition, the consumer lag librdkafka's statistics
+    /// Per topic and partition, the consumer lag librdkafka's statistics
     /// reported last (every second).
-    lag: std::sync::Mutex<BTreeMap<i32, i64>>,
+    lag: std::sync::Mutex<BTreeMap<(String, i32), i64>>,
 }
 
 /// The consumer context of a subscription: keeps the lag from
@@ -79,12 +168,12 @@ pub struct Context(Arc<Stats>);
 
 impl rdkafka::ClientContext for Context {
     fn stats(&self, statistics: rdkafka::Statistics) {
-        let lag: BTreeMap<i32, i64> = statistics
+        let lag = statistics
             .topics
-            .values()
-            .flat_map(|t| t.partitions.values())
-            .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
-            .map(|p| (p.partition, p.consumer_lag))
+            .iter()
+            .flat_map(|(topic, t)| t.partitions.values().map(move |p| (topic, p)))
+            .filter(|(_, p)| p.partition >= 0 && p.consumer_lag >= 0)
+            .map(|(topic, p)| ((topic.clone(), p.partition), p.consumer_lag))
             .collect();
         *self.0.lag.lock().unwrap() = lag;
     }
@@ -99,8 +188,8 @@ type SubscriptionConsumer = StreamConsumer<Context>;
 pub struct Gauges {
     /// The subscription's id.
     pub id: String,
-    /// Per Kafka partition, records not yet ingested.
-    pub lag: BTreeMap<i32, i64>,
+    /// Per topic and partition, records not yet ingested.
+    pub lag: BTreeMap<(String, i32), i64>,
     /// Its invocations not finished.
     pub in_flight: usize,
 }
@@ -128,8 +217,10 @@ pub struct SubscriptionView {
     pub ingest_rate: u64,
     /// Invocations created by it that have not finished.
     pub in_flight: usize,
-    /// Records not yet ingested, per partition (high watermark minus committed offset).
-    pub lag: BTreeMap<i32, i64>,
+    /// Records not yet ingested, per partition (high watermark minus
+    /// committed offset): keyed by partition, or by `topic/partition` when
+    /// it reads several topics.
+    pub lag: BTreeMap<String, i64>,
     /// Why it stopped on a record, if it did (it stays paused until resumed).
     pub stopped: Option<String>,
 }
@@ -142,13 +233,18 @@ pub struct Subscriptions {
 }
 
 impl Subscriptions {
-    /// Start a consumer for every stored, unpaused subscription.
+    /// Start a consumer for every stored, unpaused subscription (on
+    /// partition 0, which runs them; the other partitions keep copies of
+    /// the subscriptions to read their failure policies).
     pub fn start(invoker: Arc<Invoker>, max_in_flight: usize) -> Result<Arc<Self>, StoreError> {
         let subs = Arc::new(Subscriptions {
             invoker,
             max_in_flight,
             running: Mutex::default(),
         });
+        if subs.invoker.partitioning().me != 0 {
+            return Ok(subs);
+        }
         for record in subs.invoker.store().subscriptions()? {
             if !record.paused {
                 subs.launch(record)?;
@@ -182,29 +278,112 @@ impl Subscriptions {
         Ok(())
     }
 
-    /// Create a subscription from `kafka://cluster/topic` to `service://Name/handler`.
+    /// Create a subscription (through the API: without a name).
     pub async fn create(
         self: &Arc<Self>,
-        source: &str,
-        sink: &str,
-        options: BTreeMap<String, String>,
+        spec: SubscriptionSpec,
     ) -> Result<SubscriptionRecord, SubscriptionError> {
-        let invalid = |m: String| SubscriptionError::Invalid(m);
-        let (cluster, topic) = source
-            .strip_prefix("kafka://")
-            .and_then(|s| s.split_once('/'))
-            .filter(|(c, t)| !c.is_empty() && !t.is_empty())
-            .ok_or_else(|| invalid(format!("source {source:?} is not kafka://cluster/topic")))?;
-        let (service, handler) = sink
-            .strip_prefix("service://")
-            .and_then(|s| s.split_once('/'))
-            .ok_or_else(|| invalid(format!("sink {sink:?} is not service://Name/handler")))?;
-        let store = self.invoker.store();
-        if !store.clusters()?.iter().any(|c| c.name == cluster) {
-            return Err(invalid(format!(
-                "unknown cluster {cluster}: register it with `cairn kafka-clusters add {cluster} -p bootstrap.servers=HOST:PORT` (or POST /kafka-clusters)"
+        if spec.name.is_some() {
+            return Err(SubscriptionError::Invalid(
+                "named subscriptions come from the config file ([[kafka.subscriptions]]); \
+                 leave out the name"
+                    .into(),
+            ));
+        }
+        let id = format!("sub_{}", uuid::Uuid::now_v7().simple());
+        let record = self.record_of(spec, id)?;
+        self.add(record).await
+    }
+
+    /// Store a new subscription (refusing a second one with the same
+    /// source and sink, or the same name), set where it starts reading, and
+    /// start its consumer.
+    async fn add(
+        self: &Arc<Self>,
+        record: SubscriptionRecord,
+    ) -> Result<SubscriptionRecord, SubscriptionError> {
+        let stored = record.clone();
+        let clash = self
+            .invoker
+            .committer()
+            .commit(move |t| {
+                let same = |s: &SubscriptionRecord| {
+                    (s.source() == stored.source() && s.sink() == stored.sink())
+                        || (s.delivery.name.is_some() && s.delivery.name == stored.delivery.name)
+                };
+                if let Some(other) = t.subscriptions()?.into_iter().find(same) {
+                    return Ok(Some(other.id));
+                }
+                t.put_subscription(&stored).map(|_| None)
+            })
+            .await;
+        if let Some(other) = clash {
+            return Err(SubscriptionError::Duplicate(format!(
+                "subscription {other} has the same name, or the same source ({}) and sink ({})",
+                record.source(),
+                record.sink()
             )));
         }
+        self.set_start(&record).await;
+        self.launch(record.clone())?;
+        Ok(record)
+    }
+
+    /// A new subscription's first offsets, for `start_at` `latest` or a
+    /// timestamp: committed for its consumer group before the consumer
+    /// starts, so records produced in between are not skipped. (`earliest`
+    /// needs nothing: the consumer starts there without offsets.)
+    async fn set_start(&self, record: &SubscriptionRecord) {
+        if record.delivery.start_at == StartAt::Earliest || record.is_pattern() {
+            return;
+        }
+        let Ok(Some(cluster)) = self.cluster(&record.cluster) else {
+            return;
+        };
+        let record2 = record.clone();
+        let set = tokio::task::spawn_blocking(move || start_offsets(&cluster, &record2)).await;
+        match set {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(subscription = %record.id, "cannot set the start offsets ({e}); it starts at auto.offset.reset")
+            }
+            Err(e) => {
+                tracing::warn!(subscription = %record.id, "cannot set the start offsets: {e}")
+            }
+        }
+    }
+
+    fn cluster(&self, name: &str) -> Result<Option<ClusterRecord>, StoreError> {
+        let clusters = self.invoker.store().clusters()?;
+        Ok(clusters.into_iter().find(|c| c.name == name))
+    }
+
+    /// A subscription record from its description, with every check the
+    /// API makes: known cluster, service and handler; a dead-letter topic
+    /// where the settings need one.
+    fn record_of(
+        &self,
+        spec: SubscriptionSpec,
+        id: String,
+    ) -> Result<SubscriptionRecord, SubscriptionError> {
+        let invalid = |m: String| SubscriptionError::Invalid(m);
+        let (cluster, topic) = parse_source(&spec.source).ok_or_else(|| {
+            invalid(format!(
+                "source {:?} is not kafka://cluster/topic (or topic,topic or ^pattern)",
+                spec.source
+            ))
+        })?;
+        let (service, handler) = spec
+            .sink
+            .strip_prefix("service://")
+            .and_then(|s| s.split_once('/'))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "sink {:?} is not service://Name/handler",
+                    spec.sink
+                ))
+            })?;
+        self.known_cluster(cluster)?;
         let (info, _) = self
             .invoker
             .registry()
@@ -215,38 +394,150 @@ impl Subscriptions {
                 "handler {handler} not found in service {service}"
             )));
         }
-        let record = SubscriptionRecord {
-            id: format!("sub_{}", uuid::Uuid::now_v7().simple()),
+        if let Some(target) = &spec.dead_letter {
+            let (dl_cluster, dl_topic) = parse_source(target)
+                .filter(|(_, t)| !t.starts_with('^') && !t.contains(','))
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "dead_letter {target:?} is not kafka://cluster/topic"
+                    ))
+                })?;
+            self.known_cluster(dl_cluster)?;
+            if dl_cluster == cluster && topic.split(',').any(|t| t.trim() == dl_topic) {
+                return Err(invalid(format!(
+                    "the dead-letter topic {dl_topic} is one the subscription reads"
+                )));
+            }
+        }
+        let on_failure = spec.on_failure.unwrap_or(match spec.dead_letter {
+            Some(_) => OnFailure::DeadLetter,
+            None => OnFailure::Pause,
+        });
+        let needs_topic =
+            on_failure == OnFailure::DeadLetter || spec.null_key == NullKey::DeadLetter;
+        if needs_topic && spec.dead_letter.is_none() {
+            return Err(invalid(
+                "on_failure or null_key \"dead-letter\" needs dead_letter = \"kafka://cluster/topic\"".into(),
+            ));
+        }
+        if topic.starts_with('^') && matches!(spec.start_at, StartAt::Timestamp(_)) {
+            return Err(invalid(
+                "start_at = \"timestamp:...\" needs topic names, not a pattern".into(),
+            ));
+        }
+        if let Some(name) = &spec.name {
+            let valid = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+            if name.is_empty() || !name.chars().all(valid) {
+                return Err(invalid(format!(
+                    "subscription name {name:?}: use letters, digits, -, _ and ."
+                )));
+            }
+        }
+        Ok(SubscriptionRecord {
+            id,
             cluster: cluster.into(),
             topic: topic.into(),
             service: service.into(),
             handler: handler.into(),
-            options,
+            options: spec.options,
             paused: false,
-        };
-        let stored = record.clone();
-        let created = self
-            .invoker
-            .committer()
-            .commit(move |t| {
-                let same = |s: &SubscriptionRecord| {
-                    s.source() == stored.source() && s.sink() == stored.sink()
-                };
-                if t.subscriptions()?.iter().any(same) {
-                    return Ok(false);
-                }
-                t.put_subscription(&stored).map(|_| true)
-            })
-            .await;
-        if !created {
-            return Err(SubscriptionError::Duplicate(format!(
-                "a subscription from {} to {} exists already",
-                record.source(),
-                record.sink()
-            )));
+            delivery: Delivery {
+                name: spec.name,
+                key: spec.key,
+                null_key: spec.null_key,
+                on_failure,
+                dead_letter: spec.dead_letter,
+                start_at: spec.start_at,
+            },
+        })
+    }
+
+    fn known_cluster(&self, name: &str) -> Result<(), SubscriptionError> {
+        match self.cluster(name)? {
+            Some(_) => Ok(()),
+            None => Err(SubscriptionError::Invalid(format!(
+                "unknown cluster {name}: register it with `cairn kafka-clusters add {name} -p bootstrap.servers=HOST:PORT` (or POST /kafka-clusters, or [[kafka.clusters]] in the config)"
+            ))),
         }
-        self.launch(record.clone())?;
-        Ok(record)
+    }
+
+    /// Make the stored clusters and named subscriptions match the config
+    /// file (`[[kafka.clusters]]`, `[[kafka.subscriptions]]`), with the
+    /// API's checks: clusters are registered or updated; a named
+    /// subscription is created, changed in place (keeping its id, so its
+    /// consumer group and offsets, and whether it is paused), or removed
+    /// when it left the file. Doing it twice changes nothing; subscriptions
+    /// made through the API (without a name) are left alone.
+    pub async fn reconcile(
+        self: &Arc<Self>,
+        clusters: &[ClusterRecord],
+        specs: &[SubscriptionSpec],
+    ) -> Result<(), SubscriptionError> {
+        let stored = self.clusters()?;
+        for cluster in clusters.iter().filter(|c| !stored.contains(c)) {
+            self.put_cluster(cluster.clone()).await?;
+            tracing::info!(cluster = %cluster.name, "cluster registered from the config");
+        }
+        let mut names = std::collections::HashSet::new();
+        for spec in specs {
+            let name = spec.name.as_deref().ok_or_else(|| {
+                SubscriptionError::Invalid(format!(
+                    "[[kafka.subscriptions]] {} needs a name",
+                    spec.source
+                ))
+            })?;
+            if !names.insert(name) {
+                return Err(SubscriptionError::Invalid(format!(
+                    "two subscriptions are named {name}"
+                )));
+            }
+        }
+        let stored = self.invoker.store().subscriptions()?;
+        for spec in specs {
+            match stored.iter().find(|s| s.delivery.name == spec.name) {
+                Some(old) => self.change(old, spec).await?,
+                None => {
+                    let id = format!("sub_{}", uuid::Uuid::now_v7().simple());
+                    let record = self.add(self.record_of(spec.clone(), id)?).await?;
+                    tracing::info!(subscription = %record.id, name = ?spec.name, "subscription created from the config");
+                }
+            }
+        }
+        let gone = stored.iter().filter(|s| {
+            s.delivery
+                .name
+                .as_deref()
+                .is_some_and(|n| !names.contains(n))
+        });
+        for old in gone {
+            self.delete(&old.id).await?;
+            tracing::info!(subscription = %old.id, name = ?old.delivery.name, "subscription removed: it left the config");
+        }
+        Ok(())
+    }
+
+    /// Change subscription `old` to what `spec` says, if that differs.
+    async fn change(
+        self: &Arc<Self>,
+        old: &SubscriptionRecord,
+        spec: &SubscriptionSpec,
+    ) -> Result<(), SubscriptionError> {
+        let mut record = self.record_of(spec.clone(), old.id.clone())?;
+        record.paused = old.paused;
+        if record == *old {
+            return Ok(());
+        }
+        let stored = record.clone();
+        self.invoker
+            .committer()
+            .commit(move |t| t.put_subscription(&stored))
+            .await;
+        self.stop(&record.id);
+        if !record.paused {
+            self.launch(record.clone())?;
+        }
+        tracing::info!(subscription = %record.id, name = ?spec.name, "subscription changed to match the config");
+        Ok(())
     }
 
     /// Every subscription with its figures.
@@ -298,6 +589,86 @@ impl Subscriptions {
         Ok(record)
     }
 
+    /// Skip the record at `topic`/`partition`@`offset` that stopped the
+    /// subscription: its paused invocation completes as failed ("skipped
+    /// by an operator", kept like any outcome), or, when the record never
+    /// became an invocation, its offset is committed past it; then the
+    /// subscription resumes. `topic` may be left out when it reads one topic.
+    pub async fn skip(
+        self: &Arc<Self>,
+        id: &str,
+        topic: Option<&str>,
+        partition: i32,
+        offset: i64,
+    ) -> Result<SubscriptionRecord, SubscriptionError> {
+        let record = self.find(id)?;
+        let topic = match (topic, record.topics().as_slice()) {
+            (Some(topic), _) => topic.to_string(),
+            (None, [only]) if !record.is_pattern() => only.to_string(),
+            (None, _) => {
+                return Err(SubscriptionError::Invalid(
+                    "the subscription reads several topics: give --topic".into(),
+                ))
+            }
+        };
+        let at = (topic, partition, offset);
+        match self.paused_invocation(id, &at)? {
+            Some(invocation) => {
+                let why = format!("skipped by an operator ({}/{}@{})", at.0, at.1, at.2);
+                self.invoker
+                    .skip(&invocation, why)
+                    .await
+                    .map_err(|e| SubscriptionError::Invalid(e.to_string()))?;
+                tracing::warn!(subscription = id, invocation = %invocation, "skipped {}/{}@{}", at.0, at.1, at.2);
+            }
+            None => {
+                let stop = self.invoker.store().subscription_stop(id)?;
+                let here = format!("stopped at {}/{}@{}:", at.0, at.1, at.2);
+                if !stop.is_some_and(|s| s.starts_with(&here)) {
+                    return Err(SubscriptionError::Invalid(format!(
+                        "no paused invocation of {}/{}@{} and the subscription is not stopped there",
+                        at.0, at.1, at.2
+                    )));
+                }
+                let (sub, skip) = (record.id.clone(), at.clone());
+                self.invoker
+                    .committer()
+                    .commit(move |t| t.put_skip(&sub, &skip.0, skip.1, skip.2))
+                    .await;
+                tracing::warn!(
+                    subscription = id,
+                    "skipped {}/{}@{} (never ingested)",
+                    at.0,
+                    at.1,
+                    at.2
+                );
+            }
+        }
+        self.set_paused(id, false).await
+    }
+
+    /// The paused invocation subscription `id` created from the record at `at`.
+    fn paused_invocation(
+        &self,
+        id: &str,
+        at: &Position,
+    ) -> Result<Option<crate::ids::InvocationId>, StoreError> {
+        let (partition, offset) = (at.1.to_string(), at.2.to_string());
+        let mut found = None;
+        self.invoker.store().for_each_unfinished(|r| {
+            let header = |name: &str| r.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+            let of_record = r.source.as_deref() == Some(id)
+                && r.status == crate::records::Status::Paused
+                && header("x-kafka-topic") == Some(&at.0)
+                && header("x-kafka-partition") == Some(&partition)
+                && header("x-kafka-offset") == Some(&offset);
+            if of_record {
+                found = Some(r.id);
+            }
+        })?;
+        Ok(found)
+    }
+
     /// Delete a subscription (its invocations stay).
     pub async fn delete(&self, id: &str) -> Result<(), SubscriptionError> {
         let id2 = id.to_string();
@@ -320,13 +691,7 @@ impl Subscriptions {
     }
 
     fn launch(self: &Arc<Self>, record: SubscriptionRecord) -> Result<(), StoreError> {
-        let Some(cluster) = self
-            .invoker
-            .store()
-            .clusters()?
-            .into_iter()
-            .find(|c| c.name == record.cluster)
-        else {
+        let Some(cluster) = self.cluster(&record.cluster)? else {
             tracing::error!(subscription = %record.id, "cluster {} is not registered", record.cluster);
             return Ok(());
         };
@@ -342,6 +707,7 @@ impl Subscriptions {
             invoker: self.invoker.clone(),
             consumer: consumer.clone(),
             stats: stats.clone(),
+            skips: Mutex::new(self.invoker.store().skips(&record.id)?),
             record: record.clone(),
             max_in_flight: self.max_in_flight,
             last_error: std::sync::Mutex::default(),
@@ -381,10 +747,16 @@ impl Subscriptions {
             .map(|r| (r.consumer.clone(), r.stats.clone()));
         let (ingest_rate, lag) = match running {
             Some((consumer, stats)) => {
-                let topic = record.topic.clone();
-                let lag = tokio::task::spawn_blocking(move || lag(&consumer, &topic))
+                let several = record.is_pattern() || record.topics().len() > 1;
+                let lag = tokio::task::spawn_blocking(move || lag(&consumer))
                     .await
-                    .unwrap_or_default();
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|((topic, p), n)| match several {
+                        true => (format!("{topic}/{p}"), n),
+                        false => (p.to_string(), n),
+                    })
+                    .collect();
                 (stats.rate.load(Ordering::Relaxed), lag)
             }
             None => (0, BTreeMap::new()),
@@ -437,7 +809,13 @@ fn consumer(
         // its partitions back at once instead of waiting for the broker to
         // expire the dead member's session.
         .set("group.instance.id", format!("cairn-{}", sub.id))
-        .set("auto.offset.reset", "earliest")
+        .set(
+            "auto.offset.reset",
+            match sub.delivery.start_at {
+                StartAt::Latest => "latest",
+                _ => "earliest",
+            },
+        )
         .set("enable.partition.eof", "false")
         .set("statistics.interval.ms", "1000");
     for (k, v) in &sub.options {
@@ -447,12 +825,12 @@ fn consumer(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
     let consumer: SubscriptionConsumer = config.create_with_context(context)?;
-    consumer.subscribe(&[sub.topic.as_str()])?;
+    consumer.subscribe(&sub.topics())?;
     Ok(consumer)
 }
 
-/// Per partition: high watermark minus committed offset.
-fn lag(consumer: &SubscriptionConsumer, topic: &str) -> BTreeMap<i32, i64> {
+/// Per assigned topic and partition: high watermark minus committed offset.
+fn lag(consumer: &SubscriptionConsumer) -> BTreeMap<(String, i32), i64> {
     let timeout = Duration::from_secs(2);
     let Ok(assignment) = consumer.assignment() else {
         return BTreeMap::new();
@@ -461,17 +839,17 @@ fn lag(consumer: &SubscriptionConsumer, topic: &str) -> BTreeMap<i32, i64> {
         .committed_offsets(assignment.clone(), timeout)
         .unwrap_or(assignment);
     committed
-        .elements_for_topic(topic)
+        .elements()
         .iter()
         .filter_map(|e| {
             let (low, high) = consumer
-                .fetch_watermarks(topic, e.partition(), timeout)
+                .fetch_watermarks(e.topic(), e.partition(), timeout)
                 .ok()?;
             let done = match e.offset() {
                 Offset::Offset(o) => o,
                 _ => low,
             };
-            Some((e.partition(), (high - done).max(0)))
+            Some(((e.topic().to_string(), e.partition()), (high - done).max(0)))
         })
         .collect()
 }
@@ -482,6 +860,14 @@ pub fn object_key(key: Option<&[u8]>) -> String {
     match std::str::from_utf8(key) {
         Ok(text) if !text.starts_with("hex:") => text.to_string(),
         _ => format!("hex:{}", hex::encode(key)),
+    }
+}
+
+/// The record key an object key (or `x-kafka-key` header) was made from.
+pub fn record_key(object_key: &str) -> Vec<u8> {
+    match object_key.strip_prefix("hex:").map(hex::decode) {
+        Some(Ok(bytes)) => bytes,
+        _ => object_key.as_bytes().to_vec(),
     }
 }
 
@@ -503,10 +889,8 @@ impl Producers {
         }
     }
 
-    fn producer(&self, cluster: &str) -> Result<rdkafka::producer::FutureProducer, String> {
-        if let Some(p) = self.cache.lock().unwrap().get(cluster) {
-            return Ok(p.clone());
-        }
+    /// The client properties of a registered cluster.
+    fn config(&self, cluster: &str) -> Result<ClientConfig, String> {
         let config = self
             .store
             .clusters()
@@ -518,7 +902,15 @@ impl Producers {
         for (k, v) in &config.properties {
             client.set(k, v);
         }
-        let producer: rdkafka::producer::FutureProducer = client
+        Ok(client)
+    }
+
+    fn producer(&self, cluster: &str) -> Result<rdkafka::producer::FutureProducer, String> {
+        if let Some(p) = self.cache.lock().unwrap().get(cluster) {
+            return Ok(p.clone());
+        }
+        let producer: rdkafka::producer::FutureProducer = self
+            .config(cluster)?
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .create()
@@ -550,11 +942,20 @@ impl Producers {
                     value: Some(traceparent),
                 });
             }
+            for (key, value) in r.headers {
+                headers = headers.insert(rdkafka::message::Header {
+                    key,
+                    value: Some(value),
+                });
+            }
             let mut record = rdkafka::producer::FutureRecord::to(r.topic)
                 .payload(r.value)
                 .headers(headers);
             if let Some(key) = r.key {
                 record = record.key(key);
+            }
+            if let Some(partition) = r.partition {
+                record = record.partition(partition);
             }
             match producer.send(record, Duration::from_secs(30)).await {
                 Ok(delivery) => {
@@ -568,18 +969,189 @@ impl Producers {
             }
         }
     }
+
+    /// Whether the dead-letter topic already holds `letter` (tagged
+    /// `produce_id`): the topic is read from a minute before the letter was
+    /// recorded to its end. Asks again until the broker answers (producing
+    /// needs it too), so a letter is neither lost nor doubled.
+    pub async fn holds(&self, letter: &DeadLetter, produce_id: &str) -> bool {
+        loop {
+            let config = match self.config(&letter.cluster) {
+                Ok(config) => config,
+                Err(_) => return false, // the send reports the unknown cluster
+            };
+            let (topic, id) = (letter.topic.clone(), produce_id.to_string());
+            let since = letter.created_ms.saturating_sub(60_000) as i64;
+            let found =
+                tokio::task::spawn_blocking(move || find_produced(config, &topic, since, &id))
+                    .await;
+            match found {
+                Ok(Ok(found)) => return found,
+                Ok(Err(e)) => tracing::warn!(
+                    produce_id,
+                    "cannot read {} to check for the dead letter: {e}; retrying",
+                    letter.topic
+                ),
+                Err(e) => tracing::warn!(produce_id, "the dead-letter check failed: {e}; retrying"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
 }
 
-/// A record a guest produces (`kafka_produce`), performed by the host.
+/// Whether `topic` holds a record with header [`PRODUCE_ID`] =
+/// `produce_id` at or after `since_ms` (read up to the current end).
+fn find_produced(
+    mut config: ClientConfig,
+    topic: &str,
+    since_ms: i64,
+    produce_id: &str,
+) -> rdkafka::error::KafkaResult<bool> {
+    use rdkafka::consumer::BaseConsumer;
+    let timeout = Duration::from_secs(10);
+    let consumer: BaseConsumer = config
+        .set("group.id", "cairn-dead-letter-check")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let mut times = TopicPartitionList::new();
+    for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        times.add_partition_offset(topic, p.id(), Offset::Offset(since_ms))?;
+    }
+    let starts = consumer.offsets_for_times(times, timeout)?;
+    let (mut assign, mut ends) = (TopicPartitionList::new(), HashMap::new());
+    for e in starts.elements() {
+        let (_, high) = consumer.fetch_watermarks(topic, e.partition(), timeout)?;
+        if let Offset::Offset(from) = e.offset().to_owned() {
+            if from < high {
+                assign.add_partition_offset(topic, e.partition(), Offset::Offset(from))?;
+                ends.insert(e.partition(), high);
+            }
+        }
+    }
+    consumer.assign(&assign)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ends.is_empty() {
+        if Instant::now() > deadline {
+            return Err(rdkafka::error::KafkaError::MessageConsumption(
+                rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
+            ));
+        }
+        let Some(m) = consumer.poll(Duration::from_millis(500)).transpose()? else {
+            continue;
+        };
+        let tagged = m.headers().is_some_and(|hs| {
+            hs.iter()
+                .any(|h| h.key == PRODUCE_ID && h.value == Some(produce_id.as_bytes()))
+        });
+        if tagged {
+            return Ok(true);
+        }
+        if ends
+            .get(&m.partition())
+            .is_some_and(|&end| m.offset() + 1 >= end)
+        {
+            ends.remove(&m.partition());
+        }
+    }
+    Ok(false)
+}
+
+/// The [`PRODUCE_ID`] of invocation `id`'s dead letter.
+pub fn dead_letter_id(id: &crate::ids::InvocationId) -> String {
+    format!("dead-letter:{id}")
+}
+
+/// The record that created `record`, as a dead letter for `sub`'s
+/// dead-letter topic: its key, value and headers (but the `x-kafka-*`
+/// ones), then `cairn-error`, `cairn-invocation-id`, `cairn-subscription`,
+/// `cairn-source-topic`, `cairn-source-partition` and
+/// `cairn-source-offset`. `None` without a dead-letter topic.
+pub fn dead_letter(
+    record: &InvocationRecord,
+    sub: &SubscriptionRecord,
+    outcome: &crate::journal::Outcome,
+    now_ms: u64,
+) -> Option<DeadLetter> {
+    let (cluster, topic) = parse_source(sub.delivery.dead_letter.as_deref()?)?;
+    let header = |name: &str| {
+        record
+            .headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let error = match outcome {
+        crate::journal::Outcome::Failure { code, message } => format!("{code} {message}"),
+        crate::journal::Outcome::Success(_) => "succeeded".into(),
+    };
+    let mut headers: Vec<(String, Vec<u8>)> = record
+        .headers
+        .iter()
+        .filter(|(k, _)| !k.starts_with("x-kafka-") && k != PRODUCE_ID)
+        .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+        .collect();
+    let cairn = [
+        ("cairn-error", error),
+        ("cairn-invocation-id", record.id.to_string()),
+        ("cairn-subscription", sub.id.clone()),
+        ("cairn-source-topic", header("x-kafka-topic")),
+        ("cairn-source-partition", header("x-kafka-partition")),
+        ("cairn-source-offset", header("x-kafka-offset")),
+    ];
+    headers.extend(cairn.map(|(k, v)| (k.to_string(), v.into_bytes())));
+    let key = record
+        .headers
+        .iter()
+        .find(|(k, _)| k == "x-kafka-key")
+        .map(|(_, v)| record_key(v));
+    Some(DeadLetter {
+        cluster: cluster.into(),
+        topic: topic.into(),
+        key,
+        value: record.input.clone(),
+        headers,
+        created_ms: now_ms,
+    })
+}
+
+/// Why a subscription stops on the record of failed invocation `record`.
+pub fn stopped_by(record: &InvocationRecord, why: &str) -> String {
+    let header = |name: &str| {
+        record
+            .headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or("?", |(_, v)| v.as_str())
+    };
+    let (topic, partition, offset) = (
+        header("x-kafka-topic"),
+        header("x-kafka-partition"),
+        header("x-kafka-offset"),
+    );
+    format!(
+        "stopped at {topic}/{partition}@{offset}: its invocation {} {why}; resume the invocation \
+         to retry it (`cairn invocations resume {}`), or skip the record \
+         (`cairn subscriptions skip SUBSCRIPTION --topic {topic} --partition {partition} --offset {offset}`), \
+         then resume the subscription",
+        record.id, record.id
+    )
+}
+
+/// A record the host produces (a guest's `kafka_produce`, a dead letter).
 pub struct Produced<'a> {
     /// The produce's id (`invocation:command`), in header `cairn-produce-id`:
     /// a subscription that reads the record back ingests it once.
     pub produce_id: &'a str,
-    /// The cluster's name, the topic, the record's key and value.
+    /// The cluster's name, the topic, the partition (the key's when
+    /// `None`), the record's key, value and headers.
     pub cluster: &'a str,
     pub topic: &'a str,
+    pub partition: Option<i32>,
     pub key: Option<&'a [u8]>,
     pub value: &'a [u8],
+    pub headers: &'a [(String, Vec<u8>)],
     /// The produce's span, as header `traceparent`, when traced.
     pub traceparent: Option<&'a str>,
 }
@@ -591,6 +1163,9 @@ struct Ingest {
     stats: Arc<Stats>,
     record: SubscriptionRecord,
     max_in_flight: usize,
+    /// Records an operator skipped before they were ingested:
+    /// `(topic, partition) -> offset`.
+    skips: Mutex<HashMap<(String, i32), i64>>,
     /// The last client error logged, and when (see [`Ingest::report`]).
     last_error: std::sync::Mutex<Option<(String, Instant)>>,
 }
@@ -600,6 +1175,9 @@ impl Ingest {
         tracing::info!(subscription = %self.record.id, source = %self.record.source(), sink = %self.record.sink(), "consuming");
         let mut window = (Instant::now(), 0u64);
         loop {
+            if self.stopped() {
+                return;
+            }
             self.wait_for_room().await;
             let batch = match self.next_batch().await {
                 Ok(batch) => batch,
@@ -616,6 +1194,19 @@ impl Ingest {
                 let rate = window.1 as f64 / window.0.elapsed().as_secs_f64();
                 self.stats.rate.store(rate as u64, Ordering::Relaxed);
                 window = (Instant::now(), 0);
+            }
+        }
+    }
+
+    /// Whether the subscription was stopped on a failed invocation's
+    /// record (`on_failure = "pause"`) since it started: then it consumes
+    /// no more until resumed.
+    fn stopped(&self) -> bool {
+        match self.invoker.store().subscription_stop(&self.record.id) {
+            Ok(stop) => stop.is_some(),
+            Err(e) => {
+                tracing::warn!(subscription = %self.record.id, "cannot read the stop reason: {e}");
+                false
             }
         }
     }
@@ -689,29 +1280,39 @@ impl Ingest {
     /// later record of that partition is ingested.
     async fn ingest(&self, batch: Vec<OwnedRecord>) -> (u64, Option<String>) {
         let mut queued = Vec::with_capacity(batch.len());
-        let mut stop: Option<(i32, String)> = None;
-        let mut offsets: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut stop: Option<(Position, String)> = None;
+        let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let stops = |stop: &Option<(Position, String)>, at: &Position| {
+            stop.as_ref()
+                .is_some_and(|((t, p, _), _)| (t, p) == (&at.0, &at.1))
+        };
+        let mut skipped = Vec::new();
         for record in batch {
-            if stop.as_ref().is_some_and(|(p, _)| *p == record.partition) {
+            let at = (record.topic.clone(), record.partition, record.offset);
+            if stops(&stop, &at) {
                 continue;
             }
-            let at = (record.partition, record.offset);
+            if self.is_skipped(&at) {
+                offsets.insert((at.0.clone(), at.1), at.2 + 1);
+                skipped.push(at);
+                continue;
+            }
             let fingerprint = fingerprint(&record);
             let (request, traced) = self.request(record);
             match self.invoker.submit_queued(request) {
                 Ok(answer) => queued.push((at, fingerprint, answer, traced)),
                 Err(e) => {
-                    let reason = self.stopped_at(at, &format!("cannot be ingested: {e}"));
-                    stop.get_or_insert((at.0, reason));
+                    let reason = stopped_at(&at, &format!("cannot be ingested: {e}"));
+                    stop.get_or_insert((at, reason));
                 }
             }
         }
         let mut ingested = 0;
-        for ((partition, offset), fingerprint, answer, traced) in queued {
+        for (at, fingerprint, answer, traced) in queued {
             let Ok(submitted) = answer.await else {
                 continue;
             };
-            if stop.as_ref().is_some_and(|(p, _)| *p == partition) {
+            if stops(&stop, &at) {
                 continue; // ingested after an earlier record of its partition stopped: redelivered, deduplicated
             }
             let collides = fingerprint.is_some_and(|f| !self.same_record(&submitted.id, f));
@@ -721,24 +1322,37 @@ impl Ingest {
                      idempotency key): was the topic deleted and re-created?",
                     submitted.id
                 );
-                stop = Some((partition, self.stopped_at((partition, offset), &why)));
+                let reason = stopped_at(&at, &why);
+                stop = Some((at, reason));
                 continue;
             }
             if let (Some(traced), false) = (traced, submitted.existing) {
-                self.trace_ingest(traced, (partition, offset), &submitted.id);
+                self.trace_ingest(traced, &at, &submitted.id);
             }
             ingested += 1;
-            offsets.insert(partition, offset + 1);
+            let (topic, partition, offset) = at;
+            offsets.insert((topic, partition), offset + 1);
         }
         self.commit_offsets(offsets).await;
+        for (topic, partition, _) in skipped {
+            let id = self.record.id.clone();
+            self.invoker
+                .committer()
+                .commit(move |t| t.take_skip(&id, &topic, partition).map(drop))
+                .await;
+        }
         (ingested, stop.map(|(_, reason)| reason))
     }
 
-    fn stopped_at(&self, (partition, offset): (i32, i64), why: &str) -> String {
-        format!(
-            "stopped at {}/{partition}@{offset}: the record {why}; fix the cause, then resume the subscription",
-            self.record.topic
-        )
+    /// Whether an operator skipped the record at `at` (once).
+    fn is_skipped(&self, (topic, partition, offset): &Position) -> bool {
+        let mut skips = self.skips.lock().unwrap();
+        let key = (topic.clone(), *partition);
+        let hit = skips.get(&key) == Some(offset);
+        if hit {
+            skips.remove(&key);
+        }
+        hit
     }
 
     /// Whether invocation `id` was created from the record with this fingerprint.
@@ -756,13 +1370,13 @@ impl Ingest {
 
     /// Commit offsets synchronously, retrying a few times; a failure only
     /// means redelivery (deduplicated), so it is logged, not fatal.
-    async fn commit_offsets(&self, offsets: BTreeMap<i32, i64>) {
+    async fn commit_offsets(&self, offsets: BTreeMap<(String, i32), i64>) {
         if offsets.is_empty() {
             return;
         }
         let mut list = TopicPartitionList::new();
-        for (partition, next) in offsets {
-            let _ = list.add_partition_offset(&self.record.topic, partition, Offset::Offset(next));
+        for ((topic, partition), next) in offsets {
+            let _ = list.add_partition_offset(&topic, partition, Offset::Offset(next));
         }
         for attempt in 1..=5u32 {
             let (consumer, list2) = (self.consumer.clone(), list.clone());
@@ -784,14 +1398,10 @@ impl Ingest {
     /// Stop on a record: pause the subscription durably, with the reason.
     async fn stop_on(&self, reason: String) {
         tracing::error!(subscription = %self.record.id, "{reason}");
-        let mut record = self.record.clone();
-        record.paused = true;
+        let id = self.record.id.clone();
         self.invoker
             .committer()
-            .commit(move |t| {
-                t.set_subscription_stop(&record.id, Some(&reason))?;
-                t.put_subscription(&record)
-            })
+            .commit(move |t| t.stop_subscription(&id, &reason).map(drop))
             .await;
     }
 
@@ -799,12 +1409,12 @@ impl Ingest {
     fn trace_ingest(
         &self,
         (parent, span, received): Traced,
-        (partition, offset): (i32, i64),
+        (topic, partition, offset): &Position,
         id: &crate::ids::InvocationId,
     ) {
         use opentelemetry::KeyValue;
         crate::traces::Traces::get().emit(crate::traces::Span {
-            name: format!("ingest {}", self.record.topic),
+            name: format!("ingest {topic}"),
             me: span,
             parent,
             kind: opentelemetry::trace::SpanKind::Consumer,
@@ -812,9 +1422,9 @@ impl Ingest {
             end: std::time::SystemTime::now(),
             attributes: vec![
                 KeyValue::new("messaging.system", "kafka"),
-                KeyValue::new("messaging.destination.name", self.record.topic.clone()),
+                KeyValue::new("messaging.destination.name", topic.clone()),
                 KeyValue::new("messaging.destination.partition.id", partition.to_string()),
-                KeyValue::new("messaging.kafka.offset", offset),
+                KeyValue::new("messaging.kafka.offset", *offset),
                 KeyValue::new("cairn.subscription", self.record.id.clone()),
                 KeyValue::new("cairn.invocation.id", id.to_string()),
             ],
@@ -830,13 +1440,14 @@ impl Ingest {
             .registry()
             .service(&self.record.service)
             .is_some_and(|(s, _)| s.kind != crate::records::ServiceKind::Service);
-        let key = object_key(r.key.as_deref());
         let mut headers = vec![
-            ("x-kafka-topic".to_string(), self.record.topic.clone()),
+            ("x-kafka-topic".to_string(), r.topic.clone()),
             ("x-kafka-partition".to_string(), r.partition.to_string()),
             ("x-kafka-offset".to_string(), r.offset.to_string()),
-            ("x-kafka-key".to_string(), key.clone()),
         ];
+        if let Some(key) = &r.key {
+            headers.push(("x-kafka-key".to_string(), object_key(Some(key))));
+        }
         if let Some(ts) = r.timestamp {
             headers.push(("x-kafka-timestamp".to_string(), ts.to_string()));
         }
@@ -844,8 +1455,19 @@ impl Ingest {
             Some((_, id)) => format!("kafka-produce:{}:{id}", self.record.id),
             None => format!(
                 "kafka:{}:{}:{}:{}",
-                self.record.id, self.record.topic, r.partition, r.offset
+                self.record.id, r.topic, r.partition, r.offset
             ),
+        };
+        let (key, reject) = match mapped_key(&self.record.delivery.key, &r) {
+            Some(key) => (key, None),
+            None => match self.record.delivery.null_key {
+                NullKey::Empty => (String::new(), None),
+                NullKey::Spread => (format!("{}:{}:{}", r.topic, r.partition, r.offset), None),
+                NullKey::DeadLetter => {
+                    let why = format!("the record has no key ({})", self.record.delivery.key);
+                    (String::new(), Some(why))
+                }
+            },
         };
         let traced = crate::traces::Traces::get().enabled().then(|| {
             let parent = crate::traces::parent_in(&r.headers);
@@ -867,9 +1489,41 @@ impl Ingest {
             headers,
             idempotency_key: Some(dedupe),
             source: Some(self.record.id.clone()),
+            reject,
             ..Default::default()
         };
         (request, traced)
+    }
+}
+
+/// A record's topic, partition and offset.
+type Position = (String, i32, i64);
+
+fn stopped_at((topic, partition, offset): &Position, why: &str) -> String {
+    format!(
+        "stopped at {topic}/{partition}@{offset}: the record {why}; fix the cause, then resume \
+         the subscription (or skip the record: `cairn subscriptions skip SUBSCRIPTION --topic {topic} \
+         --partition {partition} --offset {offset}`)"
+    )
+}
+
+/// The object key `source` names in record `r`, if it has one.
+fn mapped_key(source: &KeySource, r: &OwnedRecord) -> Option<String> {
+    match source {
+        KeySource::Record => r.key.as_deref().map(|k| object_key(Some(k))),
+        KeySource::Header(name) => r
+            .headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone()),
+        KeySource::Json(pointer) => {
+            let value: serde_json::Value = serde_json::from_slice(&r.value).ok()?;
+            match value.pointer(pointer)? {
+                serde_json::Value::Null => None,
+                serde_json::Value::String(s) => Some(s.clone()),
+                other => Some(other.to_string()),
+            }
+        }
     }
 }
 
@@ -882,6 +1536,7 @@ type Traced = (
 
 /// A record copied out of the consumer's buffer.
 struct OwnedRecord {
+    topic: String,
     partition: i32,
     offset: i64,
     timestamp: Option<i64>,
@@ -906,6 +1561,7 @@ impl From<&BorrowedMessage<'_>> for OwnedRecord {
             })
             .unwrap_or_default();
         OwnedRecord {
+            topic: m.topic().to_string(),
             partition: m.partition(),
             offset: m.offset(),
             timestamp: m.timestamp().to_millis(),

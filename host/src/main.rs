@@ -185,17 +185,32 @@ enum ClustersCommand {
 
 #[derive(Subcommand)]
 enum SubscriptionsCommand {
-    /// Subscribe a topic to a handler: `--source kafka://local/orders --sink service://Orders/handle`.
+    /// Subscribe topics to a handler: `--source kafka://local/orders --sink service://Orders/handle`.
     Create {
-        /// kafka://CLUSTER/TOPIC
+        /// kafka://CLUSTER/TOPIC, kafka://CLUSTER/T1,T2 or kafka://CLUSTER/^PATTERN
         #[arg(long)]
         source: String,
         /// service://SERVICE/HANDLER
         #[arg(long)]
         sink: String,
-        /// Consumer options, KEY=VALUE (e.g. auto.offset.reset=latest); repeatable.
+        /// Consumer options, KEY=VALUE (e.g. fetch.min.bytes=1); repeatable.
         #[arg(short, long = "option", value_parser = key_value)]
         options: Vec<(String, String)>,
+        /// The object key: `key` (the record's), `header:NAME` or `json:/POINTER`.
+        #[arg(long)]
+        key: Option<String>,
+        /// Records without a key: `empty`, `spread` or `dead-letter`.
+        #[arg(long)]
+        null_key: Option<String>,
+        /// A failed invocation: `pause` or `dead-letter`.
+        #[arg(long)]
+        on_failure: Option<String>,
+        /// kafka://CLUSTER/TOPIC receiving dead letters.
+        #[arg(long)]
+        dead_letter: Option<String>,
+        /// `earliest`, `latest` or `timestamp:RFC3339`.
+        #[arg(long)]
+        start_at: Option<String>,
         #[command(flatten)]
         admin: AdminUrl,
     },
@@ -210,6 +225,23 @@ enum SubscriptionsCommand {
     Resume(Invocation),
     /// Remove a subscription.
     Delete(Invocation),
+    /// Skip the record a subscription stopped on (its paused invocation
+    /// completes as skipped), then resume: `cairn subscriptions skip sub_... --partition 0 --offset 41`.
+    Skip {
+        /// The subscription id.
+        id: String,
+        /// The record's topic (needed when the subscription reads several).
+        #[arg(long)]
+        topic: Option<String>,
+        /// The record's partition.
+        #[arg(long)]
+        partition: i32,
+        /// The record's offset.
+        #[arg(long)]
+        offset: i64,
+        #[command(flatten)]
+        admin: AdminUrl,
+    },
 }
 
 #[derive(Subcommand)]
@@ -464,10 +496,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 source,
                 sink,
                 options,
+                key,
+                null_key,
+                on_failure,
+                dead_letter,
+                start_at,
                 admin,
             } => {
                 let options: BTreeMap<_, _> = options.into_iter().collect();
-                let body = json!({ "source": source, "sink": sink, "options": options });
+                let mut body = json!({ "source": source, "sink": sink, "options": options });
+                let settings = [
+                    ("key", key),
+                    ("null_key", null_key),
+                    ("on_failure", on_failure),
+                    ("dead_letter", dead_letter),
+                    ("start_at", start_at),
+                ];
+                for (name, value) in settings {
+                    if let Some(value) = value {
+                        body[name] = json!(value);
+                    }
+                }
                 admin_call(&admin, Method::POST, "/subscriptions", Some(body)).await
             }
             SubscriptionsCommand::List { admin } => {
@@ -484,6 +533,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             SubscriptionsCommand::Delete(it) => {
                 let path = format!("/subscriptions/{}", it.id);
                 admin_call(&it.admin, Method::DELETE, &path, None).await
+            }
+            SubscriptionsCommand::Skip {
+                id,
+                topic,
+                partition,
+                offset,
+                admin,
+            } => {
+                let body = json!({ "topic": topic, "partition": partition, "offset": offset });
+                let path = format!("/subscriptions/{id}/skip");
+                admin_call(&admin, Method::POST, &path, Some(body)).await
             }
         },
         Command::Schedules { command } => match command {

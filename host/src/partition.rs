@@ -127,6 +127,14 @@ pub enum Message {
     /// A change of a table shared by every partition
     /// ([`crate::store::is_shared`]), written on partition 0.
     Replicate(Change),
+    /// Stop a subscription on a record whose invocation failed
+    /// (`on_failure = "pause"`); sent to partition 0, which runs it.
+    StopSubscription {
+        /// The subscription's id.
+        id: String,
+        /// Why, for the operator.
+        reason: String,
+    },
 }
 
 impl Message {

@@ -149,6 +149,7 @@ pub struct InvocationRecord {
 
 /// A Kafka cluster registered by name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ClusterRecord {
     /// Its name, as used in `kafka://name/topic`.
     pub name: String,
@@ -191,14 +192,16 @@ pub fn redacted(
         .collect()
 }
 
-/// A subscription from a Kafka topic to a handler.
+/// A subscription from Kafka topics to a handler.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SubscriptionRecord {
     /// `sub_...`.
     pub id: String,
     /// The cluster's name.
     pub cluster: String,
-    /// The topic.
+    /// The topics: one name, names separated by commas, or a regular
+    /// expression starting with `^` (every matching topic, including
+    /// topics created later).
     pub topic: String,
     /// The sink service.
     pub service: String,
@@ -206,11 +209,170 @@ pub struct SubscriptionRecord {
     pub handler: String,
     /// Consumer options (`auto.offset.reset`, ...).
     pub options: std::collections::BTreeMap<String, String>,
-    /// Paused by an operator.
+    /// Paused by an operator (or stopped on a record).
     pub paused: bool,
+    /// How records become invocations and what a failed one does.
+    pub delivery: Delivery,
+}
+
+/// How a subscription maps records to invocations and handles the
+/// invocations that fail (see `kafka`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// Its name, when it comes from the config file (`[[kafka.subscriptions]]`).
+    pub name: Option<String>,
+    /// Where the object key comes from.
+    pub key: KeySource,
+    /// What a record without a key does.
+    pub null_key: NullKey,
+    /// What an invocation that fails for good does.
+    pub on_failure: OnFailure,
+    /// `kafka://cluster/topic` for dead letters.
+    pub dead_letter: Option<String>,
+    /// Where a new subscription starts reading.
+    pub start_at: StartAt,
+}
+
+/// Where a record's object key comes from: its key (`key`), a header
+/// (`header:NAME`) or a JSON pointer into its value (`json:/a/b`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum KeySource {
+    /// The record's key.
+    #[default]
+    Record,
+    /// The first header with this name (case-insensitive).
+    Header(String),
+    /// The value at this JSON pointer (RFC 6901) of the record's JSON value.
+    Json(String),
+}
+
+impl std::fmt::Display for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::Record => f.write_str("key"),
+            KeySource::Header(name) => write!(f, "header:{name}"),
+            KeySource::Json(pointer) => write!(f, "json:{pointer}"),
+        }
+    }
+}
+
+impl From<KeySource> for String {
+    fn from(k: KeySource) -> String {
+        k.to_string()
+    }
+}
+
+impl TryFrom<String> for KeySource {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.split_once(':') {
+            None if s == "key" => Ok(KeySource::Record),
+            Some(("header", name)) if !name.is_empty() => {
+                Ok(KeySource::Header(name.to_ascii_lowercase()))
+            }
+            Some(("json", pointer)) if pointer.starts_with('/') => {
+                Ok(KeySource::Json(pointer.to_string()))
+            }
+            _ => Err(format!(
+                "key {s:?} is not `key`, `header:NAME` or `json:/POINTER`"
+            )),
+        }
+    }
+}
+
+/// What a record without a key (or without the header or JSON field its
+/// key comes from) does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NullKey {
+    /// The empty key: all such records queue behind each other.
+    #[default]
+    Empty,
+    /// A key of its own (`topic:partition:offset`): they run concurrently.
+    Spread,
+    /// Not invoked: produced to the dead-letter topic.
+    DeadLetter,
+}
+
+/// What happens when an invocation created by a record fails terminally,
+/// traps, or runs out of attempts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFailure {
+    /// The invocation pauses (keeping its key) and the subscription stops
+    /// consuming, with the reason, until an operator resumes, retries or
+    /// skips it.
+    #[default]
+    Pause,
+    /// The invocation completes as failed, the record goes to the
+    /// dead-letter topic, and the key moves on.
+    DeadLetter,
+}
+
+/// Where a new subscription starts reading.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum StartAt {
+    /// The oldest record kept.
+    #[default]
+    Earliest,
+    /// The records produced after the subscription is created.
+    Latest,
+    /// The first record at or after this time (ms since the epoch).
+    Timestamp(i64),
+}
+
+impl std::fmt::Display for StartAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartAt::Earliest => f.write_str("earliest"),
+            StartAt::Latest => f.write_str("latest"),
+            StartAt::Timestamp(ms) => match chrono::DateTime::from_timestamp_millis(*ms) {
+                Some(t) => write!(f, "timestamp:{}", t.to_rfc3339()),
+                None => write!(f, "timestamp:{ms}"),
+            },
+        }
+    }
+}
+
+impl From<StartAt> for String {
+    fn from(s: StartAt) -> String {
+        s.to_string()
+    }
+}
+
+impl TryFrom<String> for StartAt {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "earliest" => Ok(StartAt::Earliest),
+            "latest" => Ok(StartAt::Latest),
+            _ => s
+                .strip_prefix("timestamp:")
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| StartAt::Timestamp(t.timestamp_millis()))
+                .ok_or_else(|| {
+                    format!("start_at {s:?} is not `earliest`, `latest` or `timestamp:RFC3339`")
+                }),
+        }
+    }
 }
 
 impl SubscriptionRecord {
+    /// Whether it reads every topic matching a regular expression.
+    pub fn is_pattern(&self) -> bool {
+        self.topic.starts_with('^')
+    }
+
+    /// The topics (or the one pattern) it subscribes to.
+    pub fn topics(&self) -> Vec<&str> {
+        match self.is_pattern() {
+            true => vec![self.topic.as_str()],
+            false => self.topic.split(',').map(str::trim).collect(),
+        }
+    }
+
     /// `kafka://cluster/topic`.
     pub fn source(&self) -> String {
         format!("kafka://{}/{}", self.cluster, self.topic)
@@ -268,4 +430,20 @@ pub struct ScheduleRecord {
     pub target: Target,
     /// The JSON input of each tick.
     pub input: Vec<u8>,
+}
+
+/// A record to produce to a dead-letter topic: the original record of a
+/// failed invocation, with headers saying why and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The dead-letter cluster's name and topic.
+    pub cluster: String,
+    pub topic: String,
+    /// The original key, value and headers, then the `cairn-*` headers.
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// When the failure was recorded, ms since the epoch (a restart looks
+    /// for the letter in the topic from then on before producing it again).
+    pub created_ms: u64,
 }

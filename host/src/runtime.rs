@@ -295,7 +295,7 @@ impl Runtime {
             Ok(Ok(output)) => {
                 match check_size("the output", output.len(), self.limits.max_value_bytes) {
                     Ok(()) => AttemptEnd::Success(output),
-                    Err(e) => self.trapped(e, in_step),
+                    Err(e) => self.trapped(e, in_step, None),
                 }
             }
             Ok(Err(wit::HandlerError::Terminal(t))) => AttemptEnd::Terminal {
@@ -303,12 +303,17 @@ impl Runtime {
                 message: t.message,
             },
             Ok(Err(wit::HandlerError::Retryable(reason))) => AttemptEnd::Retryable(reason),
-            Err(e) => self.trapped(e, in_step),
+            Err(e) => self.trapped(e, in_step, data.output.panic_message()),
         }
     }
 
     /// What a trap or a host error means for the invocation.
-    fn trapped(&self, e: wasmtime::Error, in_step: bool) -> AttemptEnd {
+    /// `panic`: what the guest printed when it panicked, if it did.
+    fn trapped(&self, e: wasmtime::Error, in_step: bool, panic: Option<String>) -> AttemptEnd {
+        let trap = || match &panic {
+            Some(panic) => format!("guest panicked: {panic}"),
+            None => format!("guest trapped: {e:#}"),
+        };
         let deterministic = !in_step;
         match e.downcast_ref::<HostTrap>() {
             Some(HostTrap::Mismatch(m)) => AttemptEnd::Stopped(m.to_string()),
@@ -334,9 +339,9 @@ impl Runtime {
                 AttemptEnd::Trapped(format!("guest trapped: {e}"))
             }
             None if deterministic && e.downcast_ref::<wasmtime::Trap>().is_some() => {
-                AttemptEnd::Trapped(format!("guest trapped: {e:#}"))
+                AttemptEnd::Trapped(trap())
             }
-            Some(_) | None => AttemptEnd::Retryable(format!("guest trapped: {e:#}")),
+            Some(_) | None => AttemptEnd::Retryable(trap()),
         }
     }
 
@@ -378,6 +383,7 @@ impl Runtime {
             in_step,
             ticks: 0,
             turn: Turn::new(self.turns.of(&service)),
+            output,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter_async(|s| &mut s.memory);
@@ -536,6 +542,8 @@ pub struct GuestState {
     ticks: u64,
     /// This guest's place in its service's CPU turns.
     turn: Turn,
+    /// Its stdout and stderr (a trap's panic message is read from it).
+    output: GuestOutput,
 }
 
 impl GuestState {

@@ -479,9 +479,10 @@ impl Collector for Gauges {
         for sub in self.subscriptions.gauges() {
             metrics::gauge!("cairn_subscription_in_flight", "subscription" => sub.id.clone())
                 .set(sub.in_flight as f64);
-            for (kafka_partition, lag) in sub.lag {
+            for ((topic, kafka_partition), lag) in sub.lag {
                 let labels = [
                     ("subscription", sub.id.clone()),
+                    ("topic", topic),
                     ("kafka_partition", kafka_partition.to_string()),
                 ];
                 metrics::gauge!("cairn_subscription_lag", &labels).set(lag as f64);
@@ -546,6 +547,12 @@ impl Engine {
         tracing::info!(resumed, "recovered unfinished invocations");
         let subscriptions =
             crate::kafka::Subscriptions::start(invoker.clone(), config.kafka.max_in_flight)?;
+        if partitioning.me == 0 {
+            subscriptions
+                .reconcile(&config.kafka.clusters, &config.kafka.subscriptions)
+                .await
+                .context("invalid [[kafka.clusters]] or [[kafka.subscriptions]] in the config")?;
+        }
         // Configured schedules tick on partition 0 only (their
         // invocations go where their targets live).
         let configured = config

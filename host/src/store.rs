@@ -12,11 +12,12 @@ use crate::journal::{Command, Completion, Entry, Outcome};
 use crate::listing::{Cursor, Filter, Page, SCAN_BUDGET};
 use crate::partition::{Message, INPUT_POSITION};
 use crate::records::{
-    ClusterRecord, DeploymentRecord, HandlerKind, InvocationRecord, ScheduleRecord,
+    ClusterRecord, DeadLetter, DeploymentRecord, HandlerKind, InvocationRecord, ScheduleRecord,
     SubscriptionRecord,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
-use serde::{de::DeserializeOwned, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::Path;
 
 /// Declares the tables: their definitions, the [`Tables`] of a write
@@ -149,7 +150,7 @@ tables! {
     /// name -> postcard(ClusterRecord)
     clusters: KAFKA_CLUSTERS = "kafka_clusters", Some(KAFKA_CLUSTERS_ID), <&'static str, &'static [u8]>;
     /// id -> postcard(SubscriptionRecord)
-    subscriptions: SUBSCRIPTIONS = "subscriptions", Some(15), <&'static str, &'static [u8]>;
+    subscriptions: SUBSCRIPTIONS = "subscriptions", Some(SUBSCRIPTIONS_ID), <&'static str, &'static [u8]>;
     /// name -> postcard(ScheduleRecord)
     schedules: SCHEDULES = "schedules", Some(16), <&'static str, &'static [u8]>;
     /// scope -> max concurrent attempts (flow control)
@@ -164,6 +165,10 @@ tables! {
     /// (facet, created ms, invocation id): the listing indexes
     /// (see [`crate::listing`])
     listing: LISTING = "listing", Some(21), <(&'static str, u64, &'static str), ()>;
+    /// invocation id -> postcard(DeadLetter): records to produce to a
+    /// dead-letter topic, written with the failure, taken once the broker
+    /// has them.
+    dead_letters: DEAD_LETTERS = "dead_letters", Some(22), <&'static str, &'static [u8]>;
     /// Facts about this host's copy of the store (never replicated): the
     /// changelog position it has applied.
     local: LOCAL = "local", None, <&'static str, u64>;
@@ -171,6 +176,9 @@ tables! {
 
 /// The changelog id of the Kafka clusters' table.
 const KAFKA_CLUSTERS_ID: u8 = 14;
+/// The changelog id of the subscriptions' table (shared: an invocation's
+/// partition reads its subscription's failure policy).
+const SUBSCRIPTIONS_ID: u8 = 15;
 
 /// Whether rows of table `id` belong to the whole application, not to one
 /// partition: partition 0 writes them and sends every change to the other
@@ -178,7 +186,7 @@ const KAFKA_CLUSTERS_ID: u8 = 14;
 /// instead (each partition compiles them); subscriptions and schedules
 /// run on partition 0 only.
 pub fn is_shared(id: u8) -> bool {
-    id == KAFKA_CLUSTERS_ID
+    id == KAFKA_CLUSTERS_ID || id == SUBSCRIPTIONS_ID
 }
 
 /// The `local` row holding the changelog position applied.
@@ -216,6 +224,36 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_stdvec(value).expect("records always encode")
+}
+
+/// A stored subscription; one written before subscriptions had
+/// [`crate::records::Delivery`] settings gets the defaults.
+fn decode_subscription(bytes: &[u8]) -> StoreResult<SubscriptionRecord> {
+    #[derive(Deserialize)]
+    struct Before {
+        id: String,
+        cluster: String,
+        topic: String,
+        service: String,
+        handler: String,
+        options: std::collections::BTreeMap<String, String>,
+        paused: bool,
+    }
+    decode("subscriptions", bytes).or_else(|e| {
+        let Ok(b) = postcard::from_bytes::<Before>(bytes) else {
+            return Err(e);
+        };
+        Ok(SubscriptionRecord {
+            id: b.id,
+            cluster: b.cluster,
+            topic: b.topic,
+            service: b.service,
+            handler: b.handler,
+            options: b.options,
+            paused: b.paused,
+            delivery: Default::default(),
+        })
+    })
 }
 
 fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> StoreResult<T> {
@@ -525,7 +563,10 @@ impl Store {
 
     /// Every subscription.
     pub fn subscriptions(&self) -> StoreResult<Vec<SubscriptionRecord>> {
-        self.all(SUBSCRIPTIONS, "subscriptions")
+        self.values(SUBSCRIPTIONS)?
+            .iter()
+            .map(|b| decode_subscription(b))
+            .collect()
     }
 
     fn all<T: DeserializeOwned>(
@@ -533,13 +574,16 @@ impl Store {
         def: TableDefinition<&str, &[u8]>,
         name: &'static str,
     ) -> StoreResult<Vec<T>> {
-        let raw = self.read(|t| {
+        self.values(def)?.iter().map(|b| decode(name, b)).collect()
+    }
+
+    fn values(&self, def: TableDefinition<&str, &[u8]>) -> StoreResult<Vec<Vec<u8>>> {
+        self.read(|t| {
             t.open_table(def)?
                 .iter()?
                 .map(|row| Ok(row?.1.value().to_vec()))
                 .collect::<Result<Vec<_>, redb::Error>>()
-        })?;
-        raw.iter().map(|b| decode(name, b)).collect()
+        })
     }
 
     /// A deployment's component bytes.
@@ -600,6 +644,7 @@ impl Store {
                 ("promises", t.open_table(PROMISES)?.len()?),
                 ("promise_waiters", t.open_table(PROMISE_WAITERS)?.len()?),
                 ("outbox", t.open_table(OUTBOX)?.len()?),
+                ("dead_letters", t.open_table(DEAD_LETTERS)?.len()?),
                 ("listing", t.open_table(LISTING)?.len()?),
             ])
         })
@@ -618,6 +663,39 @@ impl Store {
         })
     }
 
+    /// Subscription `id`, if it exists.
+    pub fn subscription(&self, id: &str) -> StoreResult<Option<SubscriptionRecord>> {
+        let row = self.read(|t| {
+            Ok(t.open_table(SUBSCRIPTIONS)?
+                .get(id)?
+                .map(|v| v.value().to_vec()))
+        })?;
+        row.map(|v| decode_subscription(&v)).transpose()
+    }
+
+    /// The records an operator skipped before subscription `id` ingested
+    /// them: `(topic, partition) -> offset`.
+    pub fn skips(&self, id: &str) -> StoreResult<HashMap<(String, i32), i64>> {
+        let prefix = skip_key(id, "", 0);
+        let prefix = &prefix[..prefix.len() - "/0".len()];
+        self.read(|t| {
+            let meta = t.open_table(META)?;
+            let mut skips = HashMap::new();
+            for row in meta.range(prefix..)? {
+                let (k, v) = row?;
+                let Some(rest) = k.value().strip_prefix(prefix) else {
+                    break;
+                };
+                if let Some((topic, p)) = rest.rsplit_once('/') {
+                    if let Ok(p) = p.parse() {
+                        skips.insert((topic.to_string(), p), v.value() as i64);
+                    }
+                }
+            }
+            Ok(skips)
+        })
+    }
+
     /// Why subscription `id` stopped, if it did.
     pub fn subscription_stop(&self, id: &str) -> StoreResult<Option<String>> {
         self.read(|t| {
@@ -625,6 +703,23 @@ impl Store {
                 .get(id)?
                 .map(|v| v.value().to_string()))
         })
+    }
+
+    /// Every dead letter not yet produced.
+    pub fn dead_letters(&self) -> StoreResult<Vec<(InvocationId, DeadLetter)>> {
+        let rows = self.read(|t| {
+            t.open_table(DEAD_LETTERS)?
+                .iter()?
+                .map(|row| {
+                    let (k, v) = row?;
+                    Ok((k.value().to_string(), v.value().to_vec()))
+                })
+                .collect::<Result<Vec<_>, redb::Error>>()
+        })?;
+        rows.into_iter()
+            .filter_map(|(id, v)| Some((id.parse().ok()?, v)))
+            .map(|(id, v)| Ok((id, decode("dead_letters", &v)?)))
+            .collect()
     }
 
     /// Every outside effect journaled but not answered: `(invocation, command)`.
@@ -649,6 +744,12 @@ impl Store {
 /// The `meta` row counting the invocations subscription `id` created.
 fn ingested_key(subscription: &str) -> String {
     format!("ingested:{subscription}")
+}
+
+/// The `meta` row of a record skipped before subscription `id` ingested
+/// it (its value is the offset).
+fn skip_key(subscription: &str, topic: &str, partition: i32) -> String {
+    format!("skip:{subscription}:{topic}/{partition}")
 }
 
 /// The `meta` row of a schedule's last fired tick.
@@ -836,6 +937,23 @@ impl<'txn> Tables<'txn> {
     /// transaction); `false` if it was answered already.
     pub fn take_outbox(&mut self, id: &InvocationId, command: u32) -> StoreResult<bool> {
         self.outbox.remove((id.as_str(), command))
+    }
+
+    /// Record a dead letter to produce (in the failure's transaction).
+    pub fn put_dead_letter(&mut self, id: &InvocationId, letter: &DeadLetter) -> StoreResult<()> {
+        self.dead_letters
+            .insert(id.as_str(), encode(letter).as_slice())
+    }
+
+    /// Take a produced dead letter out.
+    pub fn take_dead_letter(&mut self, id: &InvocationId) -> StoreResult<bool> {
+        self.dead_letters.remove(id.as_str())
+    }
+
+    /// The subscription `id`, as of this transaction.
+    pub fn subscription(&self, id: &str) -> StoreResult<Option<SubscriptionRecord>> {
+        let row = self.subscriptions.get(id).map_err(StoreError::redb)?;
+        row.map(|v| decode_subscription(v.value())).transpose()
     }
 
     /// Register a pending awakeable.
@@ -1106,12 +1224,24 @@ impl<'txn> Tables<'txn> {
         }
     }
 
+    /// Stop subscription `id` on a record: paused, with the reason shown
+    /// until an operator resumes it; `false` if there is no such subscription.
+    pub fn stop_subscription(&mut self, id: &str, reason: &str) -> StoreResult<bool> {
+        let Some(mut sub) = self.subscription(id)? else {
+            return Ok(false);
+        };
+        sub.paused = true;
+        self.put_subscription(&sub)?;
+        self.set_subscription_stop(id, Some(reason))?;
+        Ok(true)
+    }
+
     /// Every subscription, as of this transaction.
     pub fn subscriptions(&self) -> StoreResult<Vec<SubscriptionRecord>> {
         let mut all = Vec::new();
         for row in self.subscriptions.iter().map_err(StoreError::redb)? {
             let (_, v) = row.map_err(StoreError::redb)?;
-            all.push(decode("subscriptions", v.value())?);
+            all.push(decode_subscription(v.value())?);
         }
         Ok(all)
     }
@@ -1152,10 +1282,45 @@ impl<'txn> Tables<'txn> {
         self.meta.insert(last_tick_key(name).as_str(), tick_ms)
     }
 
-    /// Delete a subscription (and its stop reason); `false` if there was none.
+    /// Remember that the record at `topic`/`partition`@`offset` is to be
+    /// skipped when subscription `id` reads it.
+    pub fn put_skip(
+        &mut self,
+        id: &str,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> StoreResult<()> {
+        let key = skip_key(id, topic, partition);
+        self.meta.insert(key.as_str(), offset as u64)
+    }
+
+    /// Forget a skip once the record is passed.
+    pub fn take_skip(&mut self, id: &str, topic: &str, partition: i32) -> StoreResult<bool> {
+        self.meta.remove(skip_key(id, topic, partition).as_str())
+    }
+
+    /// Delete a subscription (and its stop reason, count and skips);
+    /// `false` if there was none.
     pub fn remove_subscription(&mut self, id: &str) -> StoreResult<bool> {
         self.set_subscription_stop(id, None)?;
         self.meta.remove(ingested_key(id).as_str())?;
+        let prefix = format!("skip:{id}:");
+        let mut skips = Vec::new();
+        for row in self
+            .meta
+            .range(prefix.as_str()..)
+            .map_err(StoreError::redb)?
+        {
+            let (k, _) = row.map_err(StoreError::redb)?;
+            match k.value().starts_with(&prefix) {
+                true => skips.push(k.value().to_string()),
+                false => break,
+            }
+        }
+        for key in skips {
+            self.meta.remove(key.as_str())?;
+        }
         self.subscriptions.remove(id)
     }
 

@@ -167,11 +167,38 @@ pub async fn subscribe(host: &Host, bootstrap: &str, topic: &str, sink: &str) ->
     r.json()["id"].as_str().unwrap().to_string()
 }
 
-/// Every record of partition 0 of `topic`: (key, value, headers).
-pub async fn read_all(
-    bootstrap: &str,
-    topic: &str,
-) -> Vec<(Option<Vec<u8>>, Vec<u8>, Vec<(String, String)>)> {
+/// A record read back: (key, value, headers).
+pub type ReadRecord = (Option<Vec<u8>>, Vec<u8>, Vec<(String, String)>);
+
+/// Every record of partition 0 of `topic`.
+pub async fn read_all(bootstrap: &str, topic: &str) -> Vec<ReadRecord> {
+    read_partition(bootstrap, topic, 0).await
+}
+
+/// Every record of every partition of `topic`, partition by partition.
+pub async fn read_partitions(bootstrap: &str, topic: &str) -> Vec<ReadRecord> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("a consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let partitions: Vec<i32> = metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
+    let mut out = Vec::new();
+    for p in partitions {
+        out.extend(read_partition(bootstrap, topic, p).await);
+    }
+    out
+}
+
+/// Every record of partition `partition` of `topic`.
+pub async fn read_partition(bootstrap: &str, topic: &str, partition: i32) -> Vec<ReadRecord> {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::{Headers, Message};
     use rdkafka::{Offset, TopicPartitionList};
@@ -181,15 +208,15 @@ pub async fn read_all(
         .set("enable.auto.commit", "false")
         .create()
         .expect("a consumer");
-    let (_, high) = consumer
-        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
         .expect("watermarks");
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+    tpl.add_partition_offset(topic, partition, Offset::Beginning)
         .unwrap();
     consumer.assign(&tpl).unwrap();
     let mut out = Vec::new();
-    while (out.len() as i64) < high {
+    while (out.len() as i64) < high - low {
         let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
             .await
             .expect("records arrive")

@@ -270,6 +270,9 @@ pub struct Event {
     /// A slow outside call to make first, if any.
     #[serde(default)]
     pub url: Option<String>,
+    /// A poison record: the handler panics on it (a trap, not retried).
+    #[serde(default)]
+    pub poison: bool,
 }
 
 /// What `Events` saw of a key's records.
@@ -288,6 +291,7 @@ pub struct Events;
 impl Events {
     /// Record the event (after the outside call, if it has one).
     pub fn handle(ctx: &Context, event: Event) -> HandlerResult<usize> {
+        assert!(!event.poison, "poison record {}", event.n);
         if let Some(url) = &event.url {
             ctx.run("call", || cairn_sdk::http::get(url).map(|r| r.status))?;
         }
