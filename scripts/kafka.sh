@@ -8,7 +8,9 @@
 #   scripts/kafka.sh reset    # stop it and delete its data (topics, groups), keeping the jars
 #   scripts/kafka.sh status   # running or not
 #
-# The broker listens on 127.0.0.1:${KAFKA_PORT:-9092} (controller on the next port).
+# The broker listens on 127.0.0.1:${KAFKA_PORT:-9092} (controller on the next port),
+# and with SASL_PLAINTEXT / PLAIN on KAFKA_PORT + 100 (user "cairn", password
+# "cairn-secret"), for the tests of authenticated clusters.
 #
 # Cluster mode: three KRaft nodes (each broker and controller) with replication
 # factor 3 and min.insync.replicas=2, for the tests that lose a broker:
@@ -63,10 +65,13 @@ properties() {
   cat <<PROPS
 process.roles=broker,controller
 node.id=$1
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller,SASL_PLAINTEXT://127.0.0.1:$((port + 100))
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,SASL_PLAINTEXT://127.0.0.1:$((port + 100))
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="cairn" password="cairn-secret" user_cairn="cairn-secret";
 $4
 log.dirs=$data/logs
 num.partitions=4

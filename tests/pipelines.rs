@@ -544,3 +544,114 @@ async fn subscriptions_in_the_config_file_are_created_changed_and_removed_at_sta
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("service Nope not found"), "{stderr}");
 }
+
+#[tokio::test]
+async fn raw_values_reach_the_handler_as_bytes_and_raw_records_go_out_with_headers() {
+    let broker = require_broker();
+    let (lines, out) = (unique_topic("lines"), unique_topic("lines-out"));
+    create_topic(&lines, 1).await;
+    create_topic(&out, 2).await;
+    let text = |v: &str| Record {
+        key: Some(b"acct".to_vec()),
+        value: v.as_bytes().to_vec(),
+        headers: vec![],
+    };
+    produce(&lines, vec![text("amount=5"), text("amount=7")]).await;
+    let host = Host::start_with(options(&format!("[guest_env]\nLINES_OUT = \"{out}\"\n"))).await;
+    subscribe_with(
+        &host,
+        &broker,
+        json!({ "source": format!("kafka://local/{lines}"), "sink": "service://Lines/ingest" }),
+    )
+    .await;
+    until("both lines sent on", Duration::from_secs(120), || async {
+        cairn_tests::kafka::read_partition(&broker, &out, 0)
+            .await
+            .len()
+            == 2
+    })
+    .await;
+    let sent = cairn_tests::kafka::read_partition(&broker, &out, 0).await;
+    let values: Vec<&[u8]> = sent.iter().map(|(_, v, _)| v.as_slice()).collect();
+    assert_eq!(
+        values,
+        vec![&b"acct:5"[..], &b"acct:12"[..]],
+        "raw bytes, not JSON"
+    );
+    assert_eq!(sent[1].0.as_deref(), Some(&b"acct"[..]));
+    assert_eq!(header(&sent[1].2, "x-source-offset"), "1");
+    assert!(header(&sent[1].2, "cairn-produce-id").starts_with("inv_"));
+    assert!(
+        cairn_tests::kafka::read_partition(&broker, &out, 1)
+            .await
+            .is_empty(),
+        "the partition it named"
+    );
+}
+
+/// The broker's SASL_PLAINTEXT / PLAIN listener (`scripts/kafka.sh`: the
+/// plain port + 100).
+fn sasl_bootstrap(broker: &str) -> String {
+    let (host, port) = broker.rsplit_once(':').expect("host:port");
+    format!("{host}:{}", port.parse::<u16>().expect("a port") + 100)
+}
+
+#[tokio::test]
+async fn a_sasl_plaintext_cluster_from_the_config_file_is_consumed_and_produced_to() {
+    let broker = require_broker();
+    let sasl = sasl_bootstrap(&broker);
+    assert!(
+        std::net::TcpStream::connect(&sasl).is_ok(),
+        "no SASL listener at {sasl}: restart the broker with `scripts/kafka.sh reset && scripts/kafka.sh start`"
+    );
+    let (topic, dlq) = (unique_topic("sasl"), unique_topic("sasl-dlq"));
+    create_topic(&topic, 1).await;
+    create_topic(&dlq, 1).await;
+    produce(
+        &topic,
+        vec![
+            event("s", 1),
+            Record::json("s", &json!({ "n": 2, "poison": true })),
+            event("s", 3),
+        ],
+    )
+    .await;
+    let config = |password: &str| {
+        options(&format!(
+            "[[kafka.clusters]]\nname = \"secure\"\n\
+             properties = {{ \"bootstrap.servers\" = \"{sasl}\", \"security.protocol\" = \"SASL_PLAINTEXT\", \
+             \"sasl.mechanism\" = \"PLAIN\", \"sasl.username\" = \"cairn\", \"sasl.password\" = \"{password}\" }}\n\
+             [[kafka.subscriptions]]\nname = \"secure-events\"\nsource = \"kafka://secure/{topic}\"\n\
+             sink = \"service://Events/handle\"\ndead_letter = \"kafka://secure/{dlq}\"\n"
+        ))
+    };
+    // A wrong password: nothing is read, and the log says why.
+    let mut host = Host::start_with(config("wrong")).await;
+    until(
+        "the authentication failure",
+        Duration::from_secs(60),
+        || async { host.log().contains("Authentication failed") },
+    )
+    .await;
+    assert!(numbers(&host, "s").await.is_empty());
+    let clusters = host.admin_get("/kafka-clusters").await;
+    assert_eq!(
+        clusters["clusters"][0]["properties"]["sasl.password"], "<redacted>",
+        "{clusters}"
+    );
+    // The right one: consumed, and the poison record dead-lettered, both
+    // through the SASL listener.
+    host.restart_with(config("cairn-secret")).await;
+    until(
+        "the records through SASL",
+        Duration::from_secs(120),
+        || async { numbers(&host, "s").await == vec![1, 3] },
+    )
+    .await;
+    until(
+        "the dead letter through SASL",
+        Duration::from_secs(60),
+        || async { read_all(&broker, &dlq).await.len() == 1 },
+    )
+    .await;
+}

@@ -219,6 +219,18 @@ impl Context {
             .map(|h| h.value.as_str())
     }
 
+    /// The Kafka record this invocation was created from, if a
+    /// subscription created it: topic, partition, offset, timestamp, key
+    /// and headers.
+    pub fn kafka_record(&self) -> Option<crate::KafkaRecord> {
+        let headers = self
+            .input
+            .headers
+            .iter()
+            .map(|h| (h.name.as_str(), h.value.as_str()));
+        crate::KafkaRecord::from_headers(headers)
+    }
+
     /// The raw request body.
     pub fn payload(&self) -> &[u8] {
         &self.input.payload
@@ -449,6 +461,25 @@ impl Context {
     ) -> Pending<Produced> {
         let bytes = serde_json::to_vec(value).expect("record values serialize to JSON");
         Pending::new(host::kafka_produce(cluster, topic, key, &bytes))
+    }
+
+    /// Produce `record` durably, like [`Context::kafka_produce`], with its
+    /// headers, its value as given (no JSON encoding) and its partition, if
+    /// it names one.
+    pub fn kafka_send(&self, record: crate::kafka::Record) -> Pending<Produced> {
+        let message = host::KafkaRecord {
+            cluster: record.cluster,
+            topic: record.topic,
+            partition: record.partition,
+            key: record.key,
+            value: record.value,
+            headers: record
+                .headers
+                .into_iter()
+                .map(|(name, value)| host::KafkaHeader { name, value })
+                .collect(),
+        };
+        Pending::new(host::kafka_send(&message))
     }
 
     /// Have the host make an HTTP request, durably: journaled before it is

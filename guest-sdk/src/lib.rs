@@ -28,8 +28,12 @@
 //! cairn_sdk::export!(Counter);
 //! ```
 //!
-//! Inputs and outputs are any serde types, JSON on the wire. A handler
-//! without an input parameter accepts an empty body.
+//! Inputs and outputs are any serde types, JSON on the wire; an input of
+//! type [`Raw`] takes the body's bytes as they are (Kafka values that are
+//! not JSON). A handler without an input parameter accepts an empty body.
+//! [`Context::kafka_record`] describes the Kafka record behind an
+//! invocation; [`Context::kafka_send`] produces records with headers, raw
+//! values and a partition ([`kafka`]).
 //!
 //! ## Durability
 //!
@@ -58,6 +62,7 @@
 mod context;
 mod error;
 pub mod http;
+pub mod kafka;
 
 #[doc(hidden)]
 pub mod bindings {
@@ -75,11 +80,13 @@ pub use context::{
     join_all, Context, HttpCall, HttpResponse, Pending, Produced, Selectable, StepRetry, Target,
 };
 pub use error::{HandlerError, HandlerResult, TerminalError};
+pub use kafka::{KafkaRecord, Raw};
 
 /// What most handler crates need: `use cairn_sdk::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        Context, HandlerError, HandlerResult, HttpCall, Pending, StepRetry, Target, TerminalError,
+        Context, HandlerError, HandlerResult, HttpCall, KafkaRecord, Pending, Raw, StepRetry,
+        Target, TerminalError,
     };
 }
 
@@ -147,7 +154,7 @@ pub trait Service {
 pub mod __private {
     //! Glue used by the macros; not part of the public API.
     use super::*;
-    use serde::{de::DeserializeOwned, Serialize};
+    use serde::Serialize;
 
     /// A service's entry point: run a handler, `None` if there is no such handler.
     pub type Invoke = fn(&str, &Context) -> Option<Result<Vec<u8>, HandlerError>>;
@@ -171,25 +178,18 @@ pub mod __private {
         }
     }
 
-    /// Decode the invocation's JSON input (an empty body reads as `null`),
-    /// call the handler and encode its output.
+    /// Decode the invocation's input (JSON, an empty body reading as
+    /// `null`; the bytes for [`crate::Raw`]), call the handler and encode
+    /// its output.
     pub fn call_with_input<I, O>(
         ctx: &Context,
         f: impl FnOnce(&Context, I) -> Result<O, HandlerError>,
     ) -> Result<Vec<u8>, HandlerError>
     where
-        I: DeserializeOwned,
+        I: crate::kafka::Input,
         O: Serialize,
     {
-        let payload = ctx.payload();
-        let body: &[u8] = if payload.iter().all(u8::is_ascii_whitespace) {
-            b"null"
-        } else {
-            payload
-        };
-        let input = serde_json::from_slice(body).map_err(|e| {
-            TerminalError::with_code(400, format!("cannot decode the handler's input: {e}"))
-        })?;
+        let input = I::from_payload(ctx.payload())?;
         encode_output(f(ctx, input)?)
     }
 

@@ -972,7 +972,11 @@ fn entry_json(index: u32, entry: &Entry, commands: &[String]) -> Value {
                 Command::Sleep { wake_at_ms } => v["wake_at"] = json!(rfc3339(*wake_at_ms)),
                 Command::CompleteAwakeable { outcome, .. }
                 | Command::CompletePromise { outcome, .. } => v["outcome"] = outcome_json(outcome),
-                Command::Produce { value, .. } => v["value"] = payload(value),
+                Command::Produce { .. } | Command::SendRecord(_) => {
+                    if let Some(record) = c.kafka_record() {
+                        v["value"] = payload(&record.value);
+                    }
+                }
                 _ => {}
             }
             v

@@ -45,6 +45,14 @@ fn payload(command: &Command) -> Option<(&'static str, usize)> {
     match command {
         Command::SetState { value, .. } => Some(("the state value", value.len())),
         Command::Produce { value, .. } => Some(("the Kafka record", value.len())),
+        Command::SendRecord(r) => Some((
+            "the Kafka record",
+            r.value.len()
+                + r.headers
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>(),
+        )),
         Command::Call { input, .. } => Some(("the call's input", input.len())),
         Command::Send { input, .. } => Some(("the send's input", input.len())),
         Command::CompleteAwakeable { outcome, .. } => {
@@ -412,7 +420,7 @@ impl DurableContext {
                 });
                 return Ok(None);
             }
-            Command::Produce { .. } | Command::HttpCall(_) => {
+            Command::Produce { .. } | Command::SendRecord(_) | Command::HttpCall(_) => {
                 let effect = command.clone();
                 self.append_with(command, None, index, move |t, inv| {
                     t.put_outbox(&id, index)?;
@@ -1019,6 +1027,24 @@ impl context::Host for GuestState {
             key,
             value,
         })
+        .await?;
+        Ok(d.journal.issued() - 1)
+    }
+
+    async fn kafka_send(&mut self, record: context::KafkaRecord) -> wasmtime::Result<u32> {
+        let d = self.durable()?;
+        d.durable(Command::SendRecord(crate::journal::KafkaRecord {
+            cluster: record.cluster,
+            topic: record.topic,
+            partition: record.partition,
+            key: record.key,
+            value: record.value,
+            headers: record
+                .headers
+                .into_iter()
+                .map(|h| (h.name, h.value))
+                .collect(),
+        }))
         .await?;
         Ok(d.journal.issued() - 1)
     }

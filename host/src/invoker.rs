@@ -263,6 +263,11 @@ impl Invoker {
         &self.committer
     }
 
+    /// The Kafka producers of durable produce and dead letters.
+    pub fn producers(&self) -> &crate::kafka::Producers {
+        &self.producers
+    }
+
     /// The service registry.
     pub fn registry(&self) -> &Registry {
         &self.registry
@@ -1752,21 +1757,17 @@ impl Invoker {
             let started = std::time::SystemTime::now();
             let traceparent = traced.map(|(span, _)| span.header());
             let outcome = match &effect {
-                Command::Produce {
-                    cluster,
-                    topic,
-                    key,
-                    value,
-                } => {
+                Command::Produce { .. } | Command::SendRecord(_) => {
+                    let r = effect.kafka_record().expect("a produce command");
                     let effect_id = format!("{id}:{command}");
                     let record = crate::kafka::Produced {
                         produce_id: &effect_id,
-                        cluster,
-                        topic,
-                        partition: None,
-                        key: key.as_deref(),
-                        value,
-                        headers: &[],
+                        cluster: &r.cluster,
+                        topic: &r.topic,
+                        partition: r.partition,
+                        key: r.key.as_deref(),
+                        value: &r.value,
+                        headers: &r.headers,
                         traceparent: traceparent.as_deref(),
                     };
                     me.producers.send(record).await
@@ -2118,7 +2119,8 @@ fn trace_effect(
             attributes.push(KeyValue::new("url.full", request.url.clone()));
             (format!("http_call {}", request.method), SpanKind::Client)
         }
-        Command::Produce { cluster, topic, .. } => {
+        Command::Produce { cluster, topic, .. }
+        | Command::SendRecord(crate::journal::KafkaRecord { cluster, topic, .. }) => {
             attributes.push(KeyValue::new("messaging.system", "kafka"));
             attributes.push(KeyValue::new("messaging.destination.name", topic.clone()));
             (

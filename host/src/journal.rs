@@ -74,6 +74,50 @@ pub enum Command {
     HttpCall(HttpRequest),
     /// Cancel another invocation.
     Cancel { id: String },
+    /// Produce a Kafka record with headers, a raw value and maybe a
+    /// partition (`kafka-send`; `Produce` is `kafka-produce`'s, kept for
+    /// the journals that hold it).
+    SendRecord(KafkaRecord),
+}
+
+/// A Kafka record a handler produces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KafkaRecord {
+    /// The registered cluster's name.
+    pub cluster: String,
+    /// The topic.
+    pub topic: String,
+    /// The partition; `None`: the key's.
+    pub partition: Option<i32>,
+    /// The key.
+    pub key: Option<Vec<u8>>,
+    /// The value.
+    pub value: Vec<u8>,
+    /// The headers, in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Command {
+    /// The Kafka record a produce command sends, if it is one.
+    pub fn kafka_record(&self) -> Option<KafkaRecord> {
+        match self {
+            Command::Produce {
+                cluster,
+                topic,
+                key,
+                value,
+            } => Some(KafkaRecord {
+                cluster: cluster.clone(),
+                topic: topic.clone(),
+                partition: None,
+                key: key.clone(),
+                value: value.clone(),
+                headers: Vec::new(),
+            }),
+            Command::SendRecord(record) => Some(record.clone()),
+            _ => None,
+        }
+    }
 }
 
 /// An HTTP request the host makes for a guest.
@@ -169,7 +213,10 @@ impl Command {
             Command::PeekPromise { name } => format!("peek-promise {name:?}"),
             Command::CompletePromise { name, .. } => format!("complete-promise {name:?}"),
             Command::Now => "now".into(),
-            Command::Produce { cluster, topic, .. } => format!("produce kafka://{cluster}/{topic}"),
+            Command::Produce { cluster, topic, .. }
+            | Command::SendRecord(KafkaRecord { cluster, topic, .. }) => {
+                format!("produce kafka://{cluster}/{topic}")
+            }
             Command::HttpCall(r) => format!("http {} {}", r.method, r.url),
             Command::Cancel { id } => format!("cancel {id}"),
         }
@@ -203,6 +250,7 @@ impl Command {
                 | Command::Awakeable
                 | Command::GetPromise { .. }
                 | Command::Produce { .. }
+                | Command::SendRecord(_)
                 | Command::HttpCall(_)
         )
     }

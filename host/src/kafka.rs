@@ -259,7 +259,10 @@ impl Subscriptions {
     }
 
     /// Register or replace a cluster.
-    pub async fn put_cluster(&self, cluster: ClusterRecord) -> Result<(), SubscriptionError> {
+    pub async fn put_cluster(
+        self: &Arc<Self>,
+        cluster: ClusterRecord,
+    ) -> Result<(), SubscriptionError> {
         if cluster.name.is_empty() || cluster.name.contains('/') {
             return Err(SubscriptionError::Invalid(format!(
                 "invalid cluster name {:?}",
@@ -271,10 +274,25 @@ impl Subscriptions {
                 "properties must include bootstrap.servers".into(),
             ));
         }
+        let name = cluster.name.clone();
         self.invoker
             .committer()
             .commit(move |t| t.put_cluster(&cluster))
             .await;
+        // Clients made with the old properties go: the cached producer and
+        // the running consumers of the cluster's subscriptions.
+        self.invoker.producers().forget(&name);
+        let of_cluster: Vec<SubscriptionRecord> = self
+            .invoker
+            .store()
+            .subscriptions()?
+            .into_iter()
+            .filter(|s| s.cluster == name && self.running.lock().unwrap().contains_key(&s.id))
+            .collect();
+        for sub in of_cluster {
+            self.stop(&sub.id);
+            self.launch(sub)?;
+        }
         Ok(())
     }
 
@@ -922,6 +940,11 @@ impl Producers {
         Ok(producer)
     }
 
+    /// Drop the cached producer of `cluster` (its properties changed).
+    pub fn forget(&self, cluster: &str) {
+        self.cache.lock().unwrap().remove(cluster);
+    }
+
     /// Send one record, tagged `produce_id`, until the broker acknowledges
     /// it: `{"partition", "offset"}`, or a failure for an unknown cluster.
     pub async fn send(&self, r: Produced<'_>) -> crate::journal::Outcome {
@@ -942,7 +965,12 @@ impl Producers {
                     value: Some(traceparent),
                 });
             }
-            for (key, value) in r.headers {
+            let ours = |name: &str| {
+                name == PRODUCE_ID
+                    || (r.traceparent.is_some()
+                        && name.eq_ignore_ascii_case(crate::traces::TRACEPARENT))
+            };
+            for (key, value) in r.headers.iter().filter(|(k, _)| !ours(k)) {
                 headers = headers.insert(rdkafka::message::Header {
                     key,
                     value: Some(value),

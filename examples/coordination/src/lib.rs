@@ -357,6 +357,38 @@ impl Emitter {
     }
 }
 
+/// Text records (`amount=5`), not JSON: totals per key, each forwarded
+/// as a raw record.
+pub struct Lines;
+
+#[cairn_sdk::object]
+impl Lines {
+    /// Add the line's amount to the key's total and send `key:total` as
+    /// plain bytes to `[guest_env] LINES_OUT` (partition 0), with the
+    /// source record's offset in header `x-source-offset`.
+    pub fn ingest(ctx: &Context, line: Raw) -> HandlerResult<i64> {
+        let text = String::from_utf8_lossy(&line.0);
+        let amount: i64 = text
+            .trim()
+            .strip_prefix("amount=")
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| TerminalError::with_code(400, format!("not amount=N: {text:?}")))?;
+        let record = ctx
+            .kafka_record()
+            .ok_or_else(|| TerminalError::new("not created by a Kafka record"))?;
+        let total = ctx.get::<i64>("total")?.unwrap_or(0) + amount;
+        ctx.set("total", &total);
+        let out = cairn_sdk::kafka::Record::new("local", &cairn_sdk::env("LINES_OUT")?)
+            .key(ctx.key())
+            .partition(0)
+            .bytes(format!("{}:{total}", ctx.key()))
+            .header("x-source-offset", record.offset.to_string());
+        ctx.kafka_send(out).wait()?;
+        Ok(total)
+    }
+}
+
 cairn_sdk::export!(
-    Sleeper, Log, Doubler, Tally, Chain, Approval, Signup, Trip, Steps2, Events, Emitter, Enrich
+    Sleeper, Log, Doubler, Tally, Chain, Approval, Signup, Trip, Steps2, Events, Emitter, Enrich,
+    Lines
 );
