@@ -22,7 +22,7 @@ build coordination coordination-v2 --features v2
 build sim sim-v2 --features v2
 # The pattern examples (docs/patterns.md), the simulation's handlers and the
 # hostile guests of the security tests, in one cargo run.
-patterns=(burst reminders inventory dispatcher enrichment payments signup sim hostile)
+patterns=(burst reminders inventory dispatcher enrichment payments signup orders sim hostile)
 [ -z "$quiet" ] && echo "build-examples.sh: ${patterns[*]}" >&2
 cargo build $quiet --target wasm32-wasip2 --profile wasm "${patterns[@]/#/-p}"
 for p in "${patterns[@]}"; do cp "$TARGET/wasm32-wasip2/wasm/$p.wasm" "$out/$p.wasm"; done

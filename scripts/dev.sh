@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start a host with the example handlers deployed (basics, coordination and
-# the seven patterns of docs/patterns.md): embedded redb in ./cairn-data,
+# the nine patterns of docs/patterns.md): embedded redb in ./cairn-data,
 # ingress on 127.0.0.1:8080, admin API on 127.0.0.1:9070.
 # Extra arguments go to `cairn serve` (see `cairn serve --help`).
 set -euo pipefail
@@ -13,7 +13,7 @@ CAIRN_BUILD_PROGRESS=1 scripts/build-examples.sh >/dev/null
 echo "dev.sh: building the host" >&2
 cargo build -p cairn
 modules=()
-for m in basics coordination burst reminders inventory dispatcher enrichment payments signup; do
+for m in basics coordination burst reminders inventory dispatcher enrichment payments signup orders; do
   modules+=(--deploy "$CARGO_TARGET_DIR/examples-wasm/$m.wasm")
 done
 exec "$CARGO_TARGET_DIR/debug/cairn" serve --data-dir ./cairn-data "${modules[@]}" \

@@ -813,3 +813,117 @@ async fn signup_workflow_verifies_reminds_expires_and_announces_once_across_a_ki
         assert_eq!(s.body, json!(stage).to_string(), "{user}");
     }
 }
+
+#[tokio::test]
+async fn orders_are_keyed_by_the_customer_in_the_payload_and_poison_orders_are_parked_once() {
+    const CUSTOMERS: usize = 20;
+    const ORDERS: usize = 600;
+    let bootstrap = require_broker();
+    let (topic, dlq) = (unique_topic("orders"), unique_topic("orders-dlq"));
+    create_topic(&topic, 3).await;
+    create_topic(&dlq, 1).await;
+    // The config file owns the cluster and both subscriptions.
+    let config = format!(
+        "[[kafka.clusters]]\nname = \"local\"\nproperties = {{ \"bootstrap.servers\" = \"{bootstrap}\" }}\n\n\
+         [[kafka.subscriptions]]\nname = \"orders\"\nsource = \"kafka://local/{topic}\"\n\
+         sink = \"service://Customer/order\"\nkey = \"json:/customer/id\"\nnull_key = \"dead-letter\"\n\
+         dead_letter = \"kafka://local/{dlq}\"\n\n\
+         [[kafka.subscriptions]]\nname = \"orders-review\"\nsource = \"kafka://local/{dlq}\"\n\
+         sink = \"service://Review/park\"\nkey = \"header:cairn-source-topic\"\n"
+    );
+    let mut host = Host::start_with(HostOptions {
+        config,
+        deploy: vec![example("orders")],
+    })
+    .await;
+    // Keyed by order id, as the producer's database has it: a customer's
+    // orders land on every partition.
+    let order = |i: usize| {
+        let customer = format!("c{}", i % CUSTOMERS);
+        Record::json(
+            &format!("order-{i}"),
+            &json!({ "order": format!("o{i}"), "amount": i, "customer": { "id": customer } }),
+        )
+    };
+    let raw = |key: &str, value: &[u8]| Record {
+        key: Some(key.as_bytes().to_vec()),
+        value: value.to_vec(),
+        headers: vec![],
+    };
+    let mut records: Vec<Record> = (0..ORDERS / 2).map(order).collect();
+    records.push(Record::json(
+        "order-bad",
+        &json!({ "order": "bad", "amount": -5, "customer": { "id": "c7" } }),
+    ));
+    records.push(Record::json(
+        "order-anon",
+        &json!({ "order": "anon", "amount": 1 }),
+    ));
+    records.push(raw("order-garbage", b"\x00\x01 not json"));
+    produce(&topic, records).await;
+    until("the first half", Duration::from_secs(120), || async {
+        let c0 = query(&host, "/Customer/c0/summary").await;
+        c0["orders"].as_array().is_some_and(|o| o.len() >= 5)
+    })
+    .await;
+    host.kill();
+    host.restart().await;
+    produce(&topic, (ORDERS / 2..ORDERS).map(order).collect()).await;
+    until("every good order", Duration::from_secs(180), || async {
+        let mut applied = 0;
+        for c in 0..CUSTOMERS {
+            let s = query(&host, &format!("/Customer/c{c}/summary")).await;
+            applied += s["orders"].as_array().map_or(0, Vec::len);
+        }
+        applied == ORDERS
+    })
+    .await;
+    for c in 0..CUSTOMERS {
+        let s = query(&host, &format!("/Customer/c{c}/summary")).await;
+        let mut got: Vec<String> = serde_json::from_value(s["orders"].clone()).unwrap();
+        got.sort();
+        let mut want: Vec<String> = (0..ORDERS)
+            .filter(|i| i % CUSTOMERS == c)
+            .map(|i| format!("o{i}"))
+            .collect();
+        want.sort();
+        assert_eq!(got, want, "c{c}: each of its orders once");
+        let total: usize = (0..ORDERS).filter(|i| i % CUSTOMERS == c).sum();
+        assert_eq!(s["total"], total, "c{c}: the exact total");
+    }
+    until(
+        "three parked dead letters",
+        Duration::from_secs(60),
+        || async {
+            query(&host, &format!("/Review/{topic}/list"))
+                .await
+                .as_array()
+                .map_or(0, Vec::len)
+                == 3
+        },
+    )
+    .await;
+    let parked = query(&host, &format!("/Review/{topic}/list")).await;
+    let errors: Vec<&str> = parked
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["error"].as_str().unwrap())
+        .collect();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("422") && e.contains("negative amount")),
+        "{parked}"
+    );
+    assert_eq!(
+        errors.iter().filter(|e| e.contains("no key")).count(),
+        2,
+        "{parked}"
+    );
+    assert_eq!(
+        read_all(&bootstrap, &dlq).await.len(),
+        3,
+        "each poison record once"
+    );
+}
