@@ -14,6 +14,9 @@
 #     then the restart time after a SIGKILL
 #   scripts/bench.sh listing [--listing N]   # a million stored invocations, then
 #     the latency of filtered GET /invocations pages
+#   scripts/bench.sh kafka [--pipeline N] [--seconds S]   # N (500,000) records
+#     pre-produced on 6 partitions into Counter/add: records/s, CPU, RSS; then
+#     a steady 5,000 records/s for S (20) s: p50/p99 from produce to handler
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
@@ -141,5 +144,10 @@ fi
 if ! scripts/kafka.sh status >/dev/null 2>&1; then
   scripts/kafka.sh start
   trap 'scripts/kafka.sh stop' EXIT
+fi
+if [ "${1:-}" = kafka ]; then
+  shift
+  "$CARGO_TARGET_DIR/release/cairn-loadgen" --pipeline 500000 --seconds 20 "$@"
+  exit 0
 fi
 "$CARGO_TARGET_DIR/release/cairn-loadgen" "$@"

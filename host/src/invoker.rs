@@ -496,7 +496,9 @@ impl Invoker {
             t.put_idempotent(&target, key, &record.id)?;
         }
         record.seq = t.next_seq()?;
-        t.put_invocation(&record)?;
+        // New: a taken idempotency key returned above, and fresh ids are
+        // random (fixed ones, cron ticks', come with idempotency keys).
+        t.put_invocation_over(None, &record)?;
         if record.status == Status::Completed {
             self.rejected_in(t, &record)?;
             return Ok(None);
@@ -1311,11 +1313,12 @@ impl Invoker {
         }
         let fenced = self.fence.close(id);
         let now = self.clock.now_ms();
+        let before = r.clone();
         r.status = Status::Completed;
         r.attempts = attempts.unwrap_or(r.attempts);
         r.outcome = Some(outcome.clone());
         r.completed_ms = Some(now);
-        t.put_invocation(&r)?;
+        t.put_invocation_over(Some(&before), &r)?;
         let mut labels = self.labels(&r.target);
         let elapsed = now.saturating_sub(r.created_ms) as f64 / 1000.0;
         metrics::histogram!("cairn_invocation_duration_seconds", &labels).record(elapsed);

@@ -828,16 +828,27 @@ impl<'txn> Tables<'txn> {
     /// Insert or replace an invocation record; keeps the active set and the
     /// per-key inbox in step with its status.
     pub fn put_invocation(&mut self, record: &InvocationRecord) -> StoreResult<()> {
+        let before = self.invocation(&record.id)?;
+        self.put_invocation_over(before.as_ref(), record)
+    }
+
+    /// [`Tables::put_invocation`] for a caller that holds the stored
+    /// record, as of this transaction (`None`: there is none): the hot
+    /// paths, creation and completion, save a read of the record.
+    pub fn put_invocation_over(
+        &mut self,
+        before: Option<&InvocationRecord>,
+        record: &InvocationRecord,
+    ) -> StoreResult<()> {
         use crate::records::Status;
         let id = record.id.as_str();
-        let before = self.invocation(&record.id)?;
-        if let (None, Some(subscription)) = (&before, &record.source) {
+        if let (None, Some(subscription)) = (before, &record.source) {
             let key = ingested_key(subscription);
             let count = self.meta.get(key.as_str()).map_err(StoreError::redb)?;
             let count = count.map_or(0, |v| v.value());
             self.meta.insert(key.as_str(), count + 1)?;
         }
-        self.index(before.as_ref(), Some(record))?;
+        self.index(before, Some(record))?;
         self.invocations.insert(id, encode(record).as_slice())?;
         let finished = record.status == Status::Completed;
         if finished {

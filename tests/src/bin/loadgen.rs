@@ -52,6 +52,15 @@ struct Args {
     /// pages of `GET /invocations` (p50/p99 of 50 requests per filter).
     #[arg(long)]
     listing: Option<u64>,
+    /// Kafka pipeline: pre-produce this many records (1,000 keys, 6
+    /// partitions), subscribe `Counter/add` and print records/s, the host's
+    /// CPU and peak RSS; then a steady 5,000 records/s for `--seconds` into
+    /// `Latency/observe` with the p50/p99 from produce to the handler.
+    #[arg(long)]
+    pipeline: Option<usize>,
+    /// Records per second of the pipeline's steady phase.
+    #[arg(long, default_value_t = 5000)]
+    steady_rate: u64,
 }
 
 struct Scenario {
@@ -117,6 +126,12 @@ async fn main() -> anyhow::Result<()> {
             anyhow::anyhow!("the listing run starts its own host: omit --ingress")
         })?;
         return listing(&args, host, n).await;
+    }
+    if let Some(n) = args.pipeline {
+        let host = host.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("the pipeline run starts its own host: omit --ingress")
+        })?;
+        return pipeline(&args, host, n).await;
     }
     if let Some(n) = args.timers {
         let host = host
@@ -340,40 +355,8 @@ async fn kafka(host: &Host, name: &str, sink: &str, n: usize) {
     let elapsed = started.elapsed();
     let mut latency = String::new();
     if sink.contains("Latency") {
-        let mut histogram = std::collections::BTreeMap::<u64, u64>::new();
-        for k in 0..1000 {
-            let h: std::collections::BTreeMap<u64, u64> = host
-                .post(&format!("/Latency/k{k}/histogram"), "", &[])
-                .await
-                .json()
-                .as_object()
-                .map(|o| {
-                    o.iter()
-                        .map(|(k, v)| (k.parse().unwrap(), v.as_u64().unwrap()))
-                        .collect()
-                })
-                .unwrap_or_default();
-            for (ms, count) in h {
-                *histogram.entry(ms).or_default() += count;
-            }
-        }
-        let total: u64 = histogram.values().sum();
-        let pct = |p: f64| {
-            let mut seen = 0;
-            histogram
-                .iter()
-                .find(|(_, c)| {
-                    seen += **c;
-                    seen as f64 >= total as f64 * p
-                })
-                .map_or(0, |(ms, _)| *ms)
-        };
-        latency = format!(
-            ", end-to-end latency p50 {} ms, p99 {} ms, max {} ms",
-            pct(0.5),
-            pct(0.99),
-            histogram.keys().last().copied().unwrap_or(0)
-        );
+        let (p50, p99, max) = latencies(host, "k").await;
+        latency = format!(", end-to-end latency p50 {p50} ms, p99 {p99} ms, max {max} ms");
     }
     println!(
         "{:<14} {n} records into {sink}: {:.0} records/s from the first produce to the last finished invocation (producing took {:.1} s){latency}; host peak so far {} MiB",
@@ -382,6 +365,121 @@ async fn kafka(host: &Host, name: &str, sink: &str, n: usize) {
         produced.as_secs_f64(),
         peak_mib(host)
     );
+}
+
+/// p50, p99 and max (ms) of the latencies `Latency/{prefix}0..999` saw.
+async fn latencies(host: &Host, prefix: &str) -> (u64, u64, u64) {
+    let mut histogram = std::collections::BTreeMap::<u64, u64>::new();
+    for k in 0..1000 {
+        let h = host
+            .post(&format!("/Latency/{prefix}{k}/histogram"), "", &[])
+            .await
+            .json();
+        for (ms, count) in h.as_object().into_iter().flatten() {
+            *histogram.entry(ms.parse().unwrap()).or_default() += count.as_u64().unwrap();
+        }
+    }
+    let total: u64 = histogram.values().sum();
+    let pct = |p: f64| {
+        let mut seen = 0;
+        histogram
+            .iter()
+            .find(|(_, c)| {
+                seen += **c;
+                seen as f64 >= total as f64 * p
+            })
+            .map_or(0, |(ms, _)| *ms)
+    };
+    let max = histogram.keys().last().copied().unwrap_or(0);
+    (pct(0.5), pct(0.99), max)
+}
+
+/// CPU seconds process `pid` has used (user + system).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime, stime
+    // are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum();
+    ticks / 100.0 // USER_HZ
+}
+
+/// The Kafka pipeline benchmark (see `--pipeline`).
+async fn pipeline(args: &Args, host: &Host, n: usize) -> anyhow::Result<()> {
+    use cairn_tests::kafka::{create_topic, produce, require_broker, unique_topic, Record};
+    let broker = require_broker();
+    let topic = unique_topic("pipeline");
+    create_topic(&topic, 6).await;
+    let t = Instant::now();
+    produce(
+        &topic,
+        (0..n)
+            .map(|i| Record::json(&format!("k{}", i % 1000), &serde_json::json!(1)))
+            .collect(),
+    )
+    .await;
+    println!(
+        "pre-produced {n} records over 1,000 keys on 6 partitions in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let (cpu0, started) = (cpu_seconds(host.pid()), Instant::now());
+    let sub = cairn_tests::kafka::subscribe(host, &broker, &topic, "service://Counter/add").await;
+    wait_ingested(host, &sub, n as u64).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(host.pid()) - cpu0;
+    println!(
+        "catch-up: {n} records into Counter/add in {elapsed:.1} s: {:.0} records/s; host CPU {:.0}% \
+         ({cpu:.1} s of {} cores); host peak RSS {} MiB",
+        n as f64 / elapsed,
+        100.0 * cpu / elapsed,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        peak_mib(host)
+    );
+    // Steady: a paced producer, records to 1,000 `Latency` keys.
+    let topic = unique_topic("steady");
+    create_topic(&topic, 6).await;
+    let sub =
+        cairn_tests::kafka::subscribe(host, &broker, &topic, "service://Latency/observe").await;
+    produce(&topic, vec![Record::json("warm-up", &serde_json::json!(1))]).await;
+    wait_ingested(host, &sub, 1).await;
+    let total = (args.steady_rate * args.seconds) as usize;
+    let tick = Duration::from_millis(10);
+    let per_tick = (args.steady_rate / 100).max(1) as usize;
+    // No linger: a record's timestamp is taken when it is handed over.
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "0")
+        .create()?;
+    let (cpu0, started) = (cpu_seconds(host.pid()), Instant::now());
+    let mut sent = 0;
+    let mut next = Instant::now();
+    while sent < total {
+        let batch: Vec<Record> = (sent..(sent + per_tick).min(total))
+            .map(|i| Record::json(&format!("s{}", i % 1000), &serde_json::json!(1)))
+            .collect();
+        sent += batch.len();
+        cairn_tests::kafka::produce_with(&producer, &topic, batch).await;
+        next += tick;
+        tokio::time::sleep_until(next.into()).await;
+    }
+    wait_ingested(host, &sub, total as u64 + 1).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(host.pid()) - cpu0;
+    let (p50, p99, max) = latencies(host, "s").await;
+    println!(
+        "steady: {total} records at {} records/s into Latency/observe: produce to handler p50 {p50} ms, \
+         p99 {p99} ms, max {max} ms; host CPU {:.0}%; host peak RSS {} MiB",
+        args.steady_rate,
+        100.0 * cpu / elapsed,
+        peak_mib(host)
+    );
+    Ok(())
 }
 
 /// The host's peak memory so far (VmHWM), in MiB.
