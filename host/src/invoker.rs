@@ -1162,6 +1162,9 @@ impl Invoker {
             (Some(sub), failed) if sub.delivery.on_failure == OnFailure::DeadLetter => {
                 let outcome = failed.into_outcome();
                 let letter = crate::kafka::dead_letter(record, sub, &outcome, self.now_ms());
+                if letter.is_none() {
+                    tracing::error!(invocation = %record.id, subscription = %sub.id, "no dead-letter topic: the failed record is only in the invocation");
+                }
                 return self.complete_with(record, attempts, outcome, letter).await;
             }
             (subscription, failed) => {

@@ -1,5 +1,6 @@
-//! Kafka subscriptions: every record of a topic becomes exactly one durable
-//! invocation of a handler.
+//! Kafka subscriptions: every record of a topic (of several topics, or of
+//! every topic matching a pattern) becomes exactly one durable invocation
+//! of a handler.
 //!
 //! Lifecycle: a subscription (stored in redb) gets one consumer task while
 //! it exists and is not paused. The task reads records in batches and
@@ -25,11 +26,25 @@
 //! `kafka.max_in_flight`, its partitions are paused until they drain to half
 //! of that. Nothing is dropped; the log holds what is not yet ingested.
 //!
-//! Record keys become object keys. Keys that are UTF-8 (and do not start
-//! with `hex:`) are used as they are; other keys are written `hex:` followed
-//! by the bytes in lower-case hex, which is reversible. The handler sees the
-//! record's topic, partition, offset, timestamp, key and headers as
-//! invocation headers (`x-kafka-*` plus the record's own headers).
+//! Object keys come from the record's key (default), a header or a JSON
+//! pointer into the value (`key`). Record keys that are UTF-8 (and do not
+//! start with `hex:`) are used as they are; other keys are written `hex:`
+//! followed by the bytes in lower-case hex, which is reversible. A record
+//! without that key goes to the empty key, a key of its own, or the
+//! dead-letter topic (`null_key`). The handler sees the record's topic,
+//! partition, offset, timestamp, key and headers as invocation headers
+//! (`x-kafka-*` plus the record's own headers; the SDK's `kafka_record()`).
+//!
+//! A failed invocation (terminal error, trap, attempts exhausted) does what
+//! the subscription's `on_failure` says, in the invoker's `give_up`: pause
+//! and stop the subscription on its record (until resumed, or the record
+//! skipped: [`Subscriptions::skip`]), or complete and send the original
+//! record to the dead-letter topic exactly once ([`dead_letter`],
+//! [`Producers::holds`]).
+//!
+//! Config as code: [`Subscriptions::reconcile`] makes the stored clusters
+//! and named subscriptions match `[[kafka.clusters]]` and
+//! `[[kafka.subscriptions]]` at start.
 
 use crate::invoker::{Invoker, NewInvocation};
 use crate::records::{
@@ -114,6 +129,15 @@ fn parse_source(source: &str) -> Option<(&str, &str)> {
         })
 }
 
+/// A client configuration with `cluster`'s properties.
+fn client(cluster: &ClusterRecord) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (k, v) in &cluster.properties {
+        config.set(k, v);
+    }
+    config
+}
+
 /// Commit the offsets where a new subscription starts (`start_at`
 /// `latest` or a timestamp) for its consumer group.
 fn start_offsets(
@@ -121,11 +145,7 @@ fn start_offsets(
     sub: &SubscriptionRecord,
 ) -> rdkafka::error::KafkaResult<()> {
     let timeout = Duration::from_secs(10);
-    let mut config = ClientConfig::new();
-    for (k, v) in &cluster.properties {
-        config.set(k, v);
-    }
-    let consumer: rdkafka::consumer::BaseConsumer = config
+    let consumer: rdkafka::consumer::BaseConsumer = client(cluster)
         .set("group.id", format!("cairn-{}", sub.id))
         .set("enable.auto.commit", "false")
         .create()?;
@@ -810,16 +830,18 @@ fn consumer(
     sub: &SubscriptionRecord,
     context: Context,
 ) -> rdkafka::error::KafkaResult<SubscriptionConsumer> {
-    let mut config = ClientConfig::new();
     // librdkafka prefetches up to 100,000 records per partition and 64 MiB
     // per consumer by default; ingest is paced by `max_in_flight`, so a
     // smaller prefetch costs no throughput. The cluster's properties and the
     // subscription's options may raise it.
-    config
-        .set("queued.min.messages", "10000")
-        .set("queued.max.messages.kbytes", "16384");
-    for (k, v) in &cluster.properties {
-        config.set(k, v);
+    let mut config = client(cluster);
+    for (k, v) in [
+        ("queued.min.messages", "10000"),
+        ("queued.max.messages.kbytes", "16384"),
+    ] {
+        if config.get(k).is_none() {
+            config.set(k, v);
+        }
     }
     config
         .set("group.id", format!("cairn-{}", sub.id))
@@ -916,11 +938,7 @@ impl Producers {
             .into_iter()
             .find(|c| c.name == cluster)
             .ok_or_else(|| format!("unknown Kafka cluster {cluster}"))?;
-        let mut client = ClientConfig::new();
-        for (k, v) in &config.properties {
-            client.set(k, v);
-        }
-        Ok(client)
+        Ok(client(&config))
     }
 
     fn producer(&self, cluster: &str) -> Result<rdkafka::producer::FutureProducer, String> {

@@ -343,13 +343,7 @@ async fn kafka(host: &Host, name: &str, sink: &str, n: usize) {
     produce(&topic, vec![Record::json("warm-up", &serde_json::json!(1))]).await;
     wait_ingested(host, &sub, 1).await;
     let started = Instant::now();
-    produce(
-        &topic,
-        (0..n)
-            .map(|i| Record::json(&format!("k{}", i % 1000), &serde_json::json!(1)))
-            .collect(),
-    )
-    .await;
+    produce(&topic, counts(n)).await;
     let produced = started.elapsed();
     wait_ingested(host, &sub, n as u64 + 1).await;
     let elapsed = started.elapsed();
@@ -365,6 +359,13 @@ async fn kafka(host: &Host, name: &str, sink: &str, n: usize) {
         produced.as_secs_f64(),
         peak_mib(host)
     );
+}
+
+/// `n` records of value 1 over the keys `k0`..`k999`.
+fn counts(n: usize) -> Vec<cairn_tests::kafka::Record> {
+    (0..n)
+        .map(|i| cairn_tests::kafka::Record::json(&format!("k{}", i % 1000), &serde_json::json!(1)))
+        .collect()
 }
 
 /// p50, p99 and max (ms) of the latencies `Latency/{prefix}0..999` saw.
@@ -416,13 +417,7 @@ async fn pipeline(args: &Args, host: &Host, n: usize) -> anyhow::Result<()> {
     let topic = unique_topic("pipeline");
     create_topic(&topic, 6).await;
     let t = Instant::now();
-    produce(
-        &topic,
-        (0..n)
-            .map(|i| Record::json(&format!("k{}", i % 1000), &serde_json::json!(1)))
-            .collect(),
-    )
-    .await;
+    produce(&topic, counts(n)).await;
     println!(
         "pre-produced {n} records over 1,000 keys on 6 partitions in {:.1} s",
         t.elapsed().as_secs_f64()
