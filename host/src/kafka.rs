@@ -129,6 +129,11 @@ fn parse_source(source: &str) -> Option<(&str, &str)> {
         })
 }
 
+/// A fresh subscription id, `sub_...`.
+fn new_subscription_id() -> String {
+    format!("sub_{}", uuid::Uuid::now_v7().simple())
+}
+
 /// A client configuration with `cluster`'s properties.
 fn client(cluster: &ClusterRecord) -> ClientConfig {
     let mut config = ClientConfig::new();
@@ -310,8 +315,7 @@ impl Subscriptions {
             .filter(|s| s.cluster == name && self.running.lock().unwrap().contains_key(&s.id))
             .collect();
         for sub in of_cluster {
-            self.stop(&sub.id);
-            self.launch(sub)?;
+            self.relaunch(sub)?;
         }
         Ok(())
     }
@@ -328,8 +332,7 @@ impl Subscriptions {
                     .into(),
             ));
         }
-        let id = format!("sub_{}", uuid::Uuid::now_v7().simple());
-        let record = self.record_of(spec, id)?;
+        let record = self.record_of(spec, new_subscription_id())?;
         self.add(record).await
     }
 
@@ -535,8 +538,8 @@ impl Subscriptions {
             match stored.iter().find(|s| s.delivery.name == spec.name) {
                 Some(old) => self.change(old, spec).await?,
                 None => {
-                    let id = format!("sub_{}", uuid::Uuid::now_v7().simple());
-                    let record = self.add(self.record_of(spec.clone(), id)?).await?;
+                    let record = self.record_of(spec.clone(), new_subscription_id())?;
+                    let record = self.add(record).await?;
                     tracing::info!(subscription = %record.id, name = ?spec.name, "subscription created from the config");
                 }
             }
@@ -570,10 +573,7 @@ impl Subscriptions {
             .committer()
             .commit(move |t| t.put_subscription(&stored))
             .await;
-        self.stop(&record.id);
-        if !record.paused {
-            self.launch(record.clone())?;
-        }
+        self.relaunch(record.clone())?;
         tracing::info!(subscription = %record.id, name = ?spec.name, "subscription changed to match the config");
         Ok(())
     }
@@ -620,18 +620,25 @@ impl Subscriptions {
                 t.put_subscription(&stored)
             })
             .await;
-        self.stop(id);
-        if !paused {
-            self.launch(record.clone())?;
-        }
+        self.relaunch(record.clone())?;
         Ok(record)
+    }
+
+    /// Stop `record`'s consumer, if it runs, and start a new one with its
+    /// current settings unless it is paused.
+    fn relaunch(self: &Arc<Self>, record: SubscriptionRecord) -> Result<(), StoreError> {
+        self.stop(&record.id);
+        match record.paused {
+            true => Ok(()),
+            false => self.launch(record),
+        }
     }
 
     /// Skip the record at `topic`/`partition`@`offset` that stopped the
     /// subscription: its paused invocation completes as failed ("skipped
     /// by an operator", kept like any outcome), or, when the record never
-    /// became an invocation, its offset is committed past it; then the
-    /// subscription resumes. `topic` may be left out when it reads one topic.
+    /// became an invocation, a durable skip row makes the consumer pass it
+    /// over once; then the subscription resumes. `topic` may be left out when it reads one topic.
     pub async fn skip(
         self: &Arc<Self>,
         id: &str,
@@ -694,12 +701,11 @@ impl Subscriptions {
         let (partition, offset) = (at.1.to_string(), at.2.to_string());
         let mut found = None;
         self.invoker.store().for_each_unfinished(|r| {
-            let header = |name: &str| r.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v);
             let of_record = r.source.as_deref() == Some(id)
                 && r.status == crate::records::Status::Paused
-                && header("x-kafka-topic") == Some(&at.0)
-                && header("x-kafka-partition") == Some(&partition)
-                && header("x-kafka-offset") == Some(&offset);
+                && r.header("x-kafka-topic") == Some(at.0.as_str())
+                && r.header("x-kafka-partition") == Some(partition.as_str())
+                && r.header("x-kafka-offset") == Some(offset.as_str());
             if of_record {
                 found = Some(r.id);
             }
@@ -1120,14 +1126,7 @@ pub fn dead_letter(
     now_ms: u64,
 ) -> Option<DeadLetter> {
     let (cluster, topic) = parse_source(sub.delivery.dead_letter.as_deref()?)?;
-    let header = |name: &str| {
-        record
-            .headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
+    let header = |name: &str| record.header(name).unwrap_or_default().to_string();
     let error = match outcome {
         crate::journal::Outcome::Failure { code, message } => format!("{code} {message}"),
         crate::journal::Outcome::Success(_) => "succeeded".into(),
@@ -1147,11 +1146,7 @@ pub fn dead_letter(
         ("cairn-source-offset", header("x-kafka-offset")),
     ];
     headers.extend(cairn.map(|(k, v)| (k.to_string(), v.into_bytes())));
-    let key = record
-        .headers
-        .iter()
-        .find(|(k, _)| k == "x-kafka-key")
-        .map(|(_, v)| record_key(v));
+    let key = record.header("x-kafka-key").map(record_key);
     Some(DeadLetter {
         cluster: cluster.into(),
         topic: topic.into(),
@@ -1164,13 +1159,7 @@ pub fn dead_letter(
 
 /// Why a subscription stops on the record of failed invocation `record`.
 pub fn stopped_by(record: &InvocationRecord, why: &str) -> String {
-    let header = |name: &str| {
-        record
-            .headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map_or("?", |(_, v)| v.as_str())
-    };
+    let header = |name: &str| record.header(name).unwrap_or("?");
     let (topic, partition, offset) = (
         header("x-kafka-topic"),
         header("x-kafka-partition"),
@@ -1393,6 +1382,9 @@ impl Ingest {
     /// Whether an operator skipped the record at `at` (once).
     fn is_skipped(&self, (topic, partition, offset): &Position) -> bool {
         let mut skips = self.skips.lock().unwrap();
+        if skips.is_empty() {
+            return false; // the usual case: no key to build per record
+        }
         let key = (topic.clone(), *partition);
         let hit = skips.get(&key) == Some(offset);
         if hit {
@@ -1634,12 +1626,7 @@ fn fingerprint(record: &OwnedRecord) -> Option<u64> {
 }
 
 fn invocation_fingerprint(r: &crate::records::InvocationRecord) -> u64 {
-    let timestamp = r
-        .headers
-        .iter()
-        .find(|(k, _)| k == "x-kafka-timestamp")
-        .map(|(_, v)| v.as_str());
-    fnv(&r.input, timestamp)
+    fnv(&r.input, r.header("x-kafka-timestamp"))
 }
 
 fn fnv(value: &[u8], timestamp: Option<&str>) -> u64 {

@@ -394,6 +394,14 @@ pub struct Caller {
 }
 
 impl InvocationRecord {
+    /// The value of its header `name` (names are stored lower-case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
     /// Whether its handler holds the key exclusively.
     pub fn is_exclusive(&self) -> bool {
         self.target.key.is_some() && self.handler_kind != HandlerKind::Shared
