@@ -6,21 +6,25 @@
 //! it exists and is not paused. The task reads records in batches and
 //! queues one invocation per record *in offset order* (so the per-key
 //! queues of virtual objects see a key's records in order, while different
-//! keys run concurrently). Once the whole batch is durable it commits the
-//! offsets to Kafka. A record delivered again after a crash or a rebalance
-//! carries the same idempotency key, `kafka:{subscription}:{topic}:{partition}:{offset}`,
-//! so it maps to the invocation that already exists: exactly one invocation
-//! per record.
+//! keys run concurrently). A batch's invocations are created in one
+//! transaction that also moves the subscription's progress in each
+//! partition (`next`, the offset after its last record); once that is
+//! durable, the offsets are committed to Kafka. A record delivered again
+//! after a crash or a rebalance lies below `next` and is passed over:
+//! exactly one invocation per record, deduplicated by offset the way Kafka
+//! Streams keeps its offsets with its state, not by a key per record (which
+//! would cost two writes per record and keep every record's invocation for
+//! the idempotency retention). See [`Progress`].
 //!
 //! Nothing is skipped without a trace. A record that cannot become an
-//! invocation (its handler was removed by a new deployment, say), or whose
-//! idempotency key already belongs to a *different* record (the topic was
-//! deleted and re-created while the old keys were retained), stops the
+//! invocation (its handler was removed by a new deployment, say), or that
+//! lies below the offset the subscription already committed (the topic was
+//! deleted and re-created, or the group's offsets were reset), stops the
 //! subscription on that record: its offset is not committed, the
 //! subscription is paused, and the reason is shown (`stopped`) until an
 //! operator resumes it. Offsets are committed synchronously, and a failed
 //! commit is retried and logged (the records would only be redelivered and
-//! deduplicated).
+//! passed over).
 //!
 //! Backpressure: when a subscription's unfinished invocations pass
 //! `kafka.max_in_flight`, its partitions are paused until they drain to half
@@ -51,7 +55,7 @@ use crate::records::{
     ClusterRecord, DeadLetter, Delivery, InvocationRecord, KeySource, NullKey, OnFailure, StartAt,
     SubscriptionRecord, Target,
 };
-use crate::store::StoreError;
+use crate::store::{Progress, StoreError};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
@@ -752,6 +756,7 @@ impl Subscriptions {
             consumer: consumer.clone(),
             stats: stats.clone(),
             skips: Mutex::new(self.invoker.store().skips(&record.id)?),
+            standings: Mutex::default(),
             record: record.clone(),
             max_in_flight: self.max_in_flight,
             last_error: std::sync::Mutex::default(),
@@ -1198,6 +1203,8 @@ struct Ingest {
     stats: Arc<Stats>,
     record: SubscriptionRecord,
     max_in_flight: usize,
+    /// Its progress in each partition seen (see [`Progress`]).
+    standings: Mutex<HashMap<(String, i32), Standing>>,
     /// Records an operator skipped before they were ingested:
     /// `(topic, partition) -> offset`.
     skips: Mutex<HashMap<(String, i32), i64>>,
@@ -1308,23 +1315,23 @@ impl Ingest {
         }
     }
 
-    /// Queue one invocation per record, in order; once all are durable,
-    /// commit the offsets. Returns how many records became invocations, and
-    /// why the subscription must stop, if it must: then no offset at or
-    /// past the offending record of its partition is committed, and no
-    /// later record of that partition is ingested.
+    /// Create one invocation per new record, in order, in one transaction
+    /// that also moves the partitions' progress past them; once it is
+    /// durable, commit the offsets. Returns how many records became
+    /// invocations, and why the subscription must stop, if it must: then
+    /// no offset at or past the offending record of its partition is
+    /// committed, and no later record of that partition is ingested.
     async fn ingest(&self, batch: Vec<OwnedRecord>) -> (u64, Option<String>) {
-        let mut queued = Vec::with_capacity(batch.len());
         let mut stop: Option<(Position, String)> = None;
-        let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
-        let stops = |stop: &Option<(Position, String)>, at: &Position| {
-            stop.as_ref()
-                .is_some_and(|((t, p, _), _)| (t, p) == (&at.0, &at.1))
-        };
+        let (mut fresh, mut records) = (Vec::new(), Vec::new());
         let mut skipped = Vec::new();
+        let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
         for record in batch {
             let at = (record.topic.clone(), record.partition, record.offset);
-            if stops(&stop, &at) {
+            if stop
+                .as_ref()
+                .is_some_and(|((t, p, _), _)| (t, *p) == (&at.0, at.1))
+            {
                 continue;
             }
             if self.is_skipped(&at) {
@@ -1332,10 +1339,21 @@ impl Ingest {
                 skipped.push(at);
                 continue;
             }
-            let fingerprint = fingerprint(&record);
-            let (request, traced) = self.request(record);
-            match self.invoker.submit_queued(request) {
-                Ok(answer) => queued.push((at, fingerprint, answer, traced)),
+            let standing = self.standing(&at.0, at.1);
+            if at.2 < standing.progress.committed {
+                stop.get_or_insert_with(|| (at.clone(), stopped_at(&at, WENT_BACK)));
+                continue;
+            }
+            if at.2 < standing.progress.next {
+                offsets.insert((at.0.clone(), at.1), at.2 + 1); // redelivered
+                continue;
+            }
+            let (request, traced) = self.request(record, standing.keyed);
+            match self.invoker.new_record(request) {
+                Ok(invocation) => {
+                    fresh.push((at, traced));
+                    records.push(invocation);
+                }
                 Err(e) => {
                     let reason = stopped_at(&at, &format!("cannot be ingested: {e}"));
                     stop.get_or_insert((at, reason));
@@ -1343,40 +1361,97 @@ impl Ingest {
             }
         }
         let mut ingested = 0;
-        for (at, fingerprint, answer, traced) in queued {
-            let Ok(submitted) = answer.await else {
-                continue;
-            };
-            if stops(&stop, &at) {
-                continue; // ingested after an earlier record of its partition stopped: redelivered, deduplicated
+        let next = last_offsets(fresh.iter().map(|(at, _)| at));
+        if let Some(created) = self.create(records, next, &skipped).await {
+            for ((at, traced), submitted) in fresh.into_iter().zip(created) {
+                if let (Some(traced), false) = (traced, submitted.existing) {
+                    self.trace_ingest(traced, &at, &submitted.id);
+                }
+                ingested += u64::from(!submitted.existing);
+                offsets.insert((at.0, at.1), at.2 + 1);
             }
-            let collides = fingerprint.is_some_and(|f| !self.same_record(&submitted.id, f));
-            if submitted.existing && collides {
-                let why = format!(
-                    "collides with an earlier record at the same offset ({} has its \
-                     idempotency key): was the topic deleted and re-created?",
-                    submitted.id
-                );
-                let reason = stopped_at(&at, &why);
-                stop = Some((at, reason));
-                continue;
-            }
-            if let (Some(traced), false) = (traced, submitted.existing) {
-                self.trace_ingest(traced, &at, &submitted.id);
-            }
-            ingested += 1;
-            let (topic, partition, offset) = at;
-            offsets.insert((topic, partition), offset + 1);
         }
         self.commit_offsets(offsets).await;
-        for (topic, partition, _) in skipped {
-            let id = self.record.id.clone();
-            self.invoker
-                .committer()
-                .commit(move |t| t.take_skip(&id, &topic, partition).map(drop))
-                .await;
-        }
         (ingested, stop.map(|(_, reason)| reason))
+    }
+
+    /// In one transaction: create the invocations of new records, in
+    /// order, move each partition's progress to its `next` offset, count
+    /// them, and drop the skip rows of `skipped` records. The invocations,
+    /// in order; `None` if the partition moved meanwhile.
+    async fn create(
+        &self,
+        records: Vec<InvocationRecord>,
+        next: BTreeMap<(String, i32), i64>,
+        skipped: &[Position],
+    ) -> Option<Vec<crate::invoker::Submitted>> {
+        let (invoker, id, skipped) = (
+            self.invoker.clone(),
+            self.record.id.clone(),
+            skipped.to_vec(),
+        );
+        let progress = next.clone();
+        let created = self.invoker.committer().commit_queued(move |t| {
+            let mut created = Vec::with_capacity(records.len());
+            for record in records {
+                let new = record.id.clone();
+                created.push(match invoker.create(t, record)? {
+                    Some(id) => crate::invoker::Submitted { id, existing: true },
+                    None => crate::invoker::Submitted {
+                        id: new,
+                        existing: false,
+                    },
+                });
+            }
+            for ((topic, partition), next) in &progress {
+                t.put_next(&id, topic, *partition, *next)?;
+            }
+            for (topic, partition, _) in skipped {
+                t.take_skip(&id, &topic, partition)?;
+            }
+            t.count_ingested(&id, created.iter().filter(|c| !c.existing).count() as u64)?;
+            Ok(created)
+        });
+        let created = created.await.ok()?;
+        let mut standings = self.standings.lock().unwrap();
+        for (at, next) in next {
+            let standing = standings.entry(at).or_default();
+            standing.progress.next = next;
+            standing.keyed = false;
+        }
+        Some(created)
+    }
+
+    /// Where the subscription stands in `topic`/`partition` (read from the
+    /// store the first time).
+    fn standing(&self, topic: &str, partition: i32) -> Standing {
+        let mut standings = self.standings.lock().unwrap();
+        if let Some(standing) = standings.get(&(topic.to_string(), partition)) {
+            return *standing;
+        }
+        let store = self.invoker.store();
+        let read = store
+            .progress(&self.record.id, topic, partition)
+            .and_then(|progress| {
+                Ok(match progress {
+                    Some(progress) => Standing {
+                        progress,
+                        keyed: false,
+                    },
+                    // Ingested before progress rows existed: this partition's
+                    // records dedupe by key until its first batch.
+                    None => Standing {
+                        progress: Progress::default(),
+                        keyed: store.ingested(&self.record.id)? > 0,
+                    },
+                })
+            });
+        let standing = read.unwrap_or_else(|e| {
+            tracing::error!(subscription = %self.record.id, "cannot read the progress of {topic}/{partition}: {e}");
+            Standing { progress: Progress::default(), keyed: true }
+        });
+        standings.insert((topic.to_string(), partition), standing);
+        standing
     }
 
     /// Whether an operator skipped the record at `at` (once).
@@ -1393,19 +1468,6 @@ impl Ingest {
         hit
     }
 
-    /// Whether invocation `id` was created from the record with this fingerprint.
-    fn same_record(&self, id: &crate::ids::InvocationId, fingerprint: u64) -> bool {
-        match self.invoker.store().invocation(id) {
-            Ok(Some(r)) => invocation_fingerprint(&r) == fingerprint,
-            // Forgotten meanwhile: its key went with it, nothing collides.
-            Ok(None) => true,
-            Err(e) => {
-                tracing::warn!(subscription = %self.record.id, "cannot check a redelivered record: {e}");
-                true
-            }
-        }
-    }
-
     /// Commit offsets synchronously, retrying a few times; a failure only
     /// means redelivery (deduplicated), so it is logged, not fatal.
     async fn commit_offsets(&self, offsets: BTreeMap<(String, i32), i64>) {
@@ -1413,8 +1475,8 @@ impl Ingest {
             return;
         }
         let mut list = TopicPartitionList::new();
-        for ((topic, partition), next) in offsets {
-            let _ = list.add_partition_offset(&topic, partition, Offset::Offset(next));
+        for ((topic, partition), next) in &offsets {
+            let _ = list.add_partition_offset(topic, *partition, Offset::Offset(*next));
         }
         for attempt in 1..=5u32 {
             let (consumer, list2) = (self.consumer.clone(), list.clone());
@@ -1423,7 +1485,7 @@ impl Ingest {
                     .await
                     .expect("the commit does not panic");
             match done {
-                Ok(()) => return,
+                Ok(()) => return self.committed(offsets),
                 Err(e) => {
                     tracing::warn!(subscription = %self.record.id, attempt, "offset commit failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
@@ -1431,6 +1493,23 @@ impl Ingest {
             }
         }
         tracing::error!(subscription = %self.record.id, "offsets not committed after 5 tries; the records will be redelivered and deduplicated");
+    }
+
+    /// `offsets` are committed to the consumer group: remember it (not
+    /// waited for; a crash before it is durable only leaves an older
+    /// `committed`, which accepts more redeliveries, all below `next`).
+    fn committed(&self, offsets: BTreeMap<(String, i32), i64>) {
+        let mut standings = self.standings.lock().unwrap();
+        for (at, committed) in &offsets {
+            standings.entry(at.clone()).or_default().progress.committed = *committed;
+        }
+        let id = self.record.id.clone();
+        self.invoker.committer().append(move |t| {
+            for ((topic, partition), committed) in offsets {
+                t.put_committed(&id, &topic, partition, committed)?;
+            }
+            Ok(())
+        });
     }
 
     /// Stop on a record: pause the subscription durably, with the reason.
@@ -1472,7 +1551,9 @@ impl Ingest {
 
     /// The invocation a record becomes; with its ingest span (the record's
     /// own `traceparent` header, if any, its parent) when traces are on.
-    fn request(&self, r: OwnedRecord) -> (NewInvocation, Option<Traced>) {
+    /// `key_per_record`: it also dedupes by an idempotency key of its
+    /// position (see [`Standing::keyed`]).
+    fn request(&self, r: OwnedRecord, key_per_record: bool) -> (NewInvocation, Option<Traced>) {
         let keyed = self
             .invoker
             .registry()
@@ -1489,13 +1570,17 @@ impl Ingest {
         if let Some(ts) = r.timestamp {
             headers.push(("x-kafka-timestamp".to_string(), ts.to_string()));
         }
-        let dedupe = match r.headers.iter().find(|(k, _)| k == PRODUCE_ID) {
-            Some((_, id)) => format!("kafka-produce:{}:{id}", self.record.id),
-            None => format!(
-                "kafka:{}:{}:{}:{}",
-                self.record.id, r.topic, r.partition, r.offset
-            ),
+        // Offsets dedupe redeliveries (see [`Progress`]); a record Cairn
+        // produced also dedupes by its produce id, the same whatever
+        // offset a retried produce landed at.
+        let (name, produced) = match r.headers.iter().find(|(k, _)| k == PRODUCE_ID) {
+            Some((_, id)) => (format!("kafka-produce:{}:{id}", self.record.id), true),
+            None => {
+                let at = (&self.record.id, &r.topic, r.partition, r.offset);
+                (format!("kafka:{}:{}:{}:{}", at.0, at.1, at.2, at.3), false)
+            }
         };
+        let dedupe = (produced || key_per_record).then(|| name.clone());
         let (key, reject) = match mapped_key(&self.record.delivery.key, &r) {
             Some(key) => (key, None),
             None => match self.record.delivery.null_key {
@@ -1509,7 +1594,7 @@ impl Ingest {
         };
         let traced = crate::traces::Traces::get().enabled().then(|| {
             let parent = crate::traces::parent_in(&r.headers);
-            let span = crate::traces::ingest_span(parent, &dedupe);
+            let span = crate::traces::ingest_span(parent, &name);
             (parent, span, std::time::SystemTime::now())
         });
         headers.extend(r.headers);
@@ -1517,15 +1602,18 @@ impl Ingest {
             headers.retain(|(name, _)| name != crate::traces::TRACEPARENT);
             headers.push((crate::traces::TRACEPARENT.to_string(), span.header()));
         }
+        let target = Target {
+            service: self.record.service.clone(),
+            handler: self.record.handler.clone(),
+            key: keyed.then_some(key),
+        };
         let request = NewInvocation {
-            target: Target {
-                service: self.record.service.clone(),
-                handler: self.record.handler.clone(),
-                key: keyed.then_some(key),
-            },
+            // A service's records spread over the partitions by position.
+            id: Some(self.invoker.new_id(&target, Some(&name))),
+            target,
             input: r.value,
             headers,
-            idempotency_key: Some(dedupe),
+            idempotency_key: dedupe,
             source: Some(self.record.id.clone()),
             reject,
             ..Default::default()
@@ -1536,6 +1624,28 @@ impl Ingest {
 
 /// A record's topic, partition and offset.
 type Position = (String, i32, i64);
+
+/// The offset after the last of `positions` in each partition.
+fn last_offsets<'a>(positions: impl Iterator<Item = &'a Position>) -> BTreeMap<(String, i32), i64> {
+    positions
+        .map(|(topic, partition, offset)| ((topic.clone(), *partition), offset + 1))
+        .collect()
+}
+
+/// Why a subscription stops on a record below the offset it committed.
+const WENT_BACK: &str = "lies below the offset this subscription already committed in its \
+    partition: the log went back (was the topic deleted and re-created, or the consumer \
+    group's offsets reset?). To read the topic anew, delete the subscription and create it again";
+
+/// Where [`Ingest`] stands in one partition of a topic.
+#[derive(Clone, Copy, Debug, Default)]
+struct Standing {
+    progress: Progress,
+    /// Records dedupe by a key each, as before progress rows existed (a
+    /// subscription that ingested from the partition without one), until
+    /// its first batch writes one.
+    keyed: bool,
+}
 
 fn stopped_at((topic, partition, offset): &Position, why: &str) -> String {
     format!(
@@ -1608,35 +1718,6 @@ impl From<&BorrowedMessage<'_>> for OwnedRecord {
             headers,
         }
     }
-}
-
-/// FNV-1a over a record's value and timestamp: tells a redelivery of the
-/// same record from another record that reuses its topic, partition and
-/// offset. `None` for records Cairn produced: their key is the produce id,
-/// and a produce retried after a crash is the same record with a new
-/// timestamp.
-fn fingerprint(record: &OwnedRecord) -> Option<u64> {
-    if record.headers.iter().any(|(k, _)| k == PRODUCE_ID) {
-        return None;
-    }
-    Some(fnv(
-        &record.value,
-        record.timestamp.map(|t| t.to_string()).as_deref(),
-    ))
-}
-
-fn invocation_fingerprint(r: &crate::records::InvocationRecord) -> u64 {
-    fnv(&r.input, r.header("x-kafka-timestamp"))
-}
-
-fn fnv(value: &[u8], timestamp: Option<&str>) -> u64 {
-    let bytes = value
-        .iter()
-        .chain([0xff].iter())
-        .chain(timestamp.unwrap_or("").as_bytes());
-    bytes.fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-    })
 }
 
 #[cfg(test)]

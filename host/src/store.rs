@@ -32,6 +32,9 @@ macro_rules! tables {
         pub struct Tables<'txn> {
             $($field: Logged<'txn, $k, $v>,)*
             capture: Capture,
+            /// What this transaction learned of rows it writes again and
+            /// again, so that it need not read them back.
+            known: Known,
         }
 
         impl Store {
@@ -80,11 +83,13 @@ macro_rules! tables {
                         capture.clone(),
                     ),)*
                     capture,
+                    known: Known::default(),
                 })
             }
 
             /// Delete every replicated row (before a restore from scratch).
             pub fn clear_replicated(&mut self) -> StoreResult<()> {
+                self.known = Known::default();
                 $(if Option::<u8>::from($id).is_some() {
                     self.$field.clear()?;
                 })*
@@ -103,6 +108,7 @@ macro_rules! tables {
             }
 
             fn apply_change(&mut self, change: &Change, recorded: bool) -> StoreResult<()> {
+                self.known = Known::default(); // a raw row may be one it knows
                 let value = change.value.as_deref();
                 match Some(change.table()) {
                     $(id if id == Option::<u8>::from($id) => self.$field.apply(change.row(), value, recorded),)*
@@ -650,9 +656,9 @@ impl Store {
         })
     }
 
-    /// How many invocations subscription `id` created in this store (each
-    /// counted in the transaction that created it, so never twice and
-    /// never lost in a crash).
+    /// How many records subscription `id` ingested (each counted in the
+    /// transaction that ingested it, so never twice and never lost in a
+    /// crash).
     pub fn ingested(&self, id: &str) -> StoreResult<u64> {
         self.read(|t| {
             let meta = t.open_table(META)?;
@@ -671,6 +677,20 @@ impl Store {
                 .map(|v| v.value().to_vec()))
         })?;
         row.map(|v| decode_subscription(&v)).transpose()
+    }
+
+    /// Where subscription `id` stands in `topic`/`partition` (see
+    /// [`Progress`]); `None` before it ingested a record there.
+    pub fn progress(&self, id: &str, topic: &str, partition: i32) -> StoreResult<Option<Progress>> {
+        self.read(|t| {
+            let meta = t.open_table(META)?;
+            let next = meta.get(progress_key("next", id, topic, partition).as_str())?;
+            let committed = meta.get(progress_key("committed", id, topic, partition).as_str())?;
+            Ok(next.map(|next| Progress {
+                next: next.value() as i64,
+                committed: committed.map_or(0, |c| c.value() as i64),
+            }))
+        })
     }
 
     /// The records an operator skipped before subscription `id` ingested
@@ -746,6 +766,40 @@ fn ingested_key(subscription: &str) -> String {
     format!("ingested:{subscription}")
 }
 
+/// Rows a write transaction wrote and remembers (see [`Tables::known`]):
+/// the hot paths write them many times per transaction, a read each time
+/// would cost as much as the write. Only the writer's own methods change
+/// them, and they keep these in step.
+#[derive(Default)]
+struct Known {
+    /// The arrival sequence number last handed out.
+    seq: Option<u64>,
+    /// The next journal index of each invocation this transaction appended to.
+    journal_ends: HashMap<String, u32>,
+}
+
+/// The `meta` row of a subscription's progress in one partition of a
+/// topic: `kind` is `next` or `committed` (see [`Progress`]).
+fn progress_key(kind: &str, subscription: &str, topic: &str, partition: i32) -> String {
+    format!("kafka-{kind}:{subscription}:{topic}/{partition}")
+}
+
+/// Where a subscription stands in one partition of a topic. Records are
+/// deduplicated by offset, not by a key per record: `next` (the offset
+/// after the last record ingested) is written in the transaction that
+/// ingests the records, so a record below it was ingested already; and
+/// `committed` (the last offset Cairn committed to the consumer group,
+/// written after that commit) bounds where a redelivery can start: a
+/// record below it means the log itself went back (the topic was deleted
+/// and re-created, or the group's offsets were reset).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The offset after the last record ingested.
+    pub next: i64,
+    /// The last offset committed to the consumer group (at most `next`).
+    pub committed: i64,
+}
+
 /// The `meta` row of a record skipped before subscription `id` ingested
 /// it (its value is the offset).
 fn skip_key(subscription: &str, topic: &str, partition: i32) -> String {
@@ -806,14 +860,17 @@ impl<'txn> Tables<'txn> {
 
     /// The next arrival sequence number.
     pub fn next_seq(&mut self) -> StoreResult<u64> {
-        let seq = self
-            .meta
-            .get("seq")
-            .map_err(StoreError::redb)?
-            .map_or(0, |v| v.value())
-            + 1;
-        self.meta.insert("seq", seq)?;
-        Ok(seq)
+        let last = match self.known.seq {
+            Some(seq) => seq,
+            None => self
+                .meta
+                .get("seq")
+                .map_err(StoreError::redb)?
+                .map_or(0, |v| v.value()),
+        };
+        self.meta.insert("seq", last + 1)?;
+        self.known.seq = Some(last + 1);
+        Ok(last + 1)
     }
 
     /// One invocation, as of this transaction.
@@ -842,12 +899,6 @@ impl<'txn> Tables<'txn> {
     ) -> StoreResult<()> {
         use crate::records::Status;
         let id = record.id.as_str();
-        if let (None, Some(subscription)) = (before, &record.source) {
-            let key = ingested_key(subscription);
-            let count = self.meta.get(key.as_str()).map_err(StoreError::redb)?;
-            let count = count.map_or(0, |v| v.value());
-            self.meta.insert(key.as_str(), count + 1)?;
-        }
         self.index(before, Some(record))?;
         self.invocations.insert(id, encode(record).as_slice())?;
         let finished = record.status == Status::Completed;
@@ -870,16 +921,22 @@ impl<'txn> Tables<'txn> {
     /// Append a journal entry at the end of the invocation's journal;
     /// returns its index. Only the writer appends, so indexes never clash.
     pub fn append(&mut self, id: &InvocationId, entry: &Entry) -> StoreResult<u32> {
-        let index = self
-            .journal
-            .range((id.as_str(), 0)..=(id.as_str(), u32::MAX))
-            .map_err(StoreError::redb)?
-            .next_back()
-            .transpose()
-            .map_err(StoreError::redb)?
-            .map_or(0, |(k, _)| k.value().1 + 1);
+        let index = match self.known.journal_ends.get(id.as_str()) {
+            Some(&next) => next,
+            None => self
+                .journal
+                .range((id.as_str(), 0)..=(id.as_str(), u32::MAX))
+                .map_err(StoreError::redb)?
+                .next_back()
+                .transpose()
+                .map_err(StoreError::redb)?
+                .map_or(0, |(k, _)| k.value().1 + 1),
+        };
         self.journal
             .insert((id.as_str(), index), entry.encode().as_slice())?;
+        self.known
+            .journal_ends
+            .insert(id.as_str().to_string(), index + 1);
         Ok(index)
     }
 
@@ -1151,6 +1208,7 @@ impl<'txn> Tables<'txn> {
     /// memory too.
     pub fn purge(&mut self, record: &InvocationRecord) -> StoreResult<Vec<(u64, u32)>> {
         let id = &record.id;
+        self.known.journal_ends.remove(id.as_str());
         self.index(Some(record), None)?;
         if let Some(key) = &record.idempotency_key {
             self.idempotency
@@ -1306,33 +1364,70 @@ impl<'txn> Tables<'txn> {
         self.meta.insert(key.as_str(), offset as u64)
     }
 
+    /// Subscription `id` ingested `count` more records.
+    pub fn count_ingested(&mut self, id: &str, count: u64) -> StoreResult<()> {
+        let key = ingested_key(id);
+        let before = self.meta.get(key.as_str()).map_err(StoreError::redb)?;
+        let before = before.map_or(0, |v| v.value());
+        self.meta.insert(key.as_str(), before + count)
+    }
+
+    /// Subscription `id` ingested every record of `topic`/`partition`
+    /// below `next`.
+    pub fn put_next(
+        &mut self,
+        id: &str,
+        topic: &str,
+        partition: i32,
+        next: i64,
+    ) -> StoreResult<()> {
+        let key = progress_key("next", id, topic, partition);
+        self.meta.insert(key.as_str(), next as u64)
+    }
+
+    /// Subscription `id` committed offset `committed` of
+    /// `topic`/`partition` to its consumer group.
+    pub fn put_committed(
+        &mut self,
+        id: &str,
+        topic: &str,
+        partition: i32,
+        committed: i64,
+    ) -> StoreResult<()> {
+        let key = progress_key("committed", id, topic, partition);
+        self.meta.insert(key.as_str(), committed as u64)
+    }
+
     /// Forget a skip once the record is passed.
     pub fn take_skip(&mut self, id: &str, topic: &str, partition: i32) -> StoreResult<bool> {
         self.meta.remove(skip_key(id, topic, partition).as_str())
     }
 
-    /// Delete a subscription (and its stop reason, count and skips);
-    /// `false` if there was none.
+    /// Delete a subscription (and its stop reason, count, skips and
+    /// progress); `false` if there was none.
     pub fn remove_subscription(&mut self, id: &str) -> StoreResult<bool> {
         self.set_subscription_stop(id, None)?;
         self.meta.remove(ingested_key(id).as_str())?;
-        let prefix = format!("skip:{id}:");
-        let mut skips = Vec::new();
-        for row in self
-            .meta
-            .range(prefix.as_str()..)
-            .map_err(StoreError::redb)?
-        {
+        for kind in ["skip", "kafka-next", "kafka-committed"] {
+            self.remove_meta_prefix(&format!("{kind}:{id}:"))?;
+        }
+        self.subscriptions.remove(id)
+    }
+
+    /// Delete every `meta` row whose name starts with `prefix`.
+    fn remove_meta_prefix(&mut self, prefix: &str) -> StoreResult<()> {
+        let mut names = Vec::new();
+        for row in self.meta.range(prefix..).map_err(StoreError::redb)? {
             let (k, _) = row.map_err(StoreError::redb)?;
-            match k.value().starts_with(&prefix) {
-                true => skips.push(k.value().to_string()),
+            match k.value().starts_with(prefix) {
+                true => names.push(k.value().to_string()),
                 false => break,
             }
         }
-        for key in skips {
-            self.meta.remove(key.as_str())?;
+        for name in names {
+            self.meta.remove(name.as_str())?;
         }
-        self.subscriptions.remove(id)
+        Ok(())
     }
 
     /// Remember that this copy of the store holds the changelog up to
@@ -1457,6 +1552,79 @@ mod tests {
             listed(&store, "succeeded").is_empty(),
             "its listing rows go"
         );
+    }
+
+    #[test]
+    fn sequence_numbers_and_journal_indexes_go_on_within_and_across_transactions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (a, b) = (InvocationId::generate(0), InvocationId::generate(0));
+        let entry = Entry::Command(Command::GetStateKeys);
+        let first = with_tables(&store, |t| {
+            let seqs = (t.next_seq()?, t.next_seq()?);
+            let indexes = [
+                t.append(&a, &entry)?,
+                t.append(&b, &entry)?,
+                t.append(&a, &entry)?,
+            ];
+            Ok((seqs, indexes))
+        });
+        assert_eq!(first, ((1, 2), [0, 0, 1]));
+        let second = with_tables(&store, |t| Ok((t.next_seq()?, t.append(&a, &entry)?)));
+        assert_eq!(
+            second,
+            (3, 2),
+            "a new transaction reads where the last one ended"
+        );
+        let purged = record("x", HandlerKind::Exclusive);
+        let again = with_tables(&store, |t| {
+            t.append(&purged.id, &entry)?;
+            t.purge(&purged)?;
+            t.append(&purged.id, &entry)
+        });
+        assert_eq!(again, 0, "a purged journal starts again at 0");
+        assert_eq!(store.journal(&a).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn subscription_progress_is_kept_per_partition_and_goes_with_the_subscription() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.progress("s", "t", 0).unwrap(), None);
+        with_tables(&store, |t| {
+            t.put_subscription(&SubscriptionRecord {
+                id: "s".into(),
+                cluster: "c".into(),
+                topic: "t".into(),
+                service: "A".into(),
+                handler: "h".into(),
+                options: Default::default(),
+                paused: false,
+                delivery: Default::default(),
+            })?;
+            t.put_next("s", "t", 0, 10)?;
+            t.put_next("s", "t", 1, 4)?;
+            t.put_committed("s", "t", 0, 7)?;
+            t.count_ingested("s", 14)
+        });
+        assert_eq!(
+            store.progress("s", "t", 0).unwrap(),
+            Some(Progress {
+                next: 10,
+                committed: 7
+            })
+        );
+        assert_eq!(
+            store.progress("s", "t", 1).unwrap(),
+            Some(Progress {
+                next: 4,
+                committed: 0
+            })
+        );
+        assert_eq!(store.ingested("s").unwrap(), 14);
+        assert!(with_tables(&store, |t| t.remove_subscription("s")));
+        assert_eq!(store.progress("s", "t", 0).unwrap(), None);
+        assert_eq!(store.ingested("s").unwrap(), 0);
     }
 
     /// The ids a filter on status class `class` lists, newest first.
