@@ -1235,19 +1235,17 @@ struct Ingest {
 }
 
 impl Ingest {
-    /// Read batches and queue their invocations; a second task waits for
-    /// each batch's commit and then commits its offsets, in order, so the
-    /// next batch is read and queued while the last one is being written
-    /// (up to [`PIPELINE`] batches ahead).
+    /// Read batches and queue their invocations, while a second half of
+    /// the same task waits for each batch's commit and then commits its
+    /// offsets, in order: the next batch is read and queued while the last
+    /// one is being written (up to [`PIPELINE`] batches ahead). Aborting
+    /// the task stops both halves.
     async fn run(self) {
         tracing::info!(subscription = %self.record.id, source = %self.record.source(), sink = %self.record.sink(), "consuming");
-        let me = Arc::new(self);
         let (queue, pending) = tokio::sync::mpsc::channel(PIPELINE);
-        let settler = tokio::spawn(me.clone().settle_all(pending));
-        let stop = me.read_all(queue).await;
-        let _ = settler.await;
+        let (stop, ()) = tokio::join!(self.read_all(queue), self.settle_all(pending));
         if let Some(reason) = stop {
-            me.stop_on(reason).await;
+            self.stop_on(reason).await;
         }
     }
 
@@ -1272,7 +1270,7 @@ impl Ingest {
 
     /// The settling half of [`Ingest::run`]: each batch's commit awaited,
     /// its offsets committed, in order.
-    async fn settle_all(self: Arc<Self>, mut pending: tokio::sync::mpsc::Receiver<Pending>) {
+    async fn settle_all(&self, mut pending: tokio::sync::mpsc::Receiver<Pending>) {
         let mut window = (Instant::now(), 0u64);
         while let Some(batch) = pending.recv().await {
             let ingested = self.settle(batch).await;
@@ -1500,11 +1498,13 @@ impl Ingest {
                         progress,
                         keyed: false,
                     },
-                    // Ingested before progress rows existed: this partition's
-                    // records dedupe by key until its first batch.
+                    // A subscription that ingested before progress rows
+                    // existed: this partition's records dedupe by key
+                    // until its first batch writes one.
                     None => Standing {
                         progress: Progress::default(),
-                        keyed: store.ingested(&self.record.id)? > 0,
+                        keyed: store.ingested(&self.record.id)? > 0
+                            && !store.has_progress(&self.record.id)?,
                     },
                 })
             });

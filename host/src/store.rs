@@ -693,6 +693,16 @@ impl Store {
         })
     }
 
+    /// Whether subscription `id` has a progress row in any partition.
+    pub fn has_progress(&self, id: &str) -> StoreResult<bool> {
+        let prefix = format!("kafka-next:{id}:");
+        self.read(|t| {
+            let meta = t.open_table(META)?;
+            let first = meta.range(prefix.as_str()..)?.next().transpose()?;
+            Ok(first.is_some_and(|(k, _)| k.value().starts_with(&prefix)))
+        })
+    }
+
     /// The records an operator skipped before subscription `id` ingested
     /// them: `(topic, partition) -> offset`.
     pub fn skips(&self, id: &str) -> StoreResult<HashMap<(String, i32), i64>> {
@@ -1622,7 +1632,13 @@ mod tests {
             })
         );
         assert_eq!(store.ingested("s").unwrap(), 14);
+        assert!(store.has_progress("s").unwrap());
+        assert!(
+            !store.has_progress("t").unwrap(),
+            "another subscription has none"
+        );
         assert!(with_tables(&store, |t| t.remove_subscription("s")));
+        assert!(!store.has_progress("s").unwrap());
         assert_eq!(store.progress("s", "t", 0).unwrap(), None);
         assert_eq!(store.ingested("s").unwrap(), 0);
     }
