@@ -56,7 +56,7 @@ use crate::records::{
     ClusterRecord, DeadLetter, Delivery, InvocationRecord, KeySource, NullKey, OnFailure, StartAt,
     SubscriptionRecord, Target,
 };
-use crate::store::{Progress, StoreError};
+use crate::store::{Mark, Progress, StoreError};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
@@ -1472,7 +1472,7 @@ impl Ingest {
                 });
             }
             for ((topic, partition), next) in &next {
-                t.put_next(&id, topic, *partition, *next)?;
+                t.put_progress(Mark::Next, (&id, topic, *partition), *next)?;
             }
             for (topic, partition, _) in skipped {
                 t.take_skip(&id, &topic, partition)?;
@@ -1554,7 +1554,7 @@ impl Ingest {
                 }
             }
         }
-        tracing::error!(subscription = %self.record.id, "offsets not committed after 5 tries; the records will be redelivered and deduplicated");
+        tracing::error!(subscription = %self.record.id, "offsets not committed after 5 tries; the records will be redelivered and passed over");
     }
 
     /// `offsets` are committed to the consumer group: remember it (not
@@ -1568,7 +1568,7 @@ impl Ingest {
         let id = self.record.id.clone();
         self.invoker.committer().append(move |t| {
             for ((topic, partition), committed) in offsets {
-                t.put_committed(&id, &topic, partition, committed)?;
+                t.put_progress(Mark::Committed, (&id, &topic, partition), committed)?;
             }
             Ok(())
         });
@@ -1638,8 +1638,11 @@ impl Ingest {
         let (name, produced) = match r.headers.iter().find(|(k, _)| k == PRODUCE_ID) {
             Some((_, id)) => (format!("kafka-produce:{}:{id}", self.record.id), true),
             None => {
-                let at = (&self.record.id, &r.topic, r.partition, r.offset);
-                (format!("kafka:{}:{}:{}:{}", at.0, at.1, at.2, at.3), false)
+                let (sub, topic) = (&self.record.id, &r.topic);
+                (
+                    format!("kafka:{sub}:{topic}:{}:{}", r.partition, r.offset),
+                    false,
+                )
             }
         };
         let dedupe = (produced || key_per_record).then(|| name.clone());

@@ -684,8 +684,8 @@ impl Store {
     pub fn progress(&self, id: &str, topic: &str, partition: i32) -> StoreResult<Option<Progress>> {
         self.read(|t| {
             let meta = t.open_table(META)?;
-            let next = meta.get(progress_key("next", id, topic, partition).as_str())?;
-            let committed = meta.get(progress_key("committed", id, topic, partition).as_str())?;
+            let next = meta.get(Mark::Next.key(id, topic, partition).as_str())?;
+            let committed = meta.get(Mark::Committed.key(id, topic, partition).as_str())?;
             Ok(next.map(|next| Progress {
                 next: next.value() as i64,
                 committed: committed.map_or(0, |c| c.value() as i64),
@@ -695,7 +695,7 @@ impl Store {
 
     /// Whether subscription `id` has a progress row in any partition.
     pub fn has_progress(&self, id: &str) -> StoreResult<bool> {
-        let prefix = format!("kafka-next:{id}:");
+        let prefix = Mark::Next.prefix(id);
         self.read(|t| {
             let meta = t.open_table(META)?;
             let first = meta.range(prefix.as_str()..)?.next().transpose()?;
@@ -706,8 +706,8 @@ impl Store {
     /// The records an operator skipped before subscription `id` ingested
     /// them: `(topic, partition) -> offset`.
     pub fn skips(&self, id: &str) -> StoreResult<HashMap<(String, i32), i64>> {
-        let prefix = skip_key(id, "", 0);
-        let prefix = &prefix[..prefix.len() - "/0".len()];
+        let prefix = skip_prefix(id);
+        let prefix = prefix.as_str();
         self.read(|t| {
             let meta = t.open_table(META)?;
             let mut skips = HashMap::new();
@@ -788,10 +788,30 @@ struct Known {
     journal_ends: HashMap<String, u32>,
 }
 
-/// The `meta` row of a subscription's progress in one partition of a
-/// topic: `kind` is `next` or `committed` (see [`Progress`]).
-fn progress_key(kind: &str, subscription: &str, topic: &str, partition: i32) -> String {
-    format!("kafka-{kind}:{subscription}:{topic}/{partition}")
+/// The two `meta` rows of a subscription's progress in one partition of
+/// a topic (see [`Progress`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mark {
+    /// `kafka-next:{subscription}:{topic}/{partition}`: [`Progress::next`].
+    Next,
+    /// `kafka-committed:{subscription}:{topic}/{partition}`: [`Progress::committed`].
+    Committed,
+}
+
+impl Mark {
+    /// What the names of this row start with for `subscription`.
+    fn prefix(self, subscription: &str) -> String {
+        let kind = match self {
+            Mark::Next => "next",
+            Mark::Committed => "committed",
+        };
+        format!("kafka-{kind}:{subscription}:")
+    }
+
+    /// The row's name for `topic`/`partition`.
+    fn key(self, subscription: &str, topic: &str, partition: i32) -> String {
+        format!("{}{topic}/{partition}", self.prefix(subscription))
+    }
 }
 
 /// Where a subscription stands in one partition of a topic. Records are
@@ -813,7 +833,12 @@ pub struct Progress {
 /// The `meta` row of a record skipped before subscription `id` ingested
 /// it (its value is the offset).
 fn skip_key(subscription: &str, topic: &str, partition: i32) -> String {
-    format!("skip:{subscription}:{topic}/{partition}")
+    format!("{}{topic}/{partition}", skip_prefix(subscription))
+}
+
+/// What the names of subscription `id`'s skip rows start with.
+fn skip_prefix(subscription: &str) -> String {
+    format!("skip:{subscription}:")
 }
 
 /// The `meta` row of a schedule's last fired tick.
@@ -1382,30 +1407,18 @@ impl<'txn> Tables<'txn> {
         self.meta.insert(key.as_str(), before + count)
     }
 
-    /// Subscription `id` ingested every record of `topic`/`partition`
-    /// below `next`.
-    pub fn put_next(
+    /// Move subscription `id`'s progress row `mark` in
+    /// `topic`/`partition` to `offset` ([`Mark::Next`]: every record
+    /// below it is ingested; [`Mark::Committed`]: it is committed to the
+    /// consumer group).
+    pub fn put_progress(
         &mut self,
-        id: &str,
-        topic: &str,
-        partition: i32,
-        next: i64,
+        mark: Mark,
+        (id, topic, partition): (&str, &str, i32),
+        offset: i64,
     ) -> StoreResult<()> {
-        let key = progress_key("next", id, topic, partition);
-        self.meta.insert(key.as_str(), next as u64)
-    }
-
-    /// Subscription `id` committed offset `committed` of
-    /// `topic`/`partition` to its consumer group.
-    pub fn put_committed(
-        &mut self,
-        id: &str,
-        topic: &str,
-        partition: i32,
-        committed: i64,
-    ) -> StoreResult<()> {
-        let key = progress_key("committed", id, topic, partition);
-        self.meta.insert(key.as_str(), committed as u64)
+        self.meta
+            .insert(mark.key(id, topic, partition).as_str(), offset as u64)
     }
 
     /// Forget a skip once the record is passed.
@@ -1418,8 +1431,12 @@ impl<'txn> Tables<'txn> {
     pub fn remove_subscription(&mut self, id: &str) -> StoreResult<bool> {
         self.set_subscription_stop(id, None)?;
         self.meta.remove(ingested_key(id).as_str())?;
-        for kind in ["skip", "kafka-next", "kafka-committed"] {
-            self.remove_meta_prefix(&format!("{kind}:{id}:"))?;
+        for prefix in [
+            skip_prefix(id),
+            Mark::Next.prefix(id),
+            Mark::Committed.prefix(id),
+        ] {
+            self.remove_meta_prefix(&prefix)?;
         }
         self.subscriptions.remove(id)
     }
@@ -1612,9 +1629,9 @@ mod tests {
                 paused: false,
                 delivery: Default::default(),
             })?;
-            t.put_next("s", "t", 0, 10)?;
-            t.put_next("s", "t", 1, 4)?;
-            t.put_committed("s", "t", 0, 7)?;
+            t.put_progress(Mark::Next, ("s", "t", 0), 10)?;
+            t.put_progress(Mark::Next, ("s", "t", 1), 4)?;
+            t.put_progress(Mark::Committed, ("s", "t", 0), 7)?;
             t.count_ingested("s", 14)
         });
         assert_eq!(
