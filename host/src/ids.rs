@@ -60,9 +60,16 @@ prefixed_id!(
 );
 
 impl InvocationId {
-    /// A new, unique id in partition key `pkey` (see [`crate::partition`]).
+    /// A new, unique id in partition key `pkey` (see [`crate::partition`]):
+    /// `t`, the UUIDv7 (time first), then the key. Time first makes the
+    /// tables keyed by invocation (records, `active`, the journal) grow at
+    /// their right edge and shrink at their left as retention forgets the
+    /// oldest, so a commit rewrites a few pages at both edges instead of a
+    /// page per object key: with the key first, a steady 5,000 Kafka
+    /// records/s over 1,000 keys spread their writes over more pages than
+    /// the page cache holds within a minute, and the writer fell behind.
     pub fn generate(pkey: u32) -> Self {
-        InvocationId(format!("inv_{pkey:08x}{}", uuid::Uuid::now_v7().simple()))
+        InvocationId(format!("inv_t{}{pkey:08x}", uuid::Uuid::now_v7().simple()))
     }
 
     /// The id derived from `seed` (SHA-256) in partition key `pkey`: the
@@ -76,15 +83,19 @@ impl InvocationId {
     }
 
     /// The partition key the id was made with, so that any host can tell
-    /// which partition holds the invocation without a lookup. Ids from
-    /// before partitions (32 digits) hash to one: they only exist in a
-    /// store of one partition.
+    /// which partition holds the invocation without a lookup: the last 8
+    /// digits of a generated id, the first 8 of a derived one (and of ids
+    /// generated before they were time-first). Ids from before partitions
+    /// (32 digits) hash to one: they only exist in a store of one partition.
     pub fn partition_key(&self) -> u32 {
         let body = &self.0[4..];
-        match (body.len(), body.get(..8)) {
-            (40, Some(key)) => u32::from_str_radix(key, 16).unwrap_or(0),
-            _ => crate::partition::hash(body.as_bytes()),
-        }
+        let key = match body.len() {
+            41 if body.starts_with('t') => body.get(33..),
+            40 => body.get(..8),
+            _ => None,
+        };
+        key.and_then(|key| u32::from_str_radix(key, 16).ok())
+            .unwrap_or_else(|| crate::partition::hash(body.as_bytes()))
     }
 
     /// A seed derived from the id by a fixed rule (FNV-1a), so a guest's
@@ -177,8 +188,24 @@ mod tests {
         );
         let old: InvocationId = "inv_0123456789abcdef0123456789abcdef".parse().unwrap();
         assert_eq!(old.partition_key(), old.clone().partition_key());
+        let key_first: InvocationId = "inv_0000002a0123456789abcdef0123456789abcdef"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            key_first.partition_key(),
+            42,
+            "generated before time-first ids"
+        );
         let (inv, _) = parse_awakeable_id(&awakeable_id(&InvocationId::generate(9), 1)).unwrap();
         assert_eq!(inv.partition_key(), 9);
+    }
+
+    #[test]
+    fn generated_ids_sort_by_creation_whatever_their_partition_key() {
+        let first = InvocationId::generate(0xffff_ffff);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let second = InvocationId::generate(0);
+        assert!(first < second, "{first} < {second}");
     }
 
     #[test]
