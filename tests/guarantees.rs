@@ -324,7 +324,6 @@ async fn forgetting_an_invocation_removes_every_row_it_owned() {
         "invocations",
         "active",
         "journal",
-        "inbox",
         "idempotency",
         "expiry",
         "timers",

@@ -11,7 +11,9 @@
 //! - `service:<service>`: by service;
 //! - `key:<service>/<key>`: by object key or workflow id;
 //! - `status:<class>`: by [`InvocationRecord::status_class`] (the one
-//!   facet that moves, at most twice in an invocation's life).
+//!   facet that moves, at most twice in an invocation's life). The
+//!   unfinished classes ([`UNFINISHED`]) are also where recovery finds the
+//!   invocations to resume.
 //!
 //! A page is read newest first from the most selective facet the filter
 //! names (key, then status, then service, else all), bounded by the
@@ -42,6 +44,10 @@ pub fn facets(record: &InvocationRecord) -> Vec<String> {
     }
     facets
 }
+
+/// The status classes of the invocations that have not completed: their
+/// `status:` rows are also what recovery reads.
+pub const UNFINISHED: [&str; 2] = ["unfinished", "paused"];
 
 /// The facet of a status class.
 pub fn status_facet(class: &str) -> String {

@@ -112,6 +112,7 @@ macro_rules! tables {
                 let value = change.value.as_deref();
                 match Some(change.table()) {
                     $(id if id == Option::<u8>::from($id) => self.$field.apply(change.row(), value, recorded),)*
+                    Some(id) if RETIRED.iter().any(|(retired, _)| *retired == id) => Ok(()),
                     _ => Err(StoreError::Corrupt {
                         table: "changelog",
                         reason: format!("unknown table id {}", change.table()),
@@ -125,14 +126,10 @@ macro_rules! tables {
 tables! {
     /// id -> postcard(InvocationRecord)
     invocations: INVOCATIONS = "invocations", Some(1), <&'static str, &'static [u8]>;
-    /// ids of invocations that are not completed (recovery starts from here)
-    active: ACTIVE = "active", Some(2), <&'static str, ()>;
     /// (invocation id, entry index) -> postcard(Entry)
     journal: JOURNAL = "journal", Some(3), <(&'static str, u32), &'static [u8]>;
     /// (service, key, name) -> value
     state: STATE = "state", Some(4), <(&'static str, &'static str, &'static str), &'static [u8]>;
-    /// (service, key, seq) -> invocation id: the queue of exclusive invocations per key
-    inbox: INBOX = "inbox", Some(5), <(&'static str, &'static str, u64), &'static str>;
     /// (target, idempotency key) -> invocation id
     idempotency: IDEMPOTENCY = "idempotency", Some(6), <(&'static str, &'static str), &'static str>;
     /// (expiry ms, invocation id): completed invocations to forget
@@ -179,6 +176,14 @@ tables! {
     /// changelog position it has applied.
     local: LOCAL = "local", None, <&'static str, u64>;
 }
+
+/// Tables that hosts before 2026-11-29 wrote, by changelog id and name
+/// (ids are never reused): `active` (the unfinished invocations, which the
+/// listing's `status:` facets hold too) and `inbox` (each key's queue of
+/// exclusive invocations, which recovery rebuilds from the records'
+/// arrival sequence). Opening a store deletes them; their changes in an
+/// older changelog are skipped.
+const RETIRED: [(u8, &str); 2] = [(2, "active"), (5, "inbox")];
 
 /// The changelog id of the Kafka clusters' table.
 const KAFKA_CLUSTERS_ID: u8 = 14;
@@ -309,6 +314,10 @@ impl Store {
         .map_err(StoreError::redb)?;
         let txn = db.begin_write().map_err(StoreError::redb)?;
         drop(Tables::open(&txn)?);
+        for (_, name) in RETIRED {
+            txn.delete_table(redb::TableDefinition::<(), ()>::new(name))
+                .map_err(StoreError::redb)?;
+        }
         txn.commit().map_err(StoreError::redb)?;
         Ok(Store { db, path: file })
     }
@@ -449,14 +458,28 @@ impl Store {
     pub fn for_each_unfinished(&self, mut visit: impl FnMut(InvocationRecord)) -> StoreResult<()> {
         let txn = self.db.begin_read().map_err(StoreError::redb)?;
         let invocations = txn.open_table(INVOCATIONS).map_err(StoreError::redb)?;
-        let active = txn.open_table(ACTIVE).map_err(StoreError::redb)?;
-        for row in active.iter().map_err(StoreError::redb)? {
-            let (id, _) = row.map_err(StoreError::redb)?;
-            if let Some(v) = invocations.get(id.value()).map_err(StoreError::redb)? {
-                visit(decode::<InvocationRecord>("invocations", v.value())?);
+        let listing = txn.open_table(LISTING).map_err(StoreError::redb)?;
+        for facet in crate::listing::UNFINISHED.map(crate::listing::status_facet) {
+            let rows = listing
+                .range((facet.as_str(), 0, "")..(facet.as_str(), u64::MAX, ""))
+                .map_err(StoreError::redb)?;
+            for row in rows {
+                let (k, _) = row.map_err(StoreError::redb)?;
+                if let Some(v) = invocations.get(k.value().2).map_err(StoreError::redb)? {
+                    visit(decode::<InvocationRecord>("invocations", v.value())?);
+                }
             }
         }
         Ok(())
+    }
+
+    /// How many invocations have not completed.
+    pub fn count_unfinished(&self) -> StoreResult<usize> {
+        crate::listing::UNFINISHED
+            .map(crate::listing::status_facet)
+            .iter()
+            .map(|facet| self.count_listed(facet))
+            .sum()
     }
 
     /// How many invocations the listing holds under `facet`.
@@ -633,16 +656,17 @@ impl Store {
 
 impl Store {
     /// Rows per table of what invocations own, for `GET /storage` and the
-    /// tests that check retention leaves nothing behind.
+    /// tests that check retention leaves nothing behind; `active` counts
+    /// the unfinished invocations (their listing rows).
     pub fn row_counts(&self) -> StoreResult<Vec<(&'static str, u64)>> {
         use redb::ReadableTableMetadata;
+        let active = self.count_unfinished()? as u64;
         self.read(|t| {
             Ok(vec![
                 ("invocations", t.open_table(INVOCATIONS)?.len()?),
-                ("active", t.open_table(ACTIVE)?.len()?),
+                ("active", active),
                 ("journal", t.open_table(JOURNAL)?.len()?),
                 ("state", t.open_table(STATE)?.len()?),
-                ("inbox", t.open_table(INBOX)?.len()?),
                 ("idempotency", t.open_table(IDEMPOTENCY)?.len()?),
                 ("expiry", t.open_table(EXPIRY)?.len()?),
                 ("timers", t.open_table(TIMERS)?.len()?),
@@ -917,8 +941,8 @@ impl<'txn> Tables<'txn> {
         bytes.map(|b| decode("invocations", b.value())).transpose()
     }
 
-    /// Insert or replace an invocation record; keeps the active set and the
-    /// per-key inbox in step with its status.
+    /// Insert or replace an invocation record; keeps its listing rows in
+    /// step with it.
     pub fn put_invocation(&mut self, record: &InvocationRecord) -> StoreResult<()> {
         let before = self.invocation(&record.id)?;
         self.put_invocation_over(before.as_ref(), record)
@@ -932,25 +956,9 @@ impl<'txn> Tables<'txn> {
         before: Option<&InvocationRecord>,
         record: &InvocationRecord,
     ) -> StoreResult<()> {
-        use crate::records::Status;
-        let id = record.id.as_str();
         self.index(before, Some(record))?;
-        self.invocations.insert(id, encode(record).as_slice())?;
-        let finished = record.status == Status::Completed;
-        if finished {
-            self.active.remove(id)?;
-        } else {
-            self.active.insert(id, ())?;
-        }
-        if let (true, Some(key)) = (record.is_exclusive(), &record.target.key) {
-            let slot = (record.target.service.as_str(), key.as_str(), record.seq);
-            if finished {
-                self.inbox.remove(slot)?;
-            } else {
-                self.inbox.insert(slot, id)?;
-            }
-        }
-        Ok(())
+        self.invocations
+            .insert(record.id.as_str(), encode(record).as_slice())
     }
 
     /// Append a journal entry at the end of the invocation's journal;
@@ -1001,12 +1009,10 @@ impl<'txn> Tables<'txn> {
         id: &InvocationId,
         completion: Completion,
     ) -> StoreResult<Option<u32>> {
-        if self
-            .active
-            .get(id.as_str())
-            .map_err(StoreError::redb)?
-            .is_none()
-        {
+        let unfinished = self
+            .invocation(id)?
+            .is_some_and(|r| r.status != crate::records::Status::Completed);
+        if !unfinished {
             return Ok(None);
         }
         let done = self
@@ -1535,21 +1541,34 @@ mod tests {
     }
 
     #[test]
-    fn invocations_move_from_active_to_completed_and_are_forgotten() {
+    fn invocations_move_from_unfinished_to_completed_and_are_forgotten() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let mut a = record("x", HandlerKind::Exclusive);
         let mut b = record("x", HandlerKind::Shared);
+        let mut paused = record("y", HandlerKind::Exclusive);
+        paused.status = Status::Paused;
         with_tables(&store, |t| {
             a.seq = t.next_seq()?;
             b.seq = t.next_seq()?;
             t.put_invocation(&b)?;
             t.put_invocation(&a)?;
+            t.put_invocation(&paused)?;
             t.put_idempotent("Counter/x/add", "k", &a.id)?;
             t.append(&a.id, &Entry::Command(Command::GetStateKeys))
         });
         assert_eq!((a.seq, b.seq), (1, 2));
         assert_eq!(listed(&store, "unfinished").len(), 2);
+        let unfinished = |store: &Store| {
+            let mut ids = Vec::new();
+            store.for_each_unfinished(|r| ids.push(r.id)).unwrap();
+            ids.sort();
+            ids
+        };
+        let mut all = vec![a.id.clone(), b.id.clone(), paused.id.clone()];
+        all.sort();
+        assert_eq!(unfinished(&store), all, "recovery visits paused ones too");
+        assert_eq!(store.count_unfinished().unwrap(), 3);
         assert_eq!(
             store.idempotent("Counter/x/add", "k").unwrap(),
             Some(a.id.clone())
@@ -1563,6 +1582,8 @@ mod tests {
             t.expire_at(100, &a.id)
         });
         assert_eq!(listed(&store, "unfinished"), vec![b.id.clone()]);
+        all.retain(|id| *id != a.id);
+        assert_eq!(unfinished(&store), all);
         assert_eq!(
             listed(&store, "succeeded"),
             vec![a.id.clone()],
@@ -1888,6 +1909,40 @@ mod tests {
             t.set_changelog_position(7, 1).unwrap();
         }
         assert!(capture.take().is_empty());
+    }
+
+    #[test]
+    fn retired_tables_are_deleted_and_their_changes_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("cairn.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        for (_, name) in RETIRED {
+            let mut table = txn
+                .open_table(TableDefinition::<&str, ()>::new(name))
+                .unwrap();
+            table.insert("inv_old", ()).unwrap();
+        }
+        txn.commit().unwrap();
+        drop(db);
+        let store = Store::open(dir.path()).unwrap();
+        let txn = store.db.begin_read().unwrap();
+        let names: Vec<String> = txn
+            .list_tables()
+            .unwrap()
+            .map(|t| redb::TableHandle::name(&t).to_string())
+            .collect();
+        assert!(RETIRED
+            .iter()
+            .all(|(_, name)| !names.iter().any(|n| n == name)));
+        drop(txn);
+        for (id, _) in RETIRED {
+            let change = Change {
+                key: [&[id][..], b"inv_old"].concat(),
+                value: Some(Vec::new()),
+            };
+            with_tables(&store, |t| t.apply(&change));
+        }
+        assert!(!store.holds_replicated_rows().unwrap());
     }
 
     #[test]
