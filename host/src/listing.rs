@@ -7,7 +7,6 @@
 //! `(facet, created ms, id)`, kept in step with its record by
 //! `Tables::put_invocation` and removed with it:
 //!
-//! - `all`: every invocation;
 //! - `service:<service>`: by service;
 //! - `key:<service>/<key>`: by object key or workflow id;
 //! - `status:<class>`: by [`InvocationRecord::status_class`] (the one
@@ -16,9 +15,11 @@
 //!   invocations to resume.
 //!
 //! A page is read newest first from the most selective facet the filter
-//! names (key, then status, then service, else all), bounded by the
-//! creation-time range; the filter's other conditions are checked on each
-//! record. At most [`SCAN_BUDGET`] index rows are read per page: a page
+//! names (key, then status, then service), bounded by the creation-time
+//! range; the filter's other conditions are checked on each record. A
+//! page of every invocation merges the status facets ([`newest_first`]):
+//! each invocation is under exactly one, so no facet of its own (`all`, one
+//! more B-tree write per invocation, dropped on 2026-11-29) is needed. At most [`SCAN_BUDGET`] index rows are read per page: a page
 //! may hold fewer than `limit` invocations and still have a `next`
 //! cursor, which the client follows (the way DynamoDB pages a filtered
 //! scan), so no request holds the host for long.
@@ -35,7 +36,6 @@ pub const SCAN_BUDGET: usize = 10_000;
 pub fn facets(record: &InvocationRecord) -> Vec<String> {
     let target = &record.target;
     let mut facets = vec![
-        "all".to_string(),
         format!("service:{}", target.service),
         status_facet(record.status_class()),
     ];
@@ -48,6 +48,20 @@ pub fn facets(record: &InvocationRecord) -> Vec<String> {
 /// The status classes of the invocations that have not completed: their
 /// `status:` rows are also what recovery reads.
 pub const UNFINISHED: [&str; 2] = ["unfinished", "paused"];
+
+/// Every status class ([`InvocationRecord::status_class`]).
+pub const CLASSES: [&str; 6] = [
+    "unfinished",
+    "paused",
+    "succeeded",
+    "failed",
+    "killed",
+    "cancelled",
+];
+
+/// The facet that stores written before 2026-11-29 kept for every
+/// invocation; [`crate::store::Tables::upgrade_listing`] deletes its rows.
+pub const RETIRED_FACET: &str = "all";
 
 /// The facet of a status class.
 pub fn status_facet(class: &str) -> String {
@@ -76,13 +90,14 @@ pub struct Filter {
 }
 
 impl Filter {
-    /// The facet a page is read from: the most selective one named.
-    pub fn facet(&self) -> String {
+    /// The facets a page is read from: the most selective one named, or,
+    /// without any, every status class (merged by [`newest_first`]).
+    pub fn facets(&self) -> Vec<String> {
         match (&self.service, &self.key, &self.class) {
-            (Some(service), Some(key), _) => format!("key:{service}/{key}"),
-            (_, _, Some(class)) => status_facet(class),
-            (Some(service), None, None) => format!("service:{service}"),
-            _ => "all".to_string(),
+            (Some(service), Some(key), _) => vec![format!("key:{service}/{key}")],
+            (_, _, Some(class)) => vec![status_facet(class)],
+            (Some(service), None, None) => vec![format!("service:{service}")],
+            _ => CLASSES.map(status_facet).to_vec(),
         }
     }
 
@@ -136,6 +151,26 @@ impl std::str::FromStr for Cursor {
     }
 }
 
+/// Merge sequences that are each in descending order into one in
+/// descending order (an error comes out as soon as it is at a head).
+pub fn newest_first<K: Ord, E>(
+    mut sources: Vec<impl Iterator<Item = Result<K, E>>>,
+) -> impl Iterator<Item = Result<K, E>> {
+    let mut heads: Vec<Option<Result<K, E>>> = sources.iter_mut().map(Iterator::next).collect();
+    std::iter::from_fn(move || {
+        let (i, _) = heads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, head)| head.as_ref().map(|h| (i, h)))
+            .max_by(|(_, a), (_, b)| match (a, b) {
+                (Ok(a), Ok(b)) => a.cmp(b),
+                (Err(_), _) => std::cmp::Ordering::Greater,
+                (_, Err(_)) => std::cmp::Ordering::Less,
+            })?;
+        std::mem::replace(&mut heads[i], sources[i].next())
+    })
+}
+
 /// One page: invocations newest first, and where to go on from (`None`
 /// when the index holds nothing further).
 #[derive(Debug, Default)]
@@ -187,6 +222,25 @@ mod tests {
             created_ms: ms,
             id: id.into(),
         }
+    }
+
+    #[test]
+    fn facets_read_newest_first_merge_into_one_descending_sequence() {
+        let desc = |v: &[u32]| v.iter().map(|&k| Ok::<_, String>(k)).collect::<Vec<_>>();
+        let sources = vec![
+            desc(&[9, 4, 1]).into_iter(),
+            desc(&[]).into_iter(),
+            desc(&[8, 7, 2]).into_iter(),
+            desc(&[5]).into_iter(),
+        ];
+        let merged: Result<Vec<u32>, String> = newest_first(sources).collect();
+        assert_eq!(merged.unwrap(), [9, 8, 7, 5, 4, 2, 1]);
+        let failing = vec![
+            desc(&[3]).into_iter(),
+            vec![Err("bad page".into())].into_iter(),
+        ];
+        let first = newest_first(failing).next();
+        assert_eq!(first, Some(Err("bad page".to_string())));
     }
 
     #[test]

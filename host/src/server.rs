@@ -503,7 +503,7 @@ impl Engine {
         partitioning: Partitioning,
         runtime: Arc<Runtime>,
     ) -> anyhow::Result<Engine> {
-        let indexed = committer.commit(|t| t.index_listing_once()).await;
+        let indexed = committer.commit(|t| t.upgrade_listing()).await;
         if indexed > 0 {
             tracing::info!(
                 indexed,

@@ -502,32 +502,43 @@ impl Store {
         limit: usize,
         cursor: Option<&Cursor>,
     ) -> StoreResult<Page> {
-        let facet = filter.facet();
-        let low = (facet.as_str(), filter.created_after_ms.unwrap_or(0), "");
-        let mut high = (
-            facet.as_str(),
-            filter.created_before_ms.unwrap_or(u64::MAX),
-            "",
+        let (after, mut before) = (
+            filter.created_after_ms.unwrap_or(0),
+            (filter.created_before_ms.unwrap_or(u64::MAX), ""),
         );
-        if let Some(c) = cursor.filter(|c| (c.created_ms, c.id.as_str()) < (high.1, high.2)) {
-            high = (facet.as_str(), c.created_ms, c.id.as_str());
+        if let Some(c) = cursor.filter(|c| (c.created_ms, c.id.as_str()) < before) {
+            before = (c.created_ms, c.id.as_str());
         }
         let mut page = Page::default();
-        if high <= low {
+        if before <= (after, "") {
             return Ok(page);
         }
         let txn = self.db.begin_read().map_err(StoreError::redb)?;
         let listing = txn.open_table(LISTING).map_err(StoreError::redb)?;
         let invocations = txn.open_table(INVOCATIONS).map_err(StoreError::redb)?;
-        let rows = listing.range(low..high).map_err(StoreError::redb)?;
-        for (read, row) in rows.rev().enumerate() {
-            let (row, _) = row.map_err(StoreError::redb)?;
-            let (_, created_ms, id) = row.value();
-            let last = Cursor {
-                created_ms,
-                id: id.to_string(),
-            };
-            if let Some(bytes) = invocations.get(id).map_err(StoreError::redb)? {
+        let facets = filter.facets();
+        let mut sources = Vec::new();
+        for facet in &facets {
+            let (low, high) = (
+                (facet.as_str(), after, ""),
+                (facet.as_str(), before.0, before.1),
+            );
+            let rows = listing.range(low..high).map_err(StoreError::redb)?;
+            sources.push(rows.rev().map(|row| -> StoreResult<Cursor> {
+                let (row, _) = row.map_err(StoreError::redb)?;
+                let (_, created_ms, id) = row.value();
+                Ok(Cursor {
+                    created_ms,
+                    id: id.to_string(),
+                })
+            }));
+        }
+        for (read, last) in crate::listing::newest_first(sources).enumerate() {
+            let last = last?;
+            if let Some(bytes) = invocations
+                .get(last.id.as_str())
+                .map_err(StoreError::redb)?
+            {
                 let record = decode::<InvocationRecord>("invocations", bytes.value())?;
                 if filter.matches(&record) && keep(&record) {
                     page.invocations.push(record);
@@ -1182,10 +1193,16 @@ impl<'txn> Tables<'txn> {
         self.expiry.insert((at_ms, id.as_str()), ())
     }
 
-    /// Index every invocation of a store written before the listing
-    /// existed (once: `meta` remembers it); how many it indexed.
-    pub fn index_listing_once(&mut self) -> StoreResult<u64> {
+    /// Bring the listing of a store written by an older host up to date;
+    /// how many invocations it indexed. A store from before the listing
+    /// existed has every invocation indexed once (`meta` remembers it); one
+    /// from before 2026-11-29 loses its `all` rows (a page of everything
+    /// now merges the status facets).
+    pub fn upgrade_listing(&mut self) -> StoreResult<u64> {
         const DONE: &str = "listing_indexed";
+        let all = crate::listing::RETIRED_FACET;
+        self.listing
+            .retain_in((all, 0, "")..=(all, u64::MAX, "\u{10FFFF}"), |_, _| false)?;
         if self.meta.get(DONE).map_err(StoreError::redb)?.is_some() {
             return Ok(0);
         }
@@ -1744,7 +1761,46 @@ mod tests {
         };
         let page = store.list(&window, |_| true, 100, None).unwrap();
         let times: Vec<u64> = page.invocations.iter().map(|r| r.created_ms).collect();
-        assert_eq!(times, [1014, 1013, 1012, 1011, 1010]);
+        assert_eq!(
+            times,
+            [1014, 1013, 1012, 1011, 1010],
+            "status facets merged"
+        );
+        let (mut everything, mut cursor) = (Vec::new(), None);
+        for _ in 0..20 {
+            let page = store.list(&Filter::default(), |_| true, 4, cursor.as_ref());
+            let page = page.unwrap();
+            everything.extend(page.invocations.iter().map(|r| r.created_ms));
+            cursor = page.next;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        let newest_first: Vec<u64> = (1000..1030).rev().collect();
+        assert_eq!(
+            everything, newest_first,
+            "every invocation once, across facets"
+        );
+    }
+
+    #[test]
+    fn upgrading_the_listing_drops_the_retired_all_facet() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let r = record("x", HandlerKind::Exclusive);
+        let all = crate::listing::RETIRED_FACET;
+        with_tables(&store, |t| {
+            t.put_invocation(&r)?;
+            t.listing.insert((all, r.created_ms, r.id.as_str()), ())
+        });
+        assert_eq!(store.count_listed(all).unwrap(), 1);
+        with_tables(&store, |t| t.upgrade_listing());
+        assert_eq!(store.count_listed(all).unwrap(), 0);
+        assert_eq!(
+            listed(&store, "unfinished"),
+            vec![r.id.clone()],
+            "the rest stays"
+        );
     }
 
     #[test]
