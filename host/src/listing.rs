@@ -18,11 +18,12 @@
 //! names (key, then status, then service), bounded by the creation-time
 //! range; the filter's other conditions are checked on each record. A
 //! page of every invocation merges the status facets ([`newest_first`]):
-//! each invocation is under exactly one, so no facet of its own (`all`, one
-//! more B-tree write per invocation, dropped on 2026-11-29) is needed. At most [`SCAN_BUDGET`] index rows are read per page: a page
-//! may hold fewer than `limit` invocations and still have a `next`
-//! cursor, which the client follows (the way DynamoDB pages a filtered
-//! scan), so no request holds the host for long.
+//! each invocation is under exactly one, so no facet of its own (`all`,
+//! one more B-tree write per invocation, dropped on 2026-11-29) is needed.
+//! At most [`SCAN_BUDGET`] index rows are read per page: a page may hold
+//! fewer than `limit` invocations and still have a `next` cursor, which
+//! the client follows (the way DynamoDB pages a filtered scan), so no
+//! request holds the host for long.
 
 use crate::ids::InvocationId;
 use crate::records::InvocationRecord;
