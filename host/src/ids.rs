@@ -62,7 +62,7 @@ prefixed_id!(
 impl InvocationId {
     /// A new, unique id in partition key `pkey` (see [`crate::partition`]):
     /// `t`, the UUIDv7 (time first), then the key. Time first makes the
-    /// tables keyed by invocation (records, `active`, the journal) grow at
+    /// tables keyed by invocation (records, the journal) grow at
     /// their right edge and shrink at their left as retention forgets the
     /// oldest, so a commit rewrites a few pages at both edges instead of a
     /// page per object key: with the key first, a steady 5,000 Kafka

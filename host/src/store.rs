@@ -461,7 +461,7 @@ impl Store {
         let listing = txn.open_table(LISTING).map_err(StoreError::redb)?;
         for facet in crate::listing::UNFINISHED.map(crate::listing::status_facet) {
             let rows = listing
-                .range((facet.as_str(), 0, "")..(facet.as_str(), u64::MAX, ""))
+                .range(facet_rows(&facet))
                 .map_err(StoreError::redb)?;
             for row in rows {
                 let (k, _) = row.map_err(StoreError::redb)?;
@@ -484,8 +484,7 @@ impl Store {
 
     /// How many invocations the listing holds under `facet`.
     pub fn count_listed(&self, facet: &str) -> StoreResult<usize> {
-        let high = (facet, u64::MAX, "");
-        self.read(|t| Ok(t.open_table(LISTING)?.range((facet, 0, "")..high)?.count()))
+        self.read(|t| Ok(t.open_table(LISTING)?.range(facet_rows(facet))?.count()))
     }
 
     /// The size of the database file, bytes.
@@ -882,6 +881,11 @@ fn last_tick_key(schedule: &str) -> String {
 }
 
 /// The raw rows of an invocation's journal, in order.
+/// Every `listing` row of `facet`, whatever its time and id.
+fn facet_rows(facet: &str) -> std::ops::RangeInclusive<(&str, u64, &str)> {
+    (facet, 0, "")..=(facet, u64::MAX, "\u{10FFFF}")
+}
+
 fn journal_in(t: &redb::ReadTransaction, id: &InvocationId) -> Result<RawJournal, redb::Error> {
     let table = t.open_table(JOURNAL)?;
     let range = table.range((id.as_str(), 0)..=(id.as_str(), u32::MAX))?;
@@ -1200,9 +1204,8 @@ impl<'txn> Tables<'txn> {
     /// now merges the status facets).
     pub fn upgrade_listing(&mut self) -> StoreResult<u64> {
         const DONE: &str = "listing_indexed";
-        let all = crate::listing::RETIRED_FACET;
         self.listing
-            .retain_in((all, 0, "")..=(all, u64::MAX, "\u{10FFFF}"), |_, _| false)?;
+            .retain_in(facet_rows(crate::listing::RETIRED_FACET), |_, _| false)?;
         if self.meta.get(DONE).map_err(StoreError::redb)?.is_some() {
             return Ok(0);
         }
