@@ -328,6 +328,7 @@ async fn forgetting_an_invocation_removes_every_row_it_owned() {
         "expiry",
         "timers",
         "awakeables",
+        "completions",
         "promise_waiters",
         "outbox",
     ];

@@ -535,15 +535,19 @@ impl DurableContext {
             if !invoker.admits(&id, epoch) {
                 return Ok(Box::new(|| ()));
             }
+            let pending = command.is_pending();
             t.append(&id, &Entry::Command(command))?;
             if let Some(value) = completion {
-                t.append(
-                    &id,
-                    &Entry::Completion(Completion {
-                        command: index,
-                        value,
-                    }),
-                )?;
+                let completion = Completion {
+                    command: index,
+                    value,
+                };
+                // A call that failed at once (no such handler) is a
+                // command answered later answered now: marked like any.
+                match pending {
+                    true => t.complete_command(&id, completion).map(drop)?,
+                    false => t.append(&id, &Entry::Completion(completion)).map(drop)?,
+                }
             }
             let then = effect(t, &invoker)?;
             Ok(then.unwrap_or_else(|| Box::new(|| ())))

@@ -503,11 +503,19 @@ impl Engine {
         partitioning: Partitioning,
         runtime: Arc<Runtime>,
     ) -> anyhow::Result<Engine> {
-        let indexed = committer.commit(|t| t.upgrade_listing()).await;
+        let (indexed, marked) = committer
+            .commit(|t| Ok((t.upgrade_listing()?, t.upgrade_completions()?)))
+            .await;
         if indexed > 0 {
             tracing::info!(
                 indexed,
                 "indexed the invocations of an older store for listing"
+            );
+        }
+        if marked > 0 {
+            tracing::info!(
+                marked,
+                "marked the completed commands of an older store's unfinished invocations"
             );
         }
         let registry = Registry::load(

@@ -8,7 +8,7 @@
 
 use crate::changelog::{Capture, Change, Logged, Outgoing};
 use crate::ids::{DeploymentId, InvocationId};
-use crate::journal::{Command, Completion, Entry, Outcome};
+use crate::journal::{Command, Completion, Entry, Journal, Outcome};
 use crate::listing::{Cursor, Filter, Page, SCAN_BUDGET};
 use crate::partition::{Message, INPUT_POSITION};
 use crate::records::{
@@ -145,6 +145,10 @@ tables! {
     timers: TIMERS = "timers", Some(10), <(u64, &'static str, u32), ()>;
     /// (invocation id, command index): awakeables not completed yet
     awakeables: AWAKEABLES = "awakeables", Some(11), <(&'static str, u32), ()>;
+    /// (invocation id, command index): the commands answered later (calls,
+    /// sleeps, awakeables, promises, outside effects) whose completion the
+    /// journal holds, so that a delivery is checked with one lookup
+    completions: COMPLETIONS = "completions", Some(23), <(&'static str, u32), ()>;
     /// (workflow, id, promise name) -> postcard(Outcome): completed promises
     promises: PROMISES = "promises", Some(12), <(&'static str, &'static str, &'static str), &'static [u8]>;
     /// (workflow, id, promise name, invocation id, command index): waiters
@@ -681,6 +685,7 @@ impl Store {
                 ("expiry", t.open_table(EXPIRY)?.len()?),
                 ("timers", t.open_table(TIMERS)?.len()?),
                 ("awakeables", t.open_table(AWAKEABLES)?.len()?),
+                ("completions", t.open_table(COMPLETIONS)?.len()?),
                 ("promises", t.open_table(PROMISES)?.len()?),
                 ("promise_waiters", t.open_table(PROMISE_WAITERS)?.len()?),
                 ("outbox", t.open_table(OUTBOX)?.len()?),
@@ -1016,9 +1021,13 @@ impl<'txn> Tables<'txn> {
         Ok(entries)
     }
 
-    /// Append the completion of command `command` of `id`, unless the
-    /// journal already completes it or the invocation is finished (or
-    /// forgotten); returns the new entry's index.
+    /// Append the completion of command `command` of `id` (a command
+    /// answered later), unless the journal already completes it or the
+    /// invocation is finished (or forgotten); returns the new entry's
+    /// index. The `completions` row, not a read of the journal, says
+    /// whether it is completed: a handler that fans out to thousands of
+    /// calls would otherwise cost a journal scan per answer, quadratic
+    /// work on the writer that every other invocation waits behind.
     pub fn complete_command(
         &mut self,
         id: &InvocationId,
@@ -1027,18 +1036,17 @@ impl<'txn> Tables<'txn> {
         let unfinished = self
             .invocation(id)?
             .is_some_and(|r| r.status != crate::records::Status::Completed);
-        if !unfinished {
+        let row = (id.as_str(), completion.command);
+        if !unfinished
+            || self
+                .completions
+                .get(row)
+                .map_err(StoreError::redb)?
+                .is_some()
+        {
             return Ok(None);
         }
-        let done = self
-            .journal
-            .range((id.as_str(), 0)..=(id.as_str(), u32::MAX))
-            .map_err(StoreError::redb)?
-            .filter_map(|row| row.ok())
-            .any(|(_, v)| matches!(Entry::decode(v.value()), Ok(Entry::Completion(c)) if c.command == completion.command));
-        if done {
-            return Ok(None);
-        }
+        self.completions.insert(row, ())?;
         self.append(id, &Entry::Completion(completion)).map(Some)
     }
 
@@ -1223,6 +1231,42 @@ impl<'txn> Tables<'txn> {
         Ok(indexed)
     }
 
+    /// Give the unfinished invocations of a store written before the
+    /// `completions` table (2026-11-29) their rows: one for each completed
+    /// command answered later. Once (`meta` remembers it); how many
+    /// invocations it read.
+    pub fn upgrade_completions(&mut self) -> StoreResult<u64> {
+        const DONE: &str = "completions_marked";
+        if self.meta.get(DONE).map_err(StoreError::redb)?.is_some() {
+            return Ok(0);
+        }
+        let mut ids = Vec::new();
+        for class in crate::listing::UNFINISHED {
+            let facet = crate::listing::status_facet(class);
+            for row in self
+                .listing
+                .range(facet_rows(&facet))
+                .map_err(StoreError::redb)?
+            {
+                let id = row.map_err(StoreError::redb)?.0.value().2.parse();
+                ids.push(id.map_err(|reason| StoreError::Corrupt {
+                    table: "listing",
+                    reason,
+                })?);
+            }
+        }
+        for id in &ids {
+            let journal = Journal::from_entries(self.journal(id)?);
+            for (index, command) in journal.commands() {
+                if command.is_pending() && journal.completion(index).is_some() {
+                    self.completions.insert((id.as_str(), index), ())?;
+                }
+            }
+        }
+        self.meta.insert(DONE, 1)?;
+        Ok(ids.len() as u64)
+    }
+
     /// Move `record`'s listing rows from what `before` had to what
     /// `after` has (a new record has no `before`; a deleted one no
     /// `after`).
@@ -1288,8 +1332,9 @@ impl<'txn> Tables<'txn> {
             self.timers.remove((at, id.as_str(), command))?;
             timers.push((at, command));
         }
-        self.awakeables
-            .retain_in((id.as_str(), 0)..=(id.as_str(), u32::MAX), |_, _| false)?;
+        for rows in [&mut self.awakeables, &mut self.completions] {
+            rows.retain_in((id.as_str(), 0)..=(id.as_str(), u32::MAX), |_, _| false)?;
+        }
         self.invocations.remove(id.as_str())?;
         if let (HandlerKind::Workflow, Some(key)) = (record.handler_kind, &record.target.key) {
             let (service, key) = (record.target.service.as_str(), key.as_str());
@@ -1620,6 +1665,84 @@ mod tests {
             listed(&store, "succeeded").is_empty(),
             "its listing rows go"
         );
+    }
+
+    fn sleep_completion(command: u32) -> Completion {
+        Completion {
+            command,
+            value: crate::journal::CompletionValue::Outcome(Outcome::Success(b"null".to_vec())),
+        }
+    }
+
+    fn rows(store: &Store, table: &str) -> u64 {
+        let counts = store.row_counts().unwrap();
+        counts.into_iter().find(|(t, _)| *t == table).unwrap().1
+    }
+
+    #[test]
+    fn a_command_is_completed_once_and_its_row_goes_with_the_invocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut r = record("x", HandlerKind::Exclusive);
+        let sleep = Entry::Command(Command::Sleep { wake_at_ms: 5 });
+        let delivered = with_tables(&store, |t| {
+            t.put_invocation(&r)?;
+            t.append(&r.id, &sleep)?;
+            t.append(&r.id, &sleep)?;
+            Ok([
+                t.complete_command(&r.id, sleep_completion(1))?,
+                t.complete_command(&r.id, sleep_completion(1))?,
+            ])
+        });
+        assert_eq!(delivered, [Some(2), None], "the second delivery is dropped");
+        let later = with_tables(&store, |t| t.complete_command(&r.id, sleep_completion(1)));
+        assert_eq!(later, None, "in a later transaction too");
+        let first = with_tables(&store, |t| t.complete_command(&r.id, sleep_completion(0)));
+        assert_eq!(first, Some(3), "another command of the journal is its own");
+        assert_eq!(rows(&store, "completions"), 2);
+        r.status = Status::Completed;
+        with_tables(&store, |t| {
+            t.put_invocation(&r)?;
+            t.purge(&r)
+        });
+        assert_eq!(rows(&store, "completions"), 0);
+    }
+
+    #[test]
+    fn an_older_store_gets_the_rows_of_its_completed_commands_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (r, done) = (
+            record("x", HandlerKind::Exclusive),
+            record("y", HandlerKind::Exclusive),
+        );
+        let mut done = done;
+        done.status = Status::Completed;
+        with_tables(&store, |t| {
+            for r in [&r, &done] {
+                t.put_invocation(r)?;
+                t.append(&r.id, &Entry::Command(Command::Awakeable))?;
+                // As a host before the completions table wrote it.
+                t.append(&r.id, &Entry::Completion(sleep_completion(0)))?;
+            }
+            t.append(&r.id, &Entry::Command(Command::Now))?;
+            t.append(&r.id, &Entry::Completion(sleep_completion(1)))?;
+            t.append(&r.id, &Entry::Command(Command::Awakeable))
+        });
+        assert_eq!(with_tables(&store, |t| t.upgrade_completions()), 1);
+        assert_eq!(
+            rows(&store, "completions"),
+            1,
+            "the unfinished one's awakeable; not its clock reading"
+        );
+        let [again, open] = with_tables(&store, |t| {
+            Ok([
+                t.complete_command(&r.id, sleep_completion(0))?,
+                t.complete_command(&r.id, sleep_completion(2))?,
+            ])
+        });
+        assert_eq!((again, open), (None, Some(5)));
+        assert_eq!(with_tables(&store, |t| t.upgrade_completions()), 0, "once");
     }
 
     #[test]

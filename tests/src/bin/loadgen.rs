@@ -4,7 +4,7 @@
 //!
 //! Run it with `scripts/bench.sh` (release build, examples built first).
 
-use cairn_tests::{proc_status_kib, Host};
+use cairn_tests::{example, proc_status_kib, Host};
 use clap::Parser;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -70,7 +70,7 @@ struct Scenario {
     body: &'static str,
 }
 
-const SCENARIOS: [Scenario; 4] = [
+const SCENARIOS: [Scenario; 5] = [
     Scenario {
         name: "steps3",
         path: |_| "/Steps/steps3".into(),
@@ -93,6 +93,14 @@ const SCENARIOS: [Scenario; 4] = [
         path: |i| format!("/Counter/k{}/add/send?delay=1d", i % 1000),
         body: "1",
     },
+    // Not in the default set: each request fans out to 1,000 calls and
+    // joins them (the per-answer cost on the writer, once quadratic in
+    // the journal's length).
+    Scenario {
+        name: "fan-out",
+        path: |_| "/Chain/spread".into(),
+        body: "1000",
+    },
 ];
 
 #[tokio::main]
@@ -103,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
         None => Some(
             Host::start_with(cairn_tests::HostOptions {
                 config: args.host_config.clone(),
-                ..Default::default()
+                deploy: vec![example("basics"), example("coordination")],
             })
             .await,
         ),
