@@ -542,8 +542,8 @@ impl DurableContext {
                     command: index,
                     value,
                 };
-                // A call that failed at once (no such handler) is a
-                // command answered later answered now: marked like any.
+                // A call that failed at once (no such handler): calls are
+                // answered later, so its answer gets a `completions` row.
                 match pending {
                     true => t.complete_command(&id, completion).map(drop)?,
                     false => t.append(&id, &Entry::Completion(completion)).map(drop)?,

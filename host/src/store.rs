@@ -1667,7 +1667,8 @@ mod tests {
         );
     }
 
-    fn sleep_completion(command: u32) -> Completion {
+    /// The completion of command `command`.
+    fn answer(command: u32) -> Completion {
         Completion {
             command,
             value: crate::journal::CompletionValue::Outcome(Outcome::Success(b"null".to_vec())),
@@ -1690,14 +1691,14 @@ mod tests {
             t.append(&r.id, &sleep)?;
             t.append(&r.id, &sleep)?;
             Ok([
-                t.complete_command(&r.id, sleep_completion(1))?,
-                t.complete_command(&r.id, sleep_completion(1))?,
+                t.complete_command(&r.id, answer(1))?,
+                t.complete_command(&r.id, answer(1))?,
             ])
         });
         assert_eq!(delivered, [Some(2), None], "the second delivery is dropped");
-        let later = with_tables(&store, |t| t.complete_command(&r.id, sleep_completion(1)));
+        let later = with_tables(&store, |t| t.complete_command(&r.id, answer(1)));
         assert_eq!(later, None, "in a later transaction too");
-        let first = with_tables(&store, |t| t.complete_command(&r.id, sleep_completion(0)));
+        let first = with_tables(&store, |t| t.complete_command(&r.id, answer(0)));
         assert_eq!(first, Some(3), "another command of the journal is its own");
         assert_eq!(rows(&store, "completions"), 2);
         r.status = Status::Completed;
@@ -1712,21 +1713,18 @@ mod tests {
     fn an_older_store_gets_the_rows_of_its_completed_commands_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let (r, done) = (
-            record("x", HandlerKind::Exclusive),
-            record("y", HandlerKind::Exclusive),
-        );
-        let mut done = done;
+        let r = record("x", HandlerKind::Exclusive);
+        let mut done = record("y", HandlerKind::Exclusive);
         done.status = Status::Completed;
         with_tables(&store, |t| {
             for r in [&r, &done] {
                 t.put_invocation(r)?;
                 t.append(&r.id, &Entry::Command(Command::Awakeable))?;
                 // As a host before the completions table wrote it.
-                t.append(&r.id, &Entry::Completion(sleep_completion(0)))?;
+                t.append(&r.id, &Entry::Completion(answer(0)))?;
             }
             t.append(&r.id, &Entry::Command(Command::Now))?;
-            t.append(&r.id, &Entry::Completion(sleep_completion(1)))?;
+            t.append(&r.id, &Entry::Completion(answer(1)))?;
             t.append(&r.id, &Entry::Command(Command::Awakeable))
         });
         assert_eq!(with_tables(&store, |t| t.upgrade_completions()), 1);
@@ -1737,8 +1735,8 @@ mod tests {
         );
         let [again, open] = with_tables(&store, |t| {
             Ok([
-                t.complete_command(&r.id, sleep_completion(0))?,
-                t.complete_command(&r.id, sleep_completion(2))?,
+                t.complete_command(&r.id, answer(0))?,
+                t.complete_command(&r.id, answer(2))?,
             ])
         });
         assert_eq!((again, open), (None, Some(5)));

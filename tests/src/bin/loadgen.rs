@@ -103,6 +103,16 @@ const SCENARIOS: [Scenario; 5] = [
     },
 ];
 
+/// The example handlers the scenarios need (coordination only for
+/// `fan-out`, so the other scenarios' memory figures stay comparable).
+fn examples_for(scenarios: &[String]) -> Vec<std::path::PathBuf> {
+    let mut deploy = vec![example("basics")];
+    if scenarios.iter().any(|s| s == "fan-out") {
+        deploy.push(example("coordination"));
+    }
+    deploy
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -111,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
         None => Some(
             Host::start_with(cairn_tests::HostOptions {
                 config: args.host_config.clone(),
-                deploy: vec![example("basics"), example("coordination")],
+                deploy: examples_for(&args.scenarios),
             })
             .await,
         ),
