@@ -449,6 +449,24 @@ async fn cancel_runs_compensation_and_kill_stops_at_once() {
         ["booked", "refunded"],
         "the callee was cancelled and compensated"
     );
+    // The cancellation answered the plan's pending commands; the late
+    // answers (the cancelled callee's) are dropped, not journaled twice.
+    let v = host.admin_get(&format!("/invocations/{plan}")).await;
+    let mut answered: Vec<u64> = v["journal"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "completion")
+        .map(|e| e["for_command"].as_u64().unwrap())
+        .collect();
+    let journaled = answered.len();
+    answered.sort_unstable();
+    answered.dedup();
+    assert_eq!(
+        answered.len(),
+        journaled,
+        "one completion per command: {v:#}"
+    );
 
     let nap = send(&host, "/Sleeper/nap", "3600000").await;
     host.wait_invocation(&nap, MINUTE, |v| v["status"] == "suspended")
