@@ -825,6 +825,11 @@ struct Known {
     seq: Option<u64>,
     /// The next journal index of each invocation this transaction appended to.
     journal_ends: HashMap<String, u32>,
+    /// Whether each invocation a completion was delivered to in this
+    /// transaction is unfinished: a fan-out's answers arrive by the
+    /// hundred per transaction, and reading the caller's record for each
+    /// would copy its input every time.
+    unfinished: HashMap<String, bool>,
 }
 
 /// The two `meta` rows of a subscription's progress in one partition of
@@ -977,6 +982,9 @@ impl<'txn> Tables<'txn> {
         record: &InvocationRecord,
     ) -> StoreResult<()> {
         self.index(before, Some(record))?;
+        if let Some(unfinished) = self.known.unfinished.get_mut(record.id.as_str()) {
+            *unfinished = record.status != crate::records::Status::Completed;
+        }
         self.invocations
             .insert(record.id.as_str(), encode(record).as_slice())
     }
@@ -1033,11 +1041,8 @@ impl<'txn> Tables<'txn> {
         id: &InvocationId,
         completion: Completion,
     ) -> StoreResult<Option<u32>> {
-        let unfinished = self
-            .invocation(id)?
-            .is_some_and(|r| r.status != crate::records::Status::Completed);
         let row = (id.as_str(), completion.command);
-        if !unfinished
+        if !self.unfinished(id)?
             || self
                 .completions
                 .get(row)
@@ -1048,6 +1053,20 @@ impl<'txn> Tables<'txn> {
         }
         self.completions.insert(row, ())?;
         self.append(id, &Entry::Completion(completion)).map(Some)
+    }
+
+    /// Whether `id` exists and is not completed, as of this transaction.
+    fn unfinished(&mut self, id: &InvocationId) -> StoreResult<bool> {
+        if let Some(&unfinished) = self.known.unfinished.get(id.as_str()) {
+            return Ok(unfinished);
+        }
+        let unfinished = self
+            .invocation(id)?
+            .is_some_and(|r| r.status != crate::records::Status::Completed);
+        self.known
+            .unfinished
+            .insert(id.as_str().to_string(), unfinished);
+        Ok(unfinished)
     }
 
     /// Arm a durable timer.
@@ -1314,6 +1333,7 @@ impl<'txn> Tables<'txn> {
     pub fn purge(&mut self, record: &InvocationRecord) -> StoreResult<Vec<(u64, u32)>> {
         let id = &record.id;
         self.known.journal_ends.remove(id.as_str());
+        self.known.unfinished.remove(id.as_str());
         self.index(Some(record), None)?;
         if let Some(key) = &record.idempotency_key {
             self.idempotency
@@ -1688,24 +1708,30 @@ mod tests {
         let sleep = Entry::Command(Command::Sleep { wake_at_ms: 5 });
         let delivered = with_tables(&store, |t| {
             t.put_invocation(&r)?;
-            t.append(&r.id, &sleep)?;
-            t.append(&r.id, &sleep)?;
+            for _ in 0..3 {
+                t.append(&r.id, &sleep)?;
+            }
             Ok([
                 t.complete_command(&r.id, answer(1))?,
                 t.complete_command(&r.id, answer(1))?,
             ])
         });
-        assert_eq!(delivered, [Some(2), None], "the second delivery is dropped");
+        assert_eq!(delivered, [Some(3), None], "the second delivery is dropped");
         let later = with_tables(&store, |t| t.complete_command(&r.id, answer(1)));
         assert_eq!(later, None, "in a later transaction too");
-        let first = with_tables(&store, |t| t.complete_command(&r.id, answer(0)));
-        assert_eq!(first, Some(3), "another command of the journal is its own");
-        assert_eq!(rows(&store, "completions"), 2);
-        r.status = Status::Completed;
-        with_tables(&store, |t| {
+        let [first, after_the_end] = with_tables(&store, |t| {
+            let first = t.complete_command(&r.id, answer(0))?;
+            r.status = Status::Completed;
             t.put_invocation(&r)?;
-            t.purge(&r)
+            Ok([first, t.complete_command(&r.id, answer(2))?])
         });
+        assert_eq!(first, Some(4), "another command of the journal is its own");
+        assert_eq!(
+            after_the_end, None,
+            "the invocation completed earlier in the same transaction"
+        );
+        assert_eq!(rows(&store, "completions"), 2);
+        with_tables(&store, |t| t.purge(&r));
         assert_eq!(rows(&store, "completions"), 0);
     }
 
