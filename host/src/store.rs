@@ -463,18 +463,12 @@ impl Store {
         let txn = self.db.begin_read().map_err(StoreError::redb)?;
         let invocations = txn.open_table(INVOCATIONS).map_err(StoreError::redb)?;
         let listing = txn.open_table(LISTING).map_err(StoreError::redb)?;
-        for facet in crate::listing::UNFINISHED.map(crate::listing::status_facet) {
-            let rows = listing
-                .range(facet_rows(&facet))
-                .map_err(StoreError::redb)?;
-            for row in rows {
-                let (k, _) = row.map_err(StoreError::redb)?;
-                if let Some(v) = invocations.get(k.value().2).map_err(StoreError::redb)? {
-                    visit(decode::<InvocationRecord>("invocations", v.value())?);
-                }
+        visit_unfinished(&listing, |id| {
+            if let Some(v) = invocations.get(id).map_err(StoreError::redb)? {
+                visit(decode::<InvocationRecord>("invocations", v.value())?);
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// How many invocations have not completed.
@@ -890,12 +884,29 @@ fn last_tick_key(schedule: &str) -> String {
     format!("cron-last-tick:{schedule}")
 }
 
-/// The raw rows of an invocation's journal, in order.
 /// Every `listing` row of `facet`, whatever its time and id.
 fn facet_rows(facet: &str) -> std::ops::RangeInclusive<(&str, u64, &str)> {
     (facet, 0, "")..=(facet, u64::MAX, "\u{10FFFF}")
 }
 
+/// Visit the id of every invocation that has not completed: the rows of
+/// the listing's unfinished `status:` facets.
+fn visit_unfinished(
+    listing: &impl ReadableTable<(&'static str, u64, &'static str), ()>,
+    mut visit: impl FnMut(&str) -> StoreResult<()>,
+) -> StoreResult<()> {
+    for facet in crate::listing::UNFINISHED.map(crate::listing::status_facet) {
+        for row in listing
+            .range(facet_rows(&facet))
+            .map_err(StoreError::redb)?
+        {
+            visit(row.map_err(StoreError::redb)?.0.value().2)?;
+        }
+    }
+    Ok(())
+}
+
+/// The raw rows of an invocation's journal, in order.
 fn journal_in(t: &redb::ReadTransaction, id: &InvocationId) -> Result<RawJournal, redb::Error> {
     let table = t.open_table(JOURNAL)?;
     let range = table.range((id.as_str(), 0)..=(id.as_str(), u32::MAX))?;
@@ -1259,21 +1270,15 @@ impl<'txn> Tables<'txn> {
         if self.meta.get(DONE).map_err(StoreError::redb)?.is_some() {
             return Ok(0);
         }
-        let mut ids = Vec::new();
-        for class in crate::listing::UNFINISHED {
-            let facet = crate::listing::status_facet(class);
-            for row in self
-                .listing
-                .range(facet_rows(&facet))
-                .map_err(StoreError::redb)?
-            {
-                let id = row.map_err(StoreError::redb)?.0.value().2.parse();
-                ids.push(id.map_err(|reason| StoreError::Corrupt {
-                    table: "listing",
-                    reason,
-                })?);
-            }
-        }
+        let mut ids: Vec<InvocationId> = Vec::new();
+        visit_unfinished(&*self.listing, |id| {
+            let id = id.parse().map_err(|reason| StoreError::Corrupt {
+                table: "listing",
+                reason,
+            })?;
+            ids.push(id);
+            Ok(())
+        })?;
         for id in &ids {
             let journal = Journal::from_entries(self.journal(id)?);
             for (index, command) in journal.commands() {
