@@ -122,6 +122,72 @@ async fn records_of_one_key_are_handled_in_offset_order() {
 }
 
 #[tokio::test]
+async fn records_run_inline_unless_they_need_the_journal_and_each_key_keeps_its_order() {
+    let broker = require_broker();
+    let server = TestServer::start(Duration::ZERO).await;
+    let topic = unique_topic("inline");
+    create_topic(&topic, 4).await;
+    // 20 keys, 100 records each; every tenth record of a key makes an
+    // outside call in a `run` step, which needs the journal.
+    let url = format!("{}/record/calls", server.url);
+    let records = (0..2000)
+        .map(|i| {
+            let n = i / 20;
+            let mut event = json!({ "n": n });
+            if n % 10 == 5 {
+                event["url"] = json!(url);
+            }
+            Record::json(&format!("i{}", i % 20), &event)
+        })
+        .collect();
+    produce(&topic, records).await;
+    let host = Host::start_with(options("")).await;
+    let sub = subscribe(&host, &broker, &topic, "service://Events/handle").await;
+    let mut invocations = 0;
+    for k in 0..20 {
+        let key = format!("i{k}");
+        until(&key, Duration::from_secs(300), || async {
+            seen(&host, &key).await["numbers"].as_array().unwrap().len() == 100
+        })
+        .await;
+        let numbers: Vec<u64> =
+            serde_json::from_value(seen(&host, &key).await["numbers"].clone()).unwrap();
+        assert_eq!(
+            numbers,
+            (0..100).collect::<Vec<_>>(),
+            "{key} in offset order"
+        );
+        let listed = host
+            .admin_get(&format!(
+                "/invocations?service=Events&key={key}&handler=handle&limit=1000"
+            ))
+            .await;
+        invocations += listed["invocations"].as_array().unwrap().len();
+    }
+    assert_eq!(
+        server.received_count("calls"),
+        200,
+        "each call made once: an inline attempt is refused before its step runs"
+    );
+    let inline = metric(
+        &host.metrics().await,
+        "cairn_inline_records_total",
+        &[("subscription", &sub), ("outcome", "inline")],
+    )
+    .unwrap_or(0.0) as usize;
+    assert!(
+        invocations >= 200,
+        "each record with a call ran as an invocation: {invocations}"
+    );
+    assert!(inline > 0, "the others may run inline");
+    assert_eq!(
+        inline + invocations,
+        2000,
+        "a record ran inline, leaving no invocation, or as an invocation"
+    );
+}
+
+#[tokio::test]
 async fn a_slow_key_does_not_block_the_other_keys_of_its_partition() {
     let broker = require_broker();
     let server = TestServer::start(Duration::ZERO).await;
@@ -163,7 +229,18 @@ async fn a_slow_key_does_not_block_the_other_keys_of_its_partition() {
 }
 
 #[tokio::test]
-async fn sigkill_mid_ingest_each_record_becomes_exactly_one_invocation() {
+async fn sigkill_mid_ingest_applies_each_inline_record_exactly_once() {
+    sigkill_mid_ingest("").await;
+}
+
+#[tokio::test]
+async fn sigkill_mid_ingest_applies_each_record_exactly_once_as_invocations_too() {
+    sigkill_mid_ingest("[kafka]\ninline = false\n").await;
+}
+
+/// 50,000 records into `Counter/add` on a host configured with `extra`,
+/// SIGKILLed once 10,000 are ingested: every count is exact after restart.
+async fn sigkill_mid_ingest(extra: &str) {
     let broker = require_broker();
     let topic = unique_topic("crash");
     create_topic(&topic, 4).await;
@@ -171,7 +248,7 @@ async fn sigkill_mid_ingest_each_record_becomes_exactly_one_invocation() {
         .map(|i| Record::json(&format!("k{}", i % 100), &json!(1)))
         .collect();
     produce(&topic, records).await;
-    let mut host = Host::start_with(options("")).await;
+    let mut host = Host::start_with(options(extra)).await;
     let sub = subscribe(&host, &broker, &topic, "service://Counter/add").await;
     until(
         "ingest to be under way",
@@ -422,7 +499,9 @@ async fn a_burst_pauses_consumption_keeps_memory_bounded_and_is_all_processed() 
         .map(|i| Record::json(&format!("k{}", i % 1000), &json!(1)))
         .collect();
     produce(&topic, records).await;
-    let host = Host::start_with(options("[kafka]\nmax_in_flight = 2000\n")).await;
+    // Backpressure counts unfinished invocations: records that run inline
+    // are never unfinished, so this burst runs as invocations.
+    let host = Host::start_with(options("[kafka]\nmax_in_flight = 2000\ninline = false\n")).await;
     let started = Instant::now();
     subscribe(&host, &broker, &topic, "service://Counter/add").await;
     until("every record", Duration::from_secs(900), || async {

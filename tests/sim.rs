@@ -101,6 +101,8 @@ struct Model {
     flows: Vec<FlowModel>,
     /// Records the programs produce to Kafka.
     produced: usize,
+    /// Records the simulation produces itself (most run inline).
+    fed: usize,
     /// Shared reads made during the run.
     reads: usize,
 }
@@ -137,6 +139,8 @@ struct Sim {
     sink: TestServer,
     /// The subscription that feeds the simulation's topic back to `Acct`.
     subscription: String,
+    /// That topic.
+    topic: String,
     model: Model,
     http: reqwest::Client,
     next_id: u64,
@@ -200,6 +204,7 @@ impl Sim {
             entry: 0,
             sink,
             subscription: String::new(),
+            topic: topic.clone(),
             model: Model::default(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
@@ -538,6 +543,31 @@ impl Sim {
         }
     }
 
+    /// Produce records to the topic as an outside producer would (so
+    /// they may run inline, see `host/src/inline.rs`): programs that add
+    /// to exact keys, some of them sleeping first (those need the journal
+    /// and run as invocations, in their key's order), with a SIGKILL at a
+    /// random moment of their ingest on some steps.
+    async fn feed(&mut self) {
+        let mut records = Vec::new();
+        for _ in 0..1 + self.rng.below(40) {
+            let k = key('k', self.rng.below(EXACT as u64) as usize);
+            let n = 1 + self.rng.below(9) as i64;
+            self.model.credit(&k, n, "a record fed to the topic".into());
+            self.model.fed += 1;
+            let program = match self.rng.chance(20) {
+                true => json!([{ "Sleep": 5 }, { "Add": n }]),
+                false => json!([{ "Add": n }]),
+            };
+            records.push(cairn_tests::kafka::Record::json(&k, &program));
+        }
+        cairn_tests::kafka::produce(&self.topic, records).await;
+        if self.rng.chance(25) {
+            tokio::time::sleep(Duration::from_millis(self.rng.below(40))).await;
+            self.kill_one().await;
+        }
+    }
+
     /// Answer the awakeables announced so far: resolve most, reject some.
     async fn answer_awakeables(&mut self) {
         let announced: Vec<String> = self
@@ -801,7 +831,8 @@ impl Sim {
     async fn step(&mut self) {
         self.pick_entry();
         match self.rng.below(100) {
-            0..=52 => self.burst().await,
+            0..=47 => self.burst().await,
+            48..=52 if self.broker_restart.is_none() => self.feed().await,
             53..=64 => self.operate().await,
             65..=74 => self.answer_awakeables().await,
             75..=77 => self.sample_journals().await,
@@ -1121,14 +1152,15 @@ async fn run_seed(seed: u64, steps: usize, cluster: usize) {
     let injected = sim.logs().matches("injected fsync failure").count();
     println!(
         "seed {seed}: {} invocations, {} SIGKILLs, {} crashes on {injected} injected fsync \
-         failures, {} broker restarts, {} effects, {} Kafka records, {} workflows, {} shared \
-         reads, {} terminal failures, {:.1?}: all invariants hold",
+         failures, {} broker restarts, {} effects, {} Kafka records produced by handlers and \
+         {} fed, {} workflows, {} shared reads, {} terminal failures, {:.1?}: all invariants hold",
         sim.model.invocations.len(),
         sim.kills,
         sim.crashes,
         sim.broker_restarts,
         sim.model.effects.len(),
         sim.model.produced,
+        sim.model.fed,
         sim.model.flows.len(),
         sim.model.reads,
         sim.model.failed.len(),

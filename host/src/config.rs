@@ -113,6 +113,10 @@
 //! [kafka]
 //! # Unfinished invocations per subscription before its partitions pause.
 //! max_in_flight = 10000
+//! # Run a record whose handler only reads and writes its key's state (and
+//! # the clock) inline: no invocation, its writes committed with its offset.
+//! # A handler that needs more runs as an invocation. See `inline`.
+//! inline = true
 //!
 //! # Kafka clusters registered at start (librdkafka properties: SASL, TLS, ...).
 //! [[kafka.clusters]]
@@ -401,6 +405,8 @@ pub struct KafkaConfig {
     /// Unfinished invocations per subscription above which its partitions
     /// pause (they resume at half of it).
     pub max_in_flight: usize,
+    /// Run records inline when their handler allows it (see [`crate::inline`]).
+    pub inline: bool,
     /// Clusters registered (or updated) at start.
     pub clusters: Vec<crate::records::ClusterRecord>,
     /// Named subscriptions reconciled at start: created, changed, and
@@ -412,6 +418,7 @@ impl Default for KafkaConfig {
     fn default() -> Self {
         KafkaConfig {
             max_in_flight: 10_000,
+            inline: true,
             clusters: Vec::new(),
             subscriptions: Vec::new(),
         }

@@ -37,7 +37,7 @@ use tokio::sync::Notify;
 use wasmtime::format_err;
 
 /// Payloads from this size on wait for their commit before the guest goes
-/// on (smaller ones are pipelined).
+/// on (smaller ones are pipelined), and are never written inline.
 const LARGE_WRITE: usize = 256 * 1024;
 
 /// What a command carries into the journal, and how many bytes.
@@ -116,6 +116,30 @@ pub enum HostTrap {
     /// The attempt was superseded (killed, paused): its writes are refused.
     #[error("the attempt was fenced off")]
     Fenced,
+    /// An inline attempt (see `inline`) issued a command that needs the
+    /// journal; it was refused before it did anything.
+    #[error("{0} needs the journal: the record runs as an invocation")]
+    NeedsJournal(String),
+}
+
+/// Where an inline attempt's state writes go instead of the journal (see
+/// `inline`): they are applied with the record's offsets, in one
+/// transaction, once the attempt has succeeded.
+pub type InlineWrites = Arc<Mutex<Vec<Command>>>;
+
+/// Whether an inline attempt may issue `command`: it reads or writes its
+/// key's state, or reads the clock. Everything else (a step, a call, a
+/// sleep, an outside effect) needs the journal.
+fn inline_allows(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::GetState { .. }
+            | Command::GetStateKeys
+            | Command::SetState { .. }
+            | Command::ClearState { .. }
+            | Command::ClearAllState
+            | Command::Now
+    )
 }
 
 /// A [`StateOverlay`] shared between the attempts of a key.
@@ -171,6 +195,9 @@ pub struct DurableContext {
     replaying: Arc<AtomicBool>,
     /// This attempt's span, when traces are exported (see `traces`).
     span: Option<SpanRef>,
+    /// Set for an inline attempt: its state writes, in order; it journals
+    /// nothing and refuses what needs the journal.
+    inline: Option<InlineWrites>,
 }
 
 impl DurableContext {
@@ -195,7 +222,16 @@ impl DurableContext {
             clock: AttemptClock::start(),
             replaying: Arc::new(AtomicBool::new(journal_replaying)),
             span: None,
+            inline: None,
         }
+    }
+
+    /// The same context for an inline attempt: it journals nothing, its
+    /// state writes go to `writes` (and to the key's overlay), and a
+    /// command that needs the journal ends it ([`HostTrap::NeedsJournal`]).
+    pub fn inline(mut self, writes: InlineWrites) -> Self {
+        self.inline = Some(writes);
+        self
     }
 
     /// The same context, its steps traced under the attempt span `span`.
@@ -261,11 +297,15 @@ impl DurableContext {
 
     /// Match an issued command against the journal, and note whether the
     /// handler is still replaying after it.
-    fn issue(&mut self, command: &Command) -> Result<Issued, JournalMismatch> {
+    fn issue(&mut self, command: &Command) -> wasmtime::Result<Issued> {
+        if self.inline.is_some() && !inline_allows(command) {
+            let trap = HostTrap::NeedsJournal(command.signature());
+            return Err(wasmtime::Error::new(trap));
+        }
         let issued = self.journal.issue(command);
         self.replaying
             .store(self.journal.is_replaying(), Ordering::Relaxed);
-        issued
+        Ok(issued.map_err(HostTrap::Mismatch)?)
     }
 
     /// The attempt's busy-time clock.
@@ -328,6 +368,12 @@ impl DurableContext {
                     check_size(what, len, self.invoker.max_value_bytes())?;
                 }
                 let large = carried.is_some_and(|(_, len)| len >= LARGE_WRITE);
+                if large && self.inline.is_some() {
+                    // A batch holds its inline writes in memory until it
+                    // commits: a large one takes the journal, which waits.
+                    let what = format!("{} of {LARGE_WRITE} bytes or more", command.signature());
+                    return Err(wasmtime::Error::new(HostTrap::NeedsJournal(what)));
+                }
                 let span = self.command_span(&command);
                 if let Some(span) = span {
                     self.trace_command(span, &command);
@@ -505,6 +551,15 @@ impl DurableContext {
                 overlay.apply(self.epoch, &command);
             }
         }
+        if let Some(writes) = &self.inline {
+            if matches!(
+                command,
+                Command::SetState { .. } | Command::ClearState { .. } | Command::ClearAllState
+            ) {
+                writes.lock().unwrap().push(command);
+            }
+            return Ok(completion);
+        }
         let effect_key = self.record.target.key.clone();
         self.append_with(command.clone(), completion.clone(), index, move |t, _| {
             if let Some(key) = &effect_key {
@@ -654,7 +709,7 @@ impl DurableContext {
 }
 
 /// Apply a command's effect on keyed state, inside its journal transaction.
-fn apply_effect(
+pub(crate) fn apply_effect(
     t: &mut Tables<'_>,
     service: &str,
     key: &str,

@@ -37,7 +37,7 @@
 use crate::clock::SharedClock;
 use crate::commit::{Committer, Continuation};
 use crate::config::Config;
-use crate::context::{DurableContext, Mailbox, SharedOverlay};
+use crate::context::{DurableContext, InlineWrites, Mailbox, SharedOverlay};
 use crate::deployments::Registry;
 use crate::fence::{Epoch, Fence};
 use crate::ids::{parse_awakeable_id, DeploymentId, InvocationId};
@@ -69,6 +69,37 @@ const WORKFLOW_RUN: &str = "workflow-run";
 /// turn in the key's queue and never interleaves with a running handler.
 /// Its input is a [`StateEdit`].
 pub const EDIT_STATE: &str = "cairn:edit-state";
+
+/// How an inline attempt ended (see [`Invoker::attempt_inline`]).
+pub enum InlineEnd {
+    /// It succeeded. Its state writes, in order, are to be applied with
+    /// its record's offset; until then they are its key's overlay layer
+    /// `epoch`.
+    Done { epoch: Epoch, writes: Vec<Command> },
+    /// It issued a command that needs the journal; nothing it did is kept.
+    NeedsJournal,
+    /// It failed (an error, a trap, a budget); nothing it did is kept.
+    Failed,
+}
+
+/// An inline attempt in progress: when it goes, its fence entry goes,
+/// and so does its overlay layer unless its writes are `kept` (the batch
+/// that commits them retires the layer then).
+struct InlineAttempt<'a> {
+    invoker: &'a Invoker,
+    record: &'a InvocationRecord,
+    epoch: Epoch,
+    kept: bool,
+}
+
+impl Drop for InlineAttempt<'_> {
+    fn drop(&mut self) {
+        self.invoker.fence.end(&self.record.id, self.epoch);
+        if !self.kept {
+            self.invoker.retire_writes(self.record, Some(self.epoch));
+        }
+    }
+}
 
 /// What an [`EDIT_STATE`] invocation does.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -204,7 +235,7 @@ pub struct Invoker {
 type Deliveries = Vec<(InvocationId, u32, Completion)>;
 
 /// The key slot of an exclusive handler of a keyed service.
-fn exclusive_slot(record: &InvocationRecord) -> Option<KeySlot> {
+pub fn exclusive_slot(record: &InvocationRecord) -> Option<KeySlot> {
     match (record.is_exclusive(), &record.target.key) {
         (true, Some(key)) => Some((record.target.service.clone(), key.clone())),
         _ => None,
@@ -1067,8 +1098,8 @@ impl Invoker {
                     record.clone(),
                     Journal::from_entries(journal),
                     mailbox.clone(),
-                    epoch,
-                    span,
+                    (epoch, span),
+                    None,
                 )
                 .await;
             metrics::histogram!("cairn_attempt_duration_seconds", &labels)
@@ -1106,7 +1137,9 @@ impl Invoker {
                     }
                     continue;
                 }
-                AttemptEnd::Retryable(reason) => {
+                // Only inline attempts need the journal; a journaled one
+                // cannot, but would retry like any error.
+                AttemptEnd::Retryable(reason) | AttemptEnd::NeedsJournal(reason) => {
                     interrupted = 0;
                     reason
                 }
@@ -1217,13 +1250,15 @@ impl Invoker {
         true
     }
 
+    /// One attempt of `record` under `epoch` (traced under `span`);
+    /// `inline`: it is an inline attempt, its writes go there.
     async fn attempt(
         self: &Arc<Self>,
         record: Arc<InvocationRecord>,
         journal: Journal,
         mailbox: Arc<Mailbox>,
-        epoch: Epoch,
-        span: Option<SpanRef>,
+        (epoch, span): (Epoch, Option<SpanRef>),
+        inline: Option<InlineWrites>,
     ) -> AttemptEnd {
         if record.target.handler == EDIT_STATE {
             return self.edit_state(&record, epoch).await;
@@ -1236,7 +1271,95 @@ impl Invoker {
         let overlay = self.overlay_for(&record);
         let durable = DurableContext::new(record, journal, self.clone(), mailbox, overlay, epoch)
             .with_span(span);
+        let durable = match inline {
+            Some(writes) => durable.inline(writes),
+            None => durable,
+        };
         self.runtime.invoke(&deployment.module, durable).await
+    }
+
+    /// Run `record`, not yet created, as an inline attempt (see
+    /// [`crate::inline`]): with an empty journal that stays in memory,
+    /// its state writes in its key's overlay (the caller holds the key).
+    pub async fn attempt_inline(self: &Arc<Self>, record: Arc<InvocationRecord>) -> InlineEnd {
+        let Some(epoch) = self.fence.begin(&record.id) else {
+            return InlineEnd::Failed;
+        };
+        // Whatever ends the attempt early (its task aborted, a failure)
+        // takes its fence entry and its overlay layer with it.
+        let mut attempt = InlineAttempt {
+            invoker: self,
+            record: &record,
+            epoch,
+            kept: false,
+        };
+        let writes = InlineWrites::default();
+        let mailbox = Arc::new(Mailbox::default());
+        let journal = Journal::from_entries(Vec::new());
+        let end = self
+            .attempt(
+                record.clone(),
+                journal,
+                mailbox,
+                (epoch, None),
+                Some(writes.clone()),
+            )
+            .await;
+        let writes = std::mem::take(&mut *writes.lock().unwrap());
+        match end {
+            AttemptEnd::Success(_) => {
+                attempt.kept = true;
+                InlineEnd::Done { epoch, writes }
+            }
+            AttemptEnd::NeedsJournal(_) => InlineEnd::NeedsJournal,
+            _ => InlineEnd::Failed,
+        }
+    }
+
+    /// Apply the writes of an inline attempt of `record`, inside the
+    /// transaction that moves its subscription past its record.
+    pub fn apply_inline(
+        &self,
+        t: &mut Tables<'_>,
+        record: &InvocationRecord,
+        writes: &[Command],
+    ) -> StoreResult<()> {
+        let Some(key) = &record.target.key else {
+            return Ok(());
+        };
+        for write in writes {
+            crate::context::apply_effect(t, &record.target.service, key, write)?;
+        }
+        Ok(())
+    }
+
+    /// The writes of inline attempt `epoch` of key `slot` are durable (or
+    /// never will be): its layer of the key's overlay goes.
+    pub fn inline_settled(&self, slot: &KeySlot, epoch: Epoch) {
+        self.keys.lock().unwrap().retire(slot, epoch);
+    }
+
+    /// Whether `id` lives on this host's partition.
+    pub fn is_local(&self, id: &InvocationId) -> bool {
+        self.partitioning.elsewhere(id).is_none()
+    }
+
+    /// Hold `slot` for `holder` if it is free (see [`KeyQueues::try_hold`]).
+    pub fn try_hold_key(&self, slot: &KeySlot, holder: &InvocationId) -> bool {
+        self.keys.lock().unwrap().try_hold(slot, holder)
+    }
+
+    /// Whether invocations wait for `slot`.
+    pub fn key_has_waiters(&self, slot: &KeySlot) -> bool {
+        self.keys.lock().unwrap().has_waiters(slot)
+    }
+
+    /// `holder` is done with `slot`: the next invocation waiting for it starts.
+    pub fn release_key(self: &Arc<Self>, slot: &KeySlot, holder: &InvocationId) {
+        let next = self.keys.lock().unwrap().leave(slot, 0, holder);
+        if let Some(next) = next {
+            self.start(next, None);
+        }
     }
 
     /// Run an [`EDIT_STATE`] invocation, which holds its key: apply the
@@ -2052,7 +2175,8 @@ fn trace_attempt(
         AttemptEnd::Retryable(why)
         | AttemptEnd::Interrupted(why)
         | AttemptEnd::Trapped(why)
-        | AttemptEnd::Stopped(why) => Some(why.as_str()),
+        | AttemptEnd::Stopped(why)
+        | AttemptEnd::NeedsJournal(why) => Some(why.as_str()),
         AttemptEnd::Fenced => Some("fenced: killed or paused while it ran"),
     };
     let ended = match end {

@@ -53,6 +53,7 @@
 //! and named subscriptions match `[[kafka.clusters]]` and
 //! `[[kafka.subscriptions]]` at start.
 
+use crate::inline::{Ingested, Inliner, Settle};
 use crate::invoker::{Invoker, NewInvocation};
 use crate::records::{
     ClusterRecord, DeadLetter, Delivery, InvocationRecord, KeySource, NullKey, OnFailure, StartAt,
@@ -82,13 +83,31 @@ const PIPELINE: u32 = 2 * BATCH as u32;
 struct Pending {
     /// The new records' positions and ingest spans, in order.
     fresh: Vec<(Position, Option<Traced>)>,
-    /// Answers the new records' invocations once durable (`None`: the
-    /// batch queued no job; `Err`: the partition moved).
-    created: Option<tokio::sync::oneshot::Receiver<Vec<crate::invoker::Submitted>>>,
+    /// Answers the new records' ids once durable (`None`: the batch
+    /// queued no job; `Err` or `Ok(None)`: the partition moved).
+    created: Option<Written>,
     /// The offsets to commit to the consumer group then.
     offsets: BTreeMap<(String, i32), i64>,
     /// The batch's room in the pipeline, given back once it is settled.
     _room: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// The task that runs a batch inline and writes it (see
+/// [`Ingest::write`]); dropping it aborts the task.
+struct Written(tokio::task::JoinHandle<Option<Vec<crate::invoker::Submitted>>>);
+
+impl Drop for Written {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What a batch's job writes besides its records: each partition's
+/// progress past them, and the skip rows of the records skipped.
+struct Passed {
+    subscription: String,
+    next: BTreeMap<(String, i32), i64>,
+    skipped: Vec<Position>,
 }
 
 /// Why a cluster or subscription request was refused.
@@ -280,6 +299,8 @@ pub struct SubscriptionView {
 pub struct Subscriptions {
     invoker: Arc<Invoker>,
     max_in_flight: usize,
+    /// `kafka.inline`.
+    inline: bool,
     running: Mutex<HashMap<String, Running>>,
 }
 
@@ -287,10 +308,14 @@ impl Subscriptions {
     /// Start a consumer for every stored, unpaused subscription (on
     /// partition 0, which runs them; the other partitions keep copies of
     /// the subscriptions to read their failure policies).
-    pub fn start(invoker: Arc<Invoker>, max_in_flight: usize) -> Result<Arc<Self>, StoreError> {
+    pub fn start(
+        invoker: Arc<Invoker>,
+        config: &crate::config::KafkaConfig,
+    ) -> Result<Arc<Self>, StoreError> {
         let subs = Arc::new(Subscriptions {
             invoker,
-            max_in_flight,
+            max_in_flight: config.max_in_flight,
+            inline: config.inline,
             running: Mutex::default(),
         });
         if subs.invoker.partitioning().me != 0 {
@@ -774,6 +799,8 @@ impl Subscriptions {
             }
         };
         let ingest = Ingest {
+            inliner: Inliner::new(self.invoker.clone(), &record.id, self.inline),
+            last_queued: Mutex::default(),
             invoker: self.invoker.clone(),
             consumer: consumer.clone(),
             stats: stats.clone(),
@@ -869,14 +896,19 @@ fn consumer(
     // once: with small records, a 6-partition catch-up grew the host's
     // glibc heap by about 100 MiB, never given back. Ingest is paced by
     // `max_in_flight`, so smaller fetches and prefetch cost no throughput
-    // (measured: the same records/s, peak RSS 305 -> 195-241 MiB). The
-    // cluster's properties and the subscription's options may raise them.
+    // (measured: the same records/s, peak RSS 305 -> 195-241 MiB). With
+    // queues that small, librdkafka's default pause of a partition's
+    // fetches once its queue is full (fetch.queue.backoff.ms, 1 s) left
+    // the consumer with nothing to hand out for whole seconds at 40,000
+    // records/s: 10 ms keeps it fed. The cluster's properties and the
+    // subscription's options may change all of these.
     let mut config = client(cluster);
     for (k, v) in [
         ("queued.min.messages", "10000"),
         ("queued.max.messages.kbytes", "4096"),
         ("max.partition.fetch.bytes", "131072"),
         ("fetch.max.bytes", "1048576"),
+        ("fetch.queue.backoff.ms", "10"),
     ] {
         if config.get(k).is_none() {
             config.set(k, v);
@@ -1227,6 +1259,11 @@ pub struct Produced<'a> {
 /// One subscription's consumer loop.
 struct Ingest {
     invoker: Arc<Invoker>,
+    /// Runs what it can of each batch inline (see [`crate::inline`]).
+    inliner: Arc<Inliner>,
+    /// Answers once the last batch's job is queued: the next batch is
+    /// written after it.
+    last_queued: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
     consumer: Arc<SubscriptionConsumer>,
     stats: Arc<Stats>,
     record: SubscriptionRecord,
@@ -1460,8 +1497,14 @@ impl Ingest {
             }
         }
         let next = last_offsets(fresh.iter().map(|(at, _)| at));
-        let created = (!records.is_empty() || !skipped.is_empty())
-            .then(|| self.create(records, next, skipped));
+        let created = (!records.is_empty() || !skipped.is_empty()).then(|| {
+            let passed = Passed {
+                subscription: self.record.id.clone(),
+                next,
+                skipped,
+            };
+            self.write(records, passed)
+        });
         let pending = Pending {
             fresh,
             created,
@@ -1477,9 +1520,9 @@ impl Ingest {
     /// the new owner reads them again.
     async fn settle(&self, batch: Pending) -> Option<(u64, BTreeMap<(String, i32), i64>)> {
         let created = match batch.created {
-            Some(created) => match created.await {
-                Ok(created) => created,
-                Err(_) => return None,
+            Some(mut written) => match (&mut written.0).await {
+                Ok(Some(created)) => created,
+                _ => return None,
             },
             None => Vec::new(),
         };
@@ -1493,48 +1536,34 @@ impl Ingest {
         Some((ingested, batch.offsets))
     }
 
-    /// Queue one job: create the invocations of new records, in order,
-    /// move each partition's progress to its `next` offset, count them,
-    /// and drop the skip rows of `skipped` records. It answers the
-    /// invocations, in order, once durable.
-    fn create(
-        &self,
-        records: Vec<InvocationRecord>,
-        next: BTreeMap<(String, i32), i64>,
-        skipped: Vec<Position>,
-    ) -> tokio::sync::oneshot::Receiver<Vec<crate::invoker::Submitted>> {
-        let (invoker, id) = (self.invoker.clone(), self.record.id.clone());
+    /// Write a batch's new records: in a task of its own (so the next
+    /// batch is read meanwhile), but only once the previous batch's job is
+    /// queued, run what can run inline (see [`Inliner::run`]), then queue
+    /// the job (see [`write_batch`]). The task answers the records' ids
+    /// once they are durable.
+    fn write(&self, records: Vec<InvocationRecord>, passed: Passed) -> Written {
         {
-            // The next batch is read before this job commits: it must
+            // The next batch is read before this one is written: it must
             // already pass these records over.
             let mut standings = self.standings.lock().unwrap();
-            for (at, next) in &next {
+            for (at, next) in &passed.next {
                 let standing = standings.entry(at.clone()).or_default();
                 standing.progress.next = *next;
                 standing.keyed = false;
             }
         }
-        self.invoker.committer().commit_queued(move |t| {
-            let mut created = Vec::with_capacity(records.len());
-            for record in records {
-                let new = record.id.clone();
-                created.push(match invoker.create(t, record)? {
-                    Some(id) => crate::invoker::Submitted { id, existing: true },
-                    None => crate::invoker::Submitted {
-                        id: new,
-                        existing: false,
-                    },
-                });
+        let (queued, next_waits) = tokio::sync::oneshot::channel();
+        let previous = self.last_queued.lock().unwrap().replace(next_waits);
+        let inliner = self.inliner.clone();
+        Written(tokio::spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await; // an error: it was aborted, which ends this one too
             }
-            for ((topic, partition), next) in &next {
-                t.put_progress(Mark::Next, (&id, topic, *partition), *next)?;
-            }
-            for (topic, partition, _) in skipped {
-                t.take_skip(&id, &topic, partition)?;
-            }
-            t.count_ingested(&id, created.iter().filter(|c| !c.existing).count() as u64)?;
-            Ok(created)
-        })
+            let (records, settle) = inliner.run(records).await;
+            let durable = write_batch(&inliner, records, settle, passed);
+            let _ = queued.send(());
+            durable.await.ok()
+        }))
     }
 
     /// Where the subscription stands in `topic`/`partition` (read from the
@@ -1746,6 +1775,41 @@ impl Ingest {
 
 /// A record's topic, partition and offset.
 type Position = (String, i32, i64);
+
+/// Queue one job: write a batch's new records, in order (create
+/// invocations, apply inline writes; see [`Inliner::write`]), move each
+/// partition's progress past them, count them, and drop the skip rows of
+/// the records skipped. It answers the records' ids, in order, once
+/// durable, after `settle` lets the batch's keys go.
+fn write_batch(
+    inliner: &Arc<Inliner>,
+    records: Vec<Ingested>,
+    settle: Settle,
+    passed: Passed,
+) -> tokio::sync::oneshot::Receiver<Vec<crate::invoker::Submitted>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let Passed {
+        subscription: id,
+        next,
+        skipped,
+    } = passed;
+    let me = inliner.clone();
+    inliner.committer().submit(Box::new(move |t| {
+        let created = me.write(t, records)?;
+        for ((topic, partition), next) in &next {
+            t.put_progress(Mark::Next, (&id, topic, *partition), *next)?;
+        }
+        for (topic, partition, _) in skipped {
+            t.take_skip(&id, &topic, partition)?;
+        }
+        t.count_ingested(&id, created.iter().filter(|c| !c.existing).count() as u64)?;
+        Ok(Box::new(move || {
+            drop(settle);
+            let _ = tx.send(created);
+        }))
+    }));
+    rx
+}
 
 /// Merge `offsets` into `into`, keeping each partition's furthest.
 fn merge(into: &mut BTreeMap<(String, i32), i64>, offsets: BTreeMap<(String, i32), i64>) {

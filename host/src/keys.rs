@@ -61,6 +61,21 @@ impl KeyQueues {
         }
     }
 
+    /// Hold `slot` for `holder` if nobody holds it (or `holder` already
+    /// does), without joining its queue otherwise: whether it holds it.
+    /// A subscription's inline records take their keys this way
+    /// (see `inline`); they leave like any holder.
+    pub fn try_hold(&mut self, slot: &KeySlot, holder: &InvocationId) -> bool {
+        let queue = self.keys.entry(slot.clone()).or_default();
+        match &queue.holder {
+            None => {
+                queue.holder = Some(holder.clone());
+                true
+            }
+            Some(h) => h == holder,
+        }
+    }
+
     /// Invocation `id` (sequence `seq`) is done with `slot`; returns the
     /// next holder, which the caller starts.
     pub fn leave(&mut self, slot: &KeySlot, seq: u64, id: &InvocationId) -> Option<InvocationId> {
@@ -147,6 +162,22 @@ mod tests {
         assert_eq!(q.leave(&slot(), 7, &id(7)), Some(id(9)));
         assert_eq!(q.leave(&slot(), 9, &id(9)), None);
         assert!(q.is_empty(), "a free key is dropped");
+    }
+
+    #[test]
+    fn holding_if_free_never_queues() {
+        let mut q = KeyQueues::default();
+        assert!(q.try_hold(&slot(), &id(1)), "a free key is taken");
+        assert!(q.try_hold(&slot(), &id(1)), "its holder holds it still");
+        assert!(!q.try_hold(&slot(), &id(2)), "a held key is not");
+        assert!(!q.has_waiters(&slot()), "and the refused one does not wait");
+        assert!(!q.arrive(&slot(), 7, &id(7)));
+        assert_eq!(
+            q.leave(&slot(), 0, &id(1)),
+            Some(id(7)),
+            "it leaves like any holder"
+        );
+        assert!(!q.try_hold(&slot(), &id(1)));
     }
 
     #[test]

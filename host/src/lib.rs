@@ -24,7 +24,9 @@
 //!   [`limits`]: concurrency limits (flow control); [`outbound`]: durable
 //!   HTTP calls made by the host.
 //! - [`kafka`]: subscriptions that turn records into invocations;
-//!   [`schedules`]: cron ticks that do the same.
+//!   [`inline`]: records whose handler only touches its key's state, run
+//!   without an invocation; [`schedules`]: cron ticks that become
+//!   invocations too.
 //! - [`sandbox`]: the host-wide guards on guests (memory budget, CPU
 //!   turns, wall-clock deadline); [`guestlog`]: guest output as tagged,
 //!   escaped log events.
@@ -51,6 +53,7 @@ pub mod forward;
 pub mod guestlog;
 pub mod ids;
 pub mod ingress;
+pub mod inline;
 pub mod instances;
 pub mod invoker;
 pub mod journal;

@@ -116,6 +116,9 @@ pub enum AttemptEnd {
     Suspended,
     /// The attempt was superseded (killed or paused) while it ran.
     Fenced,
+    /// An inline attempt issued a command that needs the journal (see
+    /// `inline`); nothing it did is kept.
+    NeedsJournal(String),
 }
 
 /// The engine, linker and limits shared by every instance.
@@ -327,6 +330,7 @@ impl Runtime {
             },
             Some(HostTrap::Suspend) => AttemptEnd::Suspended,
             Some(HostTrap::Fenced) => AttemptEnd::Fenced,
+            Some(HostTrap::NeedsJournal(_)) => AttemptEnd::NeedsJournal(e.to_string()),
             Some(HostTrap::CpuBudget) => AttemptEnd::Interrupted(format!(
                 "interrupted: the guest ran longer than its budget of {:?} per attempt (limits.cpu_per_attempt)",
                 self.limits.cpu_per_attempt

@@ -553,8 +553,7 @@ impl Engine {
                 .map_err(|e| anyhow::anyhow!("invalid [[concurrency]] {}: {e}", limit.scope))?;
         }
         tracing::info!(resumed, "recovered unfinished invocations");
-        let subscriptions =
-            crate::kafka::Subscriptions::start(invoker.clone(), config.kafka.max_in_flight)?;
+        let subscriptions = crate::kafka::Subscriptions::start(invoker.clone(), &config.kafka)?;
         if partitioning.me == 0 {
             subscriptions
                 .reconcile(&config.kafka.clusters, &config.kafka.subscriptions)

@@ -387,6 +387,16 @@ fn counts(n: usize) -> Vec<cairn_tests::kafka::Record> {
         .collect()
 }
 
+/// The sum of `Counter/k0..k999`.
+async fn counted(host: &Host) -> i64 {
+    let mut sum = 0;
+    for k in 0..1000 {
+        let count = host.post(&format!("/Counter/k{k}/get"), "", &[]).await;
+        sum += count.json().as_i64().unwrap_or(0);
+    }
+    sum
+}
+
 /// p50, p99 and max (ms) of the latencies `Latency/{prefix}0..999` saw.
 async fn latencies(host: &Host, prefix: &str) -> (u64, u64, u64) {
     let mut histogram = std::collections::BTreeMap::<u64, u64>::new();
@@ -441,13 +451,20 @@ async fn pipeline(args: &Args, host: &mut Host, n: usize) -> anyhow::Result<()> 
         "pre-produced {n} records over 1,000 keys on 6 partitions in {:.1} s",
         t.elapsed().as_secs_f64()
     );
+    let before = counted(host).await;
     let (cpu0, started) = (cpu_seconds(host.pid()), Instant::now());
     let sub = cairn_tests::kafka::subscribe(host, &broker, &topic, "service://Counter/add").await;
     wait_ingested(host, &sub, n as u64).await;
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(host.pid()) - cpu0;
+    let counted = counted(host).await - before;
+    anyhow::ensure!(
+        counted == n as i64,
+        "the counters grew by {counted}, not by the {n} records ingested"
+    );
     println!(
-        "catch-up: {n} records into Counter/add in {elapsed:.1} s: {:.0} records/s; host CPU {:.0}% \
+        "catch-up: {n} records into Counter/add (the counters grew by exactly {n}) in {elapsed:.1} s: \
+         {:.0} records/s; host CPU {:.0}% \
          ({cpu:.1} s of {} cores); host peak RSS {} MiB",
         n as f64 / elapsed,
         100.0 * cpu / elapsed,
