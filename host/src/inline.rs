@@ -26,6 +26,7 @@
 //!    │  sleep, an awakeable, a promise, an outside effect) ──▶ refused
 //!    │  before it happened; invocation, which runs from the start; no more
 //!    │  inline attempts of that deployment
+//!    ├─ ran longer than a second ──▶ dropped (it wrote nothing); invocation
 //!    └─ failed ──▶ invocation: its retries, dead letter or pause apply
 //! later records of a key whose record became an invocation follow it
 //! ```
@@ -384,6 +385,12 @@ impl Inliner {
     }
 }
 
+/// The longest an inline attempt may take. Its batch waits for it, so a
+/// handler that runs longer (a heavy computation) becomes an invocation,
+/// which holds up only its key; an inline attempt can be dropped at any
+/// point, as it has written nothing.
+const INLINE_WALL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Run a key's inline records one after another, until one does not
 /// succeed (the rest then become invocations after it).
 async fn run_chain(
@@ -392,7 +399,12 @@ async fn run_chain(
 ) -> Vec<(usize, InlineEnd)> {
     let mut ends = Vec::with_capacity(chain.len());
     for (i, record) in chain {
-        let end = invoker.attempt_inline(record).await;
+        let attempt = invoker.attempt_inline(record);
+        // Too slow to run inline counts as needing the journal: the
+        // time spent was wasted.
+        let end = tokio::time::timeout(INLINE_WALL, attempt)
+            .await
+            .unwrap_or(InlineEnd::NeedsJournal);
         let done = matches!(end, InlineEnd::Done { .. });
         ends.push((i, end));
         if !done {
