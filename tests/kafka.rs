@@ -106,19 +106,20 @@ async fn records_of_one_key_are_handled_in_offset_order() {
     let host = Host::start_with(options("")).await;
     subscribe(&host, &broker, &topic, "service://Events/handle").await;
     for k in 0..20 {
-        let key = format!("o{k}");
-        until(&key, Duration::from_secs(300), || async {
-            seen(&host, &key).await["numbers"].as_array().unwrap().len() == 100
-        })
-        .await;
-        let numbers: Vec<u64> =
-            serde_json::from_value(seen(&host, &key).await["numbers"].clone()).unwrap();
-        assert_eq!(
-            numbers,
-            (0..100).collect::<Vec<_>>(),
-            "{key} in offset order"
-        );
+        all_in_offset_order(&host, &format!("o{k}"), 100).await;
     }
+}
+
+/// Wait until `Events/{key}` has seen `n` records, and check they came
+/// in offset order (`0..n`).
+async fn all_in_offset_order(host: &Host, key: &str, n: u64) {
+    until(key, Duration::from_secs(300), || async {
+        seen(host, key).await["numbers"].as_array().unwrap().len() == n as usize
+    })
+    .await;
+    let numbers: Vec<u64> =
+        serde_json::from_value(seen(host, key).await["numbers"].clone()).unwrap();
+    assert_eq!(numbers, (0..n).collect::<Vec<_>>(), "{key} in offset order");
 }
 
 #[tokio::test]
@@ -146,17 +147,7 @@ async fn records_run_inline_unless_they_need_the_journal_and_each_key_keeps_its_
     let mut invocations = 0;
     for k in 0..20 {
         let key = format!("i{k}");
-        until(&key, Duration::from_secs(300), || async {
-            seen(&host, &key).await["numbers"].as_array().unwrap().len() == 100
-        })
-        .await;
-        let numbers: Vec<u64> =
-            serde_json::from_value(seen(&host, &key).await["numbers"].clone()).unwrap();
-        assert_eq!(
-            numbers,
-            (0..100).collect::<Vec<_>>(),
-            "{key} in offset order"
-        );
+        all_in_offset_order(&host, &key, 100).await;
         let listed = host
             .admin_get(&format!(
                 "/invocations?service=Events&key={key}&handler=handle&limit=1000"

@@ -1,17 +1,17 @@
 //! Kafka subscriptions: every record of a topic (of several topics, or of
-//! every topic matching a pattern) becomes exactly one durable invocation
-//! of a handler.
+//! every topic matching a pattern) is handled exactly once by a handler:
+//! inline (see [`crate::inline`]) or as a durable invocation.
 //!
 //! Lifecycle: a subscription (stored in redb) gets one consumer task while
 //! it exists and is not paused. The task reads records in batches and
-//! queues one invocation per record *in offset order* (so the per-key
-//! queues of virtual objects see a key's records in order, while different
-//! keys run concurrently). A batch's invocations are created in one
-//! transaction that also moves the subscription's progress in each
-//! partition (`next`, the offset after its last record); once that is
-//! durable, the offsets are committed to Kafka. A record delivered again
-//! after a crash or a rebalance lies below `next` and is passed over:
-//! exactly one invocation per record, deduplicated by offset the way Kafka
+//! writes them *in offset order* (so the per-key queues of virtual objects
+//! see a key's records in order, while different keys run concurrently):
+//! each record becomes an invocation, or runs inline and leaves only its
+//! state writes. A batch is written in one transaction that also moves the
+//! subscription's progress in each partition (`next`, the offset after its
+//! last record); once that is durable, the offsets are committed to Kafka.
+//! A record delivered again after a crash or a rebalance lies below `next`
+//! and is passed over: each record handled once, deduplicated by offset the way Kafka
 //! Streams keeps its offsets with its state, not by a key per record (which
 //! would cost two writes per record and keep every record's invocation for
 //! the idempotency retention). See [`Progress`].
@@ -1278,11 +1278,12 @@ struct Ingest {
 }
 
 impl Ingest {
-    /// Read batches and queue their invocations, while a second half of
-    /// the same task waits for each batch's commit and then commits its
-    /// offsets, in order: the next batch is read and queued while the last
-    /// one is being written (up to [`PIPELINE`] records ahead). Aborting
-    /// the task stops both halves.
+    /// Read batches and hand each to a task that writes it (runs what it
+    /// can inline, then queues its job; see [`Ingest::write`]), while a
+    /// second half of the same task waits for each batch's commit and then
+    /// commits its offsets, in order: the next batch is read while the
+    /// last one is being written (up to [`PIPELINE`] records ahead).
+    /// Aborting the task stops both halves and the writing tasks.
     async fn run(self) {
         tracing::info!(subscription = %self.record.id, source = %self.record.source(), sink = %self.record.sink(), "consuming");
         let (queue, pending) = tokio::sync::mpsc::unbounded_channel();
@@ -1557,7 +1558,9 @@ impl Ingest {
         let inliner = self.inliner.clone();
         Written(tokio::spawn(async move {
             if let Some(previous) = previous {
-                let _ = previous.await; // an error: it was aborted, which ends this one too
+                // An error: the previous task is gone (aborted with this
+                // one, or it panicked); either way this one may go on.
+                let _ = previous.await;
             }
             let (records, settle) = inliner.run(records).await;
             let durable = write_batch(&inliner, records, settle, passed);
