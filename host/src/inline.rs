@@ -70,15 +70,15 @@ use crate::journal::Command;
 use crate::keys::KeySlot;
 use crate::records::{HandlerKind, InvocationRecord, Status};
 use crate::store::{StoreResult, Tables};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// A record of a batch, as the batch's transaction writes it.
 pub enum Ingested {
     /// It becomes an invocation.
     Invocation(Arc<InvocationRecord>),
-    /// It ran inline; these are its state writes (its key's overlay layer
-    /// `epoch` until they are durable).
+    /// It ran inline; these are its state writes (its key's overlay holds
+    /// them until they are durable, see [`Settle`]).
     Inline {
         record: Arc<InvocationRecord>,
         writes: Vec<Command>,
@@ -100,7 +100,7 @@ pub struct Inliner {
     keys: Mutex<HashMap<KeySlot, Held>>,
 }
 
-#[derive(Default, Debug)]
+#[derive(Default)]
 struct Held {
     /// Batches with inline records of the key that are not durable yet;
     /// the key is held while there are any.
@@ -199,7 +199,10 @@ impl Inliner {
                 slots,
             }),
         };
-        let planned: HashSet<usize> = chains.iter().flatten().copied().collect();
+        let mut planned = vec![false; records.len()];
+        for &i in chains.iter().flatten() {
+            planned[i] = true;
+        }
         let mut runs = tokio::task::JoinSet::new();
         for chain in chains {
             let chain: Vec<_> = chain.into_iter().map(|i| (i, records[i].clone())).collect();
@@ -210,10 +213,10 @@ impl Inliner {
                 ends
             });
         }
-        let mut ends: HashMap<usize, InlineEnd> = HashMap::new();
+        let mut ends: Vec<Option<InlineEnd>> = records.iter().map(|_| None).collect();
         while let Some(done) = runs.join_next().await {
             match done {
-                Ok(chain) => ends.extend(chain),
+                Ok(chain) => chain.into_iter().for_each(|(i, end)| ends[i] = Some(end)),
                 // Its records were not run: they become invocations.
                 Err(e) => {
                     tracing::error!(subscription = %self.subscription, "an inline run failed: {e}")
@@ -287,8 +290,8 @@ impl Inliner {
     fn settle_ends(
         &self,
         records: Vec<Arc<InvocationRecord>>,
-        planned: &HashSet<usize>,
-        ends: &mut HashMap<usize, InlineEnd>,
+        planned: &[bool],
+        ends: &mut [Option<InlineEnd>],
         settle: &mut Settle,
     ) -> Vec<Ingested> {
         let mut held = self.keys.lock().unwrap();
@@ -297,7 +300,7 @@ impl Inliner {
         let mut ingested = Vec::with_capacity(records.len());
         for (i, record) in records.into_iter().enumerate() {
             let slot = exclusive_slot(&record);
-            match ends.remove(&i) {
+            match ends[i].take() {
                 Some(InlineEnd::Done { epoch, writes }) => {
                     demand.saw(&record.deployment, false);
                     if let Some(slot) = slot {
@@ -314,7 +317,7 @@ impl Inliner {
                 Some(InlineEnd::Failed) => journaled += 1,
                 None => {}
             }
-            if let Some(slot) = slot.filter(|_| planned.contains(&i)) {
+            if let Some(slot) = slot.filter(|_| planned[i]) {
                 // Planned inline, but it failed or followed a failure: it
                 // queues for its key from now on.
                 held.entry(slot).or_default().queued += 1;
