@@ -23,9 +23,10 @@
 //! state and the clock, nothing else)
 //!    ├─ returned ──▶ its writes go in the batch's transaction
 //!    ├─ asked for what needs the journal (a step, a call, a send, a
-//!    │  sleep, an awakeable, a promise, an outside effect) ──▶ refused
-//!    │  before it happened; invocation, which runs from the start; no more
-//!    │  inline attempts of that deployment
+//!    │  sleep, an awakeable, a promise, an outside effect, a write of
+//!    │  256 KiB or more) ──▶ refused before it happened; invocation, which
+//!    │  runs from the start (a handler that mostly asks for it is then
+//!    │  tried inline one record in 32, see `Demand`)
 //!    ├─ ran longer than a second ──▶ dropped (it wrote nothing); invocation
 //!    └─ failed ──▶ invocation: its retries, dead letter or pause apply
 //! later records of a key whose record became an invocation follow it
@@ -56,8 +57,9 @@
 //! - **Reads see earlier writes.** An inline attempt writes its layer of
 //!   the key's overlay, as a journaled one does; the layer goes when its
 //!   batch is durable (or dropped), before the key is let go.
-//! - The consumer reads batches one after another, so each batch's choices
-//!   are made after the previous batch's job is queued.
+//! - Batches are written one after another (each waits until the
+//!   previous batch's job is queued), so each batch's choices see the
+//!   previous batch's.
 //!
 //! What a user sees: an inline record leaves no invocation to list or
 //! attach to (its counters are `cairn_inline_records_total`); a record
