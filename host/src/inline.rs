@@ -267,10 +267,8 @@ impl Inliner {
     /// Whether this consumer holds `slot` now (taking it if it is free):
     /// not while records of it queue as invocations or others wait for it.
     fn hold(&self, held: &mut HashMap<KeySlot, Held>, slot: &KeySlot) -> bool {
-        if held.get(slot).is_some_and(|h| h.queued > 0) || self.invoker.key_has_waiters(slot) {
-            return false;
-        }
-        self.invoker.try_hold_key(slot, &self.holder)
+        held.get(slot).is_none_or(|h| h.queued == 0)
+            && self.invoker.try_hold_key(slot, &self.holder)
     }
 
     /// Whether `record` may run inline at all.
@@ -360,14 +358,7 @@ impl Inliner {
                 Ingested::Invocation(record) => {
                     let slot = exclusive_slot(&record);
                     let record = Arc::unwrap_or_clone(record);
-                    let new = record.id.clone();
-                    submitted.push(match self.invoker.create(t, record)? {
-                        Some(id) => Submitted { id, existing: true },
-                        None => Submitted {
-                            id: new,
-                            existing: false,
-                        },
-                    });
+                    submitted.push(self.invoker.create_submitted(t, record)?);
                     if let Some(slot) = slot {
                         self.created(&slot);
                     }
@@ -423,7 +414,7 @@ impl Drop for Settle {
     fn drop(&mut self) {
         let invoker = &self.keys.inliner.invoker;
         for (slot, epoch) in self.layers.drain(..) {
-            invoker.inline_settled(&slot, epoch);
+            invoker.retire_layer(&slot, epoch);
         }
     }
 }
@@ -438,7 +429,7 @@ impl Drop for HeldKeys {
             };
             h.batches = h.batches.saturating_sub(1);
             if h.batches == 0 {
-                invoker.release_key(&slot, &self.inliner.holder);
+                invoker.leave_slot(&slot, 0, &self.inliner.holder);
                 if h.queued == 0 {
                     held.remove(&slot);
                 }

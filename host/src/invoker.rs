@@ -464,17 +464,7 @@ impl Invoker {
         let (tx, rx) = oneshot::channel();
         let me = self.clone();
         self.committer.submit(Box::new(move |t| {
-            let id = record.id.clone();
-            let submitted = match me.create(t, record)? {
-                Some(existing) => Submitted {
-                    id: existing,
-                    existing: true,
-                },
-                None => Submitted {
-                    id,
-                    existing: false,
-                },
-            };
+            let submitted = me.create_submitted(t, record)?;
             Ok(Box::new(move || {
                 let _ = tx.send(submitted);
             }) as Continuation)
@@ -537,6 +527,26 @@ impl Invoker {
         self.count_source(&record, 1);
         self.route(Arc::new(record));
         Ok(None)
+    }
+
+    /// [`Invoker::create`], answered as the new invocation's id or the
+    /// existing one's.
+    pub fn create_submitted(
+        self: &Arc<Self>,
+        t: &mut Tables<'_>,
+        record: InvocationRecord,
+    ) -> StoreResult<Submitted> {
+        let id = record.id.clone();
+        Ok(match self.create(t, record)? {
+            Some(existing) => Submitted {
+                id: existing,
+                existing: true,
+            },
+            None => Submitted {
+                id,
+                existing: false,
+            },
+        })
     }
 
     /// An invocation created failed (see [`NewInvocation::reject`]): it
@@ -985,14 +995,15 @@ impl Invoker {
     /// `record` is done with its key (see [`KeyQueues::leave`]): start the
     /// next holder, if it held the key.
     fn leave_key(self: &Arc<Self>, record: &InvocationRecord) {
-        let Some(slot) = exclusive_slot(record) else {
-            return;
-        };
-        let next = self
-            .keys
-            .lock()
-            .unwrap()
-            .leave(&slot, record.seq, &record.id);
+        if let Some(slot) = exclusive_slot(record) {
+            self.leave_slot(&slot, record.seq, &record.id);
+        }
+    }
+
+    /// `id` (sequence `seq`; a holder that never waited has none, 0) is
+    /// done with `slot`: start the next holder, if it held the key.
+    pub fn leave_slot(self: &Arc<Self>, slot: &KeySlot, seq: u64, id: &InvocationId) {
+        let next = self.keys.lock().unwrap().leave(slot, seq, id);
         if let Some(next) = next {
             self.start(next, None);
         }
@@ -1224,7 +1235,7 @@ impl Invoker {
     /// Drop the overlay layer of attempt `epoch` of `record`, if any.
     fn retire_writes(&self, record: &InvocationRecord, epoch: Option<Epoch>) {
         if let (Some(slot), Some(epoch)) = (exclusive_slot(record), epoch) {
-            self.keys.lock().unwrap().retire(&slot, epoch);
+            self.retire_layer(&slot, epoch);
         }
     }
 
@@ -1333,9 +1344,9 @@ impl Invoker {
         Ok(())
     }
 
-    /// The writes of inline attempt `epoch` of key `slot` are durable (or
-    /// never will be): its layer of the key's overlay goes.
-    pub fn inline_settled(&self, slot: &KeySlot, epoch: Epoch) {
+    /// The writes of attempt `epoch` on key `slot` are durable (or never
+    /// will be): its layer of the key's overlay goes.
+    pub fn retire_layer(&self, slot: &KeySlot, epoch: Epoch) {
         self.keys.lock().unwrap().retire(slot, epoch);
     }
 
@@ -1344,22 +1355,10 @@ impl Invoker {
         self.partitioning.elsewhere(id).is_none()
     }
 
-    /// Hold `slot` for `holder` if it is free (see [`KeyQueues::try_hold`]).
+    /// Hold `slot` for `holder` if it is free, or `holder` holds it and
+    /// nobody waits (see [`KeyQueues::try_hold`]).
     pub fn try_hold_key(&self, slot: &KeySlot, holder: &InvocationId) -> bool {
         self.keys.lock().unwrap().try_hold(slot, holder)
-    }
-
-    /// Whether invocations wait for `slot`.
-    pub fn key_has_waiters(&self, slot: &KeySlot) -> bool {
-        self.keys.lock().unwrap().has_waiters(slot)
-    }
-
-    /// `holder` is done with `slot`: the next invocation waiting for it starts.
-    pub fn release_key(self: &Arc<Self>, slot: &KeySlot, holder: &InvocationId) {
-        let next = self.keys.lock().unwrap().leave(slot, 0, holder);
-        if let Some(next) = next {
-            self.start(next, None);
-        }
     }
 
     /// Run an [`EDIT_STATE`] invocation, which holds its key: apply the

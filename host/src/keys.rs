@@ -61,10 +61,11 @@ impl KeyQueues {
         }
     }
 
-    /// Hold `slot` for `holder` if nobody holds it (or `holder` already
-    /// does), without joining its queue otherwise: whether it holds it.
-    /// A subscription's inline records take their keys this way
-    /// (see `inline`); they leave like any holder.
+    /// Hold `slot` for `holder` if nobody holds it, or `holder` already
+    /// does and nobody waits for it, without joining its queue otherwise:
+    /// whether it holds it for one more turn. A subscription's inline
+    /// records take their keys this way (see `inline`), so they never go
+    /// ahead of a waiter; they leave like any holder.
     pub fn try_hold(&mut self, slot: &KeySlot, holder: &InvocationId) -> bool {
         let queue = self.keys.entry(slot.clone()).or_default();
         match &queue.holder {
@@ -72,7 +73,7 @@ impl KeyQueues {
                 queue.holder = Some(holder.clone());
                 true
             }
-            Some(h) => h == holder,
+            Some(h) => h == holder && queue.waiting.is_empty(),
         }
     }
 
@@ -172,6 +173,10 @@ mod tests {
         assert!(!q.try_hold(&slot(), &id(2)), "a held key is not");
         assert!(!q.has_waiters(&slot()), "and the refused one does not wait");
         assert!(!q.arrive(&slot(), 7, &id(7)));
+        assert!(
+            !q.try_hold(&slot(), &id(1)),
+            "not another turn while 7 waits"
+        );
         assert_eq!(
             q.leave(&slot(), 0, &id(1)),
             Some(id(7)),
